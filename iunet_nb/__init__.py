@@ -1,0 +1,24 @@
+"""iunet_nb -- fully invertible U-Nets (iUNets), the package behind the notebooks.
+
+An iUNet (Etmann, Ke & Schönlieb, MLSP 2020) is a U-Net built only from
+invertible pieces: additive coupling layers, learnable orthogonal up- and
+downsampling and channel splitting/concatenation instead of skip
+connections.  Because the whole network is a bijection, activations can be
+reconstructed during the backward pass instead of being stored, so training
+memory hardly grows with depth.
+
+The notebooks in ``notebooks/`` import everything they need from here.
+The reference library ``memcnn`` is imported only through
+:func:`iunet_nb._memcnn.import_memcnn`, which leaves ``warnings.filters``
+untouched.
+"""
+
+__version__ = "0.1.0"
+
+# Public API: add one import per module below, keep ``__all__`` in step.
+# (Importing this package must stay free of side effects on warnings.filters;
+# tests/test_warnings.py checks it.)
+
+__all__ = [
+    "__version__",
+]

@@ -1,0 +1,176 @@
+"""Additive coupling layers: the invertible blocks inside each iUNet level.
+
+The default is the single-function additive coupling from the iUNet talk
+(equation (1) of seed 002): split ``x`` along the channels into ``(u, v)`` and
+map it to ``(v, u + f(v))``.  Its inverse is ``(y2 - f(y1), y1)``.  This is the
+coupling behind the paper's Table 1 and the reference implementation.
+
+``create_standard_module`` builds it with the reference configuration
+``f = depth x (conv 3^dim, no bias -> LeakyReLU -> GroupNorm(1, c))`` whose last
+GroupNorm is zero-initialised, so every coupling starts as a channel swap that
+leaves the values unchanged.  ``create_memcnn_module`` builds memcnn's
+two-function ``AdditiveCoupling`` instead (y1 = x1 + F(x2), y2 = x2 + G(y1)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AdditiveCoupling",
+    "StandardCouplingFunction",
+    "create_standard_module",
+    "create_memcnn_module",
+    "check_invertible_module",
+]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _check_dim(dim: int) -> None:
+    if dim not in (1, 2, 3):
+        raise ValueError(f"dim must be 1, 2 or 3 (number of spatial dimensions), got dim={dim!r}")
+
+
+class AdditiveCoupling(nn.Module):
+    """Single-function additive coupling ``(u, v) -> (v, u + f(v))``.
+
+    Args:
+        f: module mapping ``(N, channels - split, *spatial)`` to ``(N, split, *spatial)``.
+        channels: number of input (= output) channels ``C``.
+        split: number of channels of ``u`` (the part that is transformed).
+
+    Shapes: input and output ``(N, C, *spatial)``.  The output's first
+    ``C - split`` channels are ``v``, the last ``split`` are ``u + f(v)``.
+    """
+
+    def __init__(self, f: nn.Module, channels: int, split: int) -> None:
+        super().__init__()
+        if not 0 < split < channels:
+            raise ValueError(
+                f"split must be between 1 and channels - 1 = {channels - 1}, got split={split} "
+                f"(a coupling needs at least 2 channels)"
+            )
+        self.f = f
+        self.channels = int(channels)
+        self.split = int(split)
+
+    def _check(self, x: Tensor, name: str) -> None:
+        if x.dim() < 3 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"AdditiveCoupling expects {name} of shape (N, {self.channels}, *spatial), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x, "x")
+        u, v = x[:, : self.split], x[:, self.split :]
+        return torch.cat([v, u + self.f(v)], dim=1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        self._check(y, "y")
+        r = self.channels - self.split
+        v, w = y[:, :r], y[:, r:]
+        return torch.cat([w - self.f(v), v], dim=1)
+
+
+class StandardCouplingFunction(nn.Sequential):
+    """``depth`` x (convolution 3^dim without bias -> LeakyReLU -> GroupNorm(1, c)).
+
+    Maps ``(N, in_channels, *spatial)`` to ``(N, out_channels, *spatial)``.  With
+    ``zero_init`` the last GroupNorm's affine weight is zero, so the function
+    is identically zero at initialisation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 2, depth: int = 1,
+                 zero_init: bool = True) -> None:
+        _check_dim(dim)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got depth={depth!r}")
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for _ in range(depth):
+            layers += [
+                _CONV[dim](c_in, out_channels, kernel_size=3, padding=1, bias=False),
+                nn.LeakyReLU(inplace=False),
+                nn.GroupNorm(1, out_channels),
+            ]
+            c_in = out_channels
+        super().__init__(*layers)
+        if zero_init:
+            last_norm = layers[-1]
+            nn.init.zeros_(last_norm.weight)
+            nn.init.zeros_(last_norm.bias)
+
+
+def _resolve_depth(depth: int | None, block_depth: int | None) -> int:
+    if depth is not None and block_depth is not None:
+        raise TypeError(
+            "give either depth= or its alias block_depth= (seed-001 name), not both "
+            f"(got depth={depth}, block_depth={block_depth})"
+        )
+    return 1 if depth is None and block_depth is None else (depth if depth is not None else block_depth)
+
+
+def create_standard_module(in_channels: int, dim: int = 2, depth: int | None = None,
+                           module_index: int = 0, zero_init: bool = True, *,
+                           block_depth: int | None = None, LR: str | None = None,
+                           level: int | None = None, architecture: Any = None) -> AdditiveCoupling:
+    """Build the default coupling layer for ``in_channels`` channels.
+
+    ``u`` gets ``ceil(C/2)`` channels when ``module_index`` is even and
+    ``floor(C/2)`` when it is odd, so consecutive layers transform alternate
+    halves even for odd ``C`` (7 channels: 4/3, then 3/4).  ``depth`` (alias
+    ``block_depth``) is the number of conv blocks in ``f`` (default 1).  The
+    keyword-only ``LR``, ``level`` and ``architecture`` are the coordinates an
+    iUNet passes to every ``create_module_fn``; they are accepted and unused.
+    """
+    depth = _resolve_depth(depth, block_depth)
+    _check_dim(dim)
+    if not isinstance(in_channels, int) or in_channels < 2:
+        raise ValueError(f"a coupling layer needs in_channels >= 2, got in_channels={in_channels!r}")
+    split = math.ceil(in_channels / 2) if module_index % 2 == 0 else in_channels // 2
+    f = StandardCouplingFunction(in_channels - split, split, dim=dim, depth=depth, zero_init=zero_init)
+    return AdditiveCoupling(f, in_channels, split)
+
+
+def create_memcnn_module(in_channels: int, dim: int = 2, depth: int | None = None,
+                         module_index: int = 0, zero_init: bool = True, *,
+                         block_depth: int | None = None, LR: str | None = None,
+                         level: int | None = None, architecture: Any = None) -> nn.Module:
+    """memcnn's two-function ``AdditiveCoupling(Fm, Gm)`` with standard F and G.
+
+    memcnn splits with ``torch.chunk``: ``x1`` gets ``ceil(C/2)`` channels.
+    ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``.
+    """
+    from ._memcnn import import_memcnn
+
+    memcnn = import_memcnn()
+    depth = _resolve_depth(depth, block_depth)
+    _check_dim(dim)
+    if not isinstance(in_channels, int) or in_channels < 2:
+        raise ValueError(f"a coupling layer needs in_channels >= 2, got in_channels={in_channels!r}")
+    c1 = math.ceil(in_channels / 2)
+    c2 = in_channels - c1
+    fm = StandardCouplingFunction(c2, c1, dim=dim, depth=depth, zero_init=zero_init)
+    gm = StandardCouplingFunction(c1, c2, dim=dim, depth=depth, zero_init=zero_init)
+    return memcnn.AdditiveCoupling(Fm=fm, Gm=gm)
+
+
+def check_invertible_module(module: Any, where: str = "create_module_fn") -> nn.Module:
+    """Raise a clear error unless ``module`` is an ``nn.Module`` with ``forward`` and ``inverse``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where} must return a torch.nn.Module, got {type(module).__name__}")
+    if not callable(getattr(module, "inverse", None)):
+        raise TypeError(
+            f"{where} returned {type(module).__name__}, which has no inverse() method; every block of "
+            "an iUNet must be invertible (forward and inverse). Wrap your function in "
+            "iunet_nb.coupling.AdditiveCoupling(f, channels, split) or return a memcnn coupling."
+        )
+    return module
+
+
+CreateModuleFn = Callable[..., nn.Module]

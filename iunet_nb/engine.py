@@ -1,0 +1,391 @@
+"""Memory-efficient backpropagation through a chain of invertible steps.
+
+An iUNet body is written as a flat list of *steps* acting on a small state:
+the current activation and a stack of skip activations (the channels each
+level keeps).  Every step is invertible, so the backward pass can start from
+the body's output alone and walk the steps in reverse, rebuilding each step's
+input from its output while computing the gradients.
+
+Two engines are built on this description:
+
+``fused`` (:class:`FusedInvertibleFunction`)
+    One autograd function over the whole body.  The forward runs without
+    recording a graph and stores only the output.  In the backward, each
+    additive coupling ``(u, v) -> (v, u + f(v))`` is undone *and*
+    differentiated with a single evaluation of ``f``: ``f(v)`` is recomputed
+    with grad enabled, subtracted in place to recover ``u`` and
+    back-propagated for the parameter gradients (about 4 forward-equivalents
+    per coupling; conventional backprop costs 3, memcnn's
+    inverse-then-recompute 5).  Orthogonal kernels of the up/downsampling and
+    channel mixing are computed once per training step, outside, and passed in.
+
+``memcnn``
+    Every step wrapped in ``memcnn.InvertibleModuleWrapper``, as in the paper.
+    Built in :mod:`iunet_nb.model`.
+
+Activations are carried as lists of channel *parts* (views), so channel
+splits and concatenations cost no copies, and a part is modified in place
+only when the engine allocated it (never the caller's input, output or
+incoming gradient).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Part",
+    "Step",
+    "CouplingStep",
+    "InvertibleModuleStep",
+    "KernelStep",
+    "SplitStep",
+    "ConcatStep",
+    "run_forward",
+    "FusedInvertibleFunction",
+]
+
+
+@dataclass
+class Part:
+    """A channel slice of an activation; ``owned`` if the engine may modify it in place."""
+
+    tensor: Tensor
+    owned: bool
+
+    @property
+    def channels(self) -> int:
+        return self.tensor.shape[1]
+
+
+Parts = list[Part]
+
+
+def num_channels(parts: Parts) -> int:
+    return sum(p.channels for p in parts)
+
+
+def narrow(parts: Parts, start: int, length: int) -> Parts:
+    """Channels ``[start, start + length)`` of ``parts`` as views (no copy)."""
+    out: Parts = []
+    offset = 0
+    end = start + length
+    for p in parts:
+        c = p.channels
+        lo, hi = max(start, offset), min(end, offset + c)
+        if lo < hi:
+            t = p.tensor if (lo == offset and hi == offset + c) else p.tensor.narrow(1, lo - offset, hi - lo)
+            out.append(Part(t, p.owned))
+        offset += c
+    return out
+
+
+def full(parts: Parts) -> Part:
+    """One tensor holding all channels of ``parts`` (a copy only if there are several parts)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Part(torch.cat([p.tensor for p in parts], dim=1), True)
+
+
+@dataclass
+class State:
+    """Current activation plus the stack of skip activations."""
+
+    cur: Parts
+    stack: list[Parts] = field(default_factory=list)
+
+
+class Step:
+    """One invertible step.  ``tensors`` are the step's gradient-receiving inputs."""
+
+    tensor_slice: slice = slice(0, 0)
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        raise NotImplementedError
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        """Rebuild ``st`` (output -> input) and ``gst`` (grad output -> grad input).
+
+        Returns the gradients of ``tensors`` (``None`` where not needed).
+        """
+        raise NotImplementedError
+
+
+class _RecomputeContext:
+    """Replays the forward's RNG state, autocast state and module buffers."""
+
+    def __init__(self, module: nn.Module, record: dict, preserve_rng_state: bool) -> None:
+        self.module = module
+        self.record = record
+        self.preserve_rng_state = preserve_rng_state
+
+    @staticmethod
+    def capture(module: nn.Module, x: Tensor, preserve_rng_state: bool) -> dict:
+        record: dict[str, Any] = {}
+        if preserve_rng_state:
+            record["cpu_rng"] = torch.get_rng_state()
+            if x.is_cuda:
+                record["cuda_device"] = x.device
+                record["cuda_rng"] = torch.cuda.get_rng_state(x.device)
+        return record
+
+    def __enter__(self) -> None:
+        self._stack: list[Any] = []
+        # Buffers (e.g. BatchNorm running statistics) must not be updated a
+        # second time by the recomputation: snapshot them and restore on exit.
+        self._buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
+        if self.preserve_rng_state and "cpu_rng" in self.record:
+            devices = [self.record["cuda_device"]] if "cuda_device" in self.record else []
+            fork = torch.random.fork_rng(devices=devices, enabled=True)
+            fork.__enter__()
+            self._stack.append(fork)
+            torch.set_rng_state(self.record["cpu_rng"])
+            if devices:
+                torch.cuda.set_rng_state(self.record["cuda_rng"], devices[0])
+
+    def __exit__(self, *exc: Any) -> None:
+        for ctx in reversed(self._stack):
+            ctx.__exit__(*exc)
+        with torch.no_grad():
+            for b, saved in self._buffers:
+                b.copy_(saved)
+
+
+def _params(module: nn.Module) -> list[Tensor]:
+    return [p for p in module.parameters()]
+
+
+class CouplingStep(Step):
+    """Fused step for :class:`iunet_nb.coupling.AdditiveCoupling` ``(u, v) -> (v, u + f(v))``."""
+
+    def __init__(self, module: nn.Module, preserve_rng_state: bool = True) -> None:
+        self.module = module
+        self.preserve_rng_state = preserve_rng_state
+
+    def tensors(self) -> list[Tensor]:
+        return _params(self.module.f)
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        m = self.module
+        s, c = m.split, m.channels
+        u, v = narrow(st.cur, 0, s), narrow(st.cur, s, c - s)
+        v_full = full(v)
+        record.update(_RecomputeContext.capture(m.f, v_full.tensor, self.preserve_rng_state))
+        fv = m.f(v_full.tensor)
+        if len(u) == 1 and u[0].owned:
+            u[0].tensor.add_(fv)
+            new_u = u[0]
+        else:
+            new_u = Part(full(u).tensor + fv, True)
+        # Keep v as the single (possibly concatenated) part, so the next
+        # coupling, which transforms the other half, needs no copy.
+        st.cur = [v_full, new_u]
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        m = self.module
+        s, c = m.split, m.channels
+        r = c - s
+        y1, y2 = narrow(st.cur, 0, r), narrow(st.cur, r, s)
+        dy1, dy2 = narrow(gst.cur, 0, r), narrow(gst.cur, r, s)
+        v = full(y1)
+        params = list(tensors)
+        wanted = [p for p in params if p.requires_grad]
+        with _RecomputeContext(m.f, record, self.preserve_rng_state), torch.enable_grad():
+            v_in = v.tensor.detach().requires_grad_(True)
+            fv = m.f(v_in)
+        dy2_full = full(dy2)
+        grads = torch.autograd.grad(fv, [v_in] + wanted, dy2_full.tensor.to(fv.dtype),
+                                    allow_unused=True)
+        dv = grads[0]
+        fv = fv.detach()
+        if len(y2) == 1 and y2[0].owned:
+            u = y2[0]
+            u.tensor.sub_(fv)
+        else:
+            u = Part(full(y2).tensor - fv, True)
+        del fv
+        if dv is None:
+            dv_part = full(dy1)
+        else:
+            dv = dv.to(dy2_full.tensor.dtype)
+            for piece, target in zip(dy1, _split_like(dv, dy1)):
+                target.add_(piece.tensor)
+            dv_part = Part(dv, True)
+        st.cur = [u, v]
+        gst.cur = [dy2_full, dv_part]
+        it = iter(grads[1:])
+        return [next(it) if p.requires_grad else None for p in params]
+
+
+def _split_like(t: Tensor, parts: Parts) -> list[Tensor]:
+    out, offset = [], 0
+    for p in parts:
+        out.append(t.narrow(1, offset, p.channels))
+        offset += p.channels
+    return out
+
+
+class InvertibleModuleStep(Step):
+    """Any module with ``forward`` and ``inverse``: undo, then recompute with grad (memcnn-style)."""
+
+    def __init__(self, module: nn.Module, preserve_rng_state: bool = True) -> None:
+        self.module = module
+        self.preserve_rng_state = preserve_rng_state
+
+    def tensors(self) -> list[Tensor]:
+        return _params(self.module)
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        x = full(st.cur).tensor
+        record.update(_RecomputeContext.capture(self.module, x, self.preserve_rng_state))
+        st.cur = [Part(self.module(x), True)]
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        y = full(st.cur).tensor
+        dy = full(gst.cur).tensor
+        params = list(tensors)
+        wanted = [p for p in params if p.requires_grad]
+        with _RecomputeContext(self.module, record, self.preserve_rng_state):
+            x = self.module.inverse(y)
+        with _RecomputeContext(self.module, record, self.preserve_rng_state), torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            y_re = self.module(x_in)
+        grads = torch.autograd.grad(y_re, [x_in] + wanted, dy.to(y_re.dtype), allow_unused=True)
+        dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        st.cur = [Part(x.detach(), True)]
+        gst.cur = [Part(dx.to(dy.dtype), True)]
+        it = iter(grads[1:])
+        return [next(it) if p.requires_grad else None for p in params]
+
+
+class KernelStep(Step):
+    """An orthogonal linear step (resampling or channel mixing) with a precomputed kernel.
+
+    The module must provide ``forward(x, kernel=...)`` and ``inverse(y, kernel=...)``.
+    Because the map is orthogonal, the input gradient is ``inverse(dy)``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        (kernel,) = tensors
+        x = full(st.cur).tensor
+        st.cur = [Part(self.module(x, kernel=kernel), True)]
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        (kernel,) = tensors
+        y = full(st.cur).tensor
+        dy = full(gst.cur).tensor
+        kd = kernel.detach()
+        x = self.module.inverse(y, kernel=kd)
+        dk = None
+        if kernel.requires_grad:
+            with torch.enable_grad():
+                k_in = kd.requires_grad_(True)
+                y_re = self.module(x, kernel=k_in)
+            (dk,) = torch.autograd.grad(y_re, [k_in], dy.to(y_re.dtype))
+            del y_re
+        dx = self.module.inverse(dy, kernel=kd)
+        st.cur = [Part(x, True)]
+        gst.cur = [Part(dx.to(dy.dtype), True)]
+        return [dk]
+
+
+class SplitStep(Step):
+    """Keep the first ``kept`` channels on the skip stack, send the rest on."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        c = num_channels(st.cur)
+        st.stack.append(narrow(st.cur, 0, self.kept))
+        st.cur = narrow(st.cur, self.kept, c - self.kept)
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        st.cur = st.stack.pop() + st.cur
+        gst.cur = gst.stack.pop() + gst.cur
+        return []
+
+
+class ConcatStep(Step):
+    """Put the skip activation back in front of the current one."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        st.cur = st.stack.pop() + st.cur
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        for s in (st, gst):
+            c = num_channels(s.cur)
+            s.stack.append(narrow(s.cur, 0, self.kept))
+            s.cur = narrow(s.cur, self.kept, c - self.kept)
+        return []
+
+
+def run_forward(steps: Sequence[Step], x: Tensor, tensors: Sequence[Tensor],
+                records: list[dict] | None = None) -> Tensor:
+    """Run ``steps`` on ``x`` (the caller's tensor is never modified); return the output."""
+    st = State([Part(x, False)])
+    for step in steps:
+        record: dict = {}
+        step.forward(st, tensors[step.tensor_slice], record)
+        if records is not None:
+            records.append(record)
+    assert not st.stack, "unbalanced split/concat steps"
+    out = full(st.cur)
+    return out.tensor if out.owned else out.tensor.clone()
+
+
+class FusedInvertibleFunction(torch.autograd.Function):
+    """Autograd function over a chain of invertible steps that stores only its output.
+
+    ``apply(steps, x, *tensors)`` with ``x`` of shape ``(N, C, *spatial)`` and
+    ``tensors`` the flat list of every step's gradient-receiving inputs
+    (coupling parameters, precomputed orthogonal kernels).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, steps: Sequence[Step], x: Tensor, *tensors: Tensor) -> Tensor:
+        records: list[dict] = []
+        device_type = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        with torch.no_grad():
+            y = run_forward(steps, x, tensors, records)
+        ctx.steps = steps
+        ctx.records = records
+        ctx.x_meta = (x.dtype, x.requires_grad)
+        ctx.device_type = device_type
+        ctx.save_for_backward(y, *tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
+        y, *tensors = ctx.saved_tensors
+        steps: Sequence[Step] = ctx.steps
+        enabled, dtype = ctx.autocast
+        grads: list[Tensor | None] = [None] * len(tensors)
+        st = State([Part(y, False)])
+        gst = State([Part(dy, False)])
+        with torch.no_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+            for step, record in zip(reversed(steps), reversed(ctx.records)):
+                sl = step.tensor_slice
+                step_grads = step.backward(st, gst, tensors[sl], record)
+                for i, g in zip(range(sl.start, sl.stop), step_grads):
+                    if g is not None:
+                        grads[i] = g.to(tensors[i].dtype)
+        dx = full(gst.cur).tensor.to(ctx.x_meta[0])
+        ctx.records = None
+        return (None, dx, *grads)

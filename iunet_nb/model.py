@@ -1,0 +1,628 @@
+"""The fully invertible U-Net (iUNet).
+
+``iUNet(channels=(64, 128, 256, 384), architecture=(2, 2, 2, 2), dim=2)`` builds
+an iUNet whose level ``i`` has ``channels[i]`` channels and ``architecture[i]``
+coupling layers on each side.  At each non-bottom level the channels are split
+into a skip part (kept) and a part that an invertible, orthogonal downsampling
+sends one level down; on the way up an invertible upsampling and a channel
+concatenation undo this.  The whole network is a bijection from
+``(N, channels[0], *spatial)`` to itself, so training can rebuild activations
+instead of storing them (see :mod:`iunet_nb.engine`).
+
+The older ``iUNet(in_channels=64, slice_mode='double', ...)`` form of the
+reference package is accepted too: ``channels`` is then derived level by level
+(the next level's target is twice, ``'double'``, or the same, ``'constant'``,
+number of channels, rounded to the nearest achievable), see
+:func:`iunet_nb.layout.channels_from_slice_mode`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import engine as eng
+from .coupling import AdditiveCoupling, check_invertible_module, create_standard_module
+from .layout import Layout, channels_from_slice_mode, compute_layout
+from .mixing import OrthogonalChannelMixing
+from .resampling import InvertibleDownsampling, InvertibleUpsampling
+
+__all__ = ["iUNet", "ME_BACKENDS", "PADDING_MODES"]
+
+ME_BACKENDS = ("fused", "memcnn")
+PADDING_MODES = ("constant", "reflect", "replicate", "circular")
+
+_DIM_NAMES = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+
+
+class _SplitChannels(nn.Module):
+    """``x -> (x[:, :kept], x[:, kept:])`` as copies (memcnn frees its inputs)."""
+
+    def __init__(self, kept: int) -> None:
+        super().__init__()
+        self.kept = kept
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[:, : self.kept].clone(), x[:, self.kept :].clone()
+
+    def inverse(self, kept: Tensor, sent: Tensor) -> Tensor:
+        return torch.cat([kept, sent], dim=1)
+
+
+class _ConcatChannels(nn.Module):
+    """Inverse of :class:`_SplitChannels`."""
+
+    def __init__(self, kept: int) -> None:
+        super().__init__()
+        self.kept = kept
+
+    def forward(self, kept: Tensor, sent: Tensor) -> Tensor:
+        return torch.cat([kept, sent], dim=1)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[:, : self.kept].clone(), x[:, self.kept :].clone()
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {name}={value!r}")
+    return value
+
+
+def _check_kwargs(value: Any, name: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict of keyword arguments or None, got {type(value).__name__}")
+    return dict(value)
+
+
+class iUNet(nn.Module):
+    """Fully invertible U-Net for 1D, 2D and 3D data.
+
+    Input and output: ``(N, channels[0], *spatial)`` with ``dim`` spatial
+    dimensions.  Spatial sizes that are not multiples of
+    :attr:`downsampling_factors` are padded automatically (and the padding is
+    removed from the output when ``revert_input_padding``).
+
+    Args:
+        channels: channels per level, e.g. ``(64, 128, 256, 384)``.  If they
+            cannot be built exactly, the closest achievable channels are used
+            (reported with ``verbose >= 1``).
+        architecture: coupling layers per side, per level.
+        dim: number of spatial dimensions (1, 2 or 3).
+        create_module_fn: ``fn(channels, **coordinates, **module_kwargs)``
+            returning an invertible module (``forward`` and ``inverse``);
+            coordinates are ``dim``, ``LR`` ('L' or 'R'), ``level``,
+            ``module_index`` and ``architecture``.
+        module_kwargs: extra keyword arguments of ``create_module_fn``
+            (for the standard module: ``depth``, alias ``block_depth``).
+        learnable_resampling, resampling_stride, resampling_method,
+        resampling_init, resampling_kwargs: the invertible up/downsampling
+            (see :class:`iunet_nb.resampling.InvertibleDownsampling`).  The
+            stride is an int, a per-dimension tuple, or a list with one of
+            those per downsampling, e.g. ``[2, 2, (1, 2, 2)]``.
+        learnable_channel_mixing, channel_mixing_freq, channel_mixing_method,
+        channel_mixing_kwargs: orthogonal 1x1 channel mixing.  ``-1``: one per
+            side at each non-bottom level; ``k > 0``: after every ``k``-th
+            coupling on each side; ``0``: none.
+        padding_mode: ``'constant'``, ``'reflect'``, ``'replicate'``,
+            ``'circular'`` or ``None`` (no automatic padding: sizes must fit).
+        padding_value: fill value for ``'constant'`` padding.
+        revert_input_padding: crop the output back to the input size.
+        disable_custom_gradient: plain autograd (conventional backprop).
+        verbose: ``>= 1`` prints the closest-achievable message.
+        me_backend: ``'fused'`` (default) or ``'memcnn'``.
+        preserve_rng_state: replay the forward's random state when the
+            backward recomputes a coupling (needed for dropout).
+        in_channels, slice_mode: the older API (instead of ``channels``).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] | None = None,
+        architecture: Sequence[int] | None = None,
+        dim: int | None = None,
+        create_module_fn: Callable[..., nn.Module] = create_standard_module,
+        module_kwargs: dict | None = None,
+        learnable_resampling: bool = True,
+        resampling_stride: Any = 2,
+        resampling_method: str = "cayley",
+        resampling_init: str = "haar",
+        resampling_kwargs: dict | None = None,
+        learnable_channel_mixing: bool = True,
+        channel_mixing_freq: int = -1,
+        channel_mixing_method: str = "cayley",
+        channel_mixing_kwargs: dict | None = None,
+        padding_mode: str | None = "constant",
+        padding_value: float = 0.0,
+        revert_input_padding: bool = True,
+        disable_custom_gradient: bool = False,
+        verbose: int = 1,
+        *,
+        in_channels: int | None = None,
+        slice_mode: str | None = None,
+        me_backend: str = "fused",
+        preserve_rng_state: bool = True,
+    ) -> None:
+        super().__init__()
+        if architecture is None:
+            raise TypeError("iUNet() missing required argument 'architecture' (coupling layers per level)")
+        if dim is None:
+            raise TypeError("iUNet() missing required argument 'dim' (1, 2 or 3 spatial dimensions)")
+        if dim not in (1, 2, 3) or isinstance(dim, bool):
+            raise ValueError(f"dim must be 1, 2 or 3 (number of spatial dimensions), got dim={dim!r}")
+        architecture = tuple(architecture)
+        if channels is None and in_channels is None:
+            raise TypeError("iUNet() needs channels=(c0, c1, ...) (or the older in_channels=c0 with slice_mode)")
+        if channels is not None and in_channels is not None:
+            raise TypeError(
+                "give either channels=(...) or the older in_channels= (with slice_mode), not both"
+            )
+        if channels is None:
+            channels = channels_from_slice_mode(
+                in_channels, architecture, dim, resampling_stride,
+                "double" if slice_mode is None else slice_mode,
+            )
+        elif slice_mode is not None:
+            warnings.warn(
+                f"slice_mode={slice_mode!r} has no effect when channels= is given: it only derives the "
+                "channels per level from in_channels= (older API). Remove slice_mode or use in_channels=.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if me_backend not in ME_BACKENDS:
+            raise ValueError(f"me_backend must be one of {ME_BACKENDS}, got me_backend={me_backend!r}")
+        if padding_mode is not None and padding_mode not in PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {PADDING_MODES} or None, got padding_mode={padding_mode!r}"
+            )
+        if not isinstance(channel_mixing_freq, int) or channel_mixing_freq < -1:
+            raise ValueError(
+                "channel_mixing_freq must be -1 (once per side and level), 0 (none) or a positive int "
+                f"(after every k-th coupling), got {channel_mixing_freq!r}"
+            )
+        if not callable(create_module_fn):
+            raise TypeError(f"create_module_fn must be callable, got {type(create_module_fn).__name__}")
+
+        self._layout: Layout = compute_layout(channels, architecture, dim, resampling_stride)
+        layout = self._layout
+        self.dim = dim
+        self.architecture = layout.architecture
+        self.channels = layout.channels
+        self.num_levels = len(self.channels)
+        self.resampling_stride = layout.strides
+        self.channel_multipliers = layout.channel_multipliers
+        self.downsampling_factors = layout.downsampling_factors
+        self.skipped_channels = [lv.kept for lv in layout.levels[:-1]]
+        self.channels_before_downsampling = [lv.sent for lv in layout.levels[:-1]]
+        self.padding_mode = padding_mode
+        self.padding_value = padding_value
+        self.revert_input_padding = _check_bool(revert_input_padding, "revert_input_padding")
+        self.disable_custom_gradient = _check_bool(disable_custom_gradient, "disable_custom_gradient")
+        self.learnable_resampling = _check_bool(learnable_resampling, "learnable_resampling")
+        self.learnable_channel_mixing = _check_bool(learnable_channel_mixing, "learnable_channel_mixing")
+        self.me_backend = me_backend
+        self.preserve_rng_state = _check_bool(preserve_rng_state, "preserve_rng_state")
+        self.verbose = verbose
+        self.module_kwargs = _check_kwargs(module_kwargs, "module_kwargs")
+        resampling_kwargs = _check_kwargs(resampling_kwargs, "resampling_kwargs")
+        channel_mixing_kwargs = _check_kwargs(channel_mixing_kwargs, "channel_mixing_kwargs")
+
+        if verbose >= 1 and layout.adjusted:
+            print(layout.adjustment_message())
+
+        self.encoder_modules = nn.ModuleList()
+        self.decoder_modules = nn.ModuleList()
+        self.downsampling_layers = nn.ModuleList()
+        self.upsampling_layers = nn.ModuleList()
+
+        def mixing(c: int) -> nn.Module:
+            try:
+                return OrthogonalChannelMixing(
+                    c, dim=dim, method=channel_mixing_method,
+                    learnable=learnable_channel_mixing, **channel_mixing_kwargs,
+                )
+            except TypeError as err:
+                raise TypeError(f"channel_mixing_kwargs: {err}") from None
+
+        def coupling(c: int, side: str, level: int, index: int) -> nn.Module:
+            coords = dict(dim=dim, LR=side, level=level, module_index=index,
+                          architecture=self.architecture)
+            try:
+                module = create_module_fn(c, **coords, **self.module_kwargs)
+            except TypeError as err:
+                raise TypeError(f"create_module_fn / module_kwargs: {err}") from None
+            return check_invertible_module(module)
+
+        last = self.num_levels - 1
+        for i, lv in enumerate(layout.levels):
+            c = lv.channels
+            enc, dec = nn.ModuleList(), nn.ModuleList()
+            if channel_mixing_freq == -1 and i < last:
+                dec.append(mixing(c))
+            for j in range(lv.blocks):
+                enc.append(coupling(c, "L", i, j))
+                dec.append(coupling(c, "R", i, j))
+                if channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
+                    enc.append(mixing(c))
+                    dec.append(mixing(c))
+            if channel_mixing_freq == -1 and i < last:
+                enc.append(mixing(c))
+            self.encoder_modules.append(enc)
+            self.decoder_modules.append(dec)
+            if i < last:
+                try:
+                    down = InvertibleDownsampling(
+                        lv.sent, stride=lv.stride, dim=dim, method=resampling_method,
+                        init=resampling_init, learnable=learnable_resampling, **resampling_kwargs,
+                    )
+                    up = InvertibleUpsampling(
+                        lv.sent * lv.multiplier, stride=lv.stride, dim=dim, method=resampling_method,
+                        init=resampling_init, learnable=learnable_resampling, **resampling_kwargs,
+                    )
+                except TypeError as err:
+                    raise TypeError(f"resampling_kwargs: {err}") from None
+                # Start the upsampling as the exact inverse of the downsampling, so that
+                # with zero-initialised couplings the whole iUNet starts as the identity.
+                up.load_state_dict(down.state_dict())
+                self.downsampling_layers.append(down)
+                self.upsampling_layers.append(up)
+        self._memcnn_wrappers: dict[int, nn.Module] | None = None
+
+    # ------------------------------------------------------------------ layout
+    def print_layout(self) -> None:
+        """Print the channel layout as in the reference package's README."""
+        print(self._layout.text())
+
+    def layout(self) -> dict[str, Any]:
+        """The layout as data: levels, blocks, kept/sent channels, strides, parameter counts."""
+        levels = []
+        for i, lv in enumerate(self._layout.levels):
+            mods: list[nn.Module] = [self.encoder_modules[i], self.decoder_modules[i]]
+            if i < self.num_levels - 1:
+                mods += [self.downsampling_layers[i], self.upsampling_layers[i]]
+            n_params = sum(p.numel() for m in mods for p in m.parameters())
+            levels.append(dict(level=i, channels=lv.channels, blocks=lv.blocks, kept=lv.kept,
+                               sent=lv.sent, stride=lv.stride, multiplier=lv.multiplier,
+                               parameters=n_params))
+        return dict(dim=self.dim, channels=self.channels, requested=self._layout.requested,
+                    architecture=self.architecture, strides=self.resampling_stride,
+                    downsampling_factors=self.downsampling_factors, levels=levels,
+                    parameters=sum(p.numel() for p in self.parameters()),
+                    adjustment_message=self._layout.adjustment_message(),
+                    text=self._layout.text())
+
+    # ------------------------------------------------------------------ checks and padding
+    def _check_input(self, x: Tensor, name: str = "x") -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != self.dim + 2:
+            raise ValueError(
+                f"this iUNet has dim={self.dim}, so {name} must be {_DIM_NAMES[self.dim]} "
+                f"({self.dim + 2} dimensions), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.channels[0]:
+            raise ValueError(
+                f"{name} has {x.shape[1]} channels but this iUNet expects channels[0]={self.channels[0]}; "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def get_padding(self, x: Tensor) -> tuple[list[int], list[int]]:
+        """Padded spatial shape and the padding (``F.pad`` order) needed for ``x``.
+
+        Returns ``(padded_shape, padding)``; ``padding`` is all zeros when the
+        spatial size already fits the total downsampling factor.
+        """
+        spatial = list(x.shape[2:])
+        padded, padding = [], []
+        for size, factor in zip(spatial, self.downsampling_factors):
+            target = -(-size // factor) * factor
+            padded.append(target)
+            total = target - size
+            padding.append((total // 2, total - total // 2))
+        flat: list[int] = []
+        for left, right in reversed(padding):  # F.pad wants the last dimension first
+            flat += [left, right]
+        return padded, flat
+
+    def _pad(self, x: Tensor) -> tuple[Tensor, list[int]]:
+        padded, padding = self.get_padding(x)
+        if not any(padding):
+            return x, padding
+        if self.padding_mode is None:
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} is not a multiple of the downsampling factors "
+                f"{self.downsampling_factors} and padding_mode=None; pad the input to {tuple(padded)} "
+                "or set padding_mode='constant'/'reflect'/'replicate'/'circular'"
+            )
+        if self.padding_mode == "reflect":
+            for d, (size, (left, right)) in enumerate(zip(x.shape[2:], _pairs(padding))):
+                if max(left, right) >= size:
+                    raise ValueError(
+                        f"padding_mode='reflect' cannot pad spatial dimension {d} of size {size} by "
+                        f"{max(left, right)} (reflect padding must be smaller than the size); use "
+                        "padding_mode='replicate' or 'constant', or a larger input"
+                    )
+        if self.padding_mode == "constant":
+            return F.pad(x, padding, mode="constant", value=self.padding_value), padding
+        return F.pad(x, padding, mode=self.padding_mode), padding
+
+    @staticmethod
+    def _crop(x: Tensor, padding: list[int]) -> Tensor:
+        index = [slice(None), slice(None)]
+        for left, right in _pairs(padding):
+            index.append(slice(left, x.shape[len(index)] - right))
+        return x[tuple(index)]
+
+    # ------------------------------------------------------------------ kernels and steps
+    def _steps(self) -> list[eng.Step]:
+        steps: list[eng.Step] = []
+
+        def add(module: nn.Module) -> None:
+            if isinstance(module, (OrthogonalChannelMixing, InvertibleDownsampling, InvertibleUpsampling)):
+                steps.append(eng.KernelStep(module))
+            elif isinstance(module, AdditiveCoupling):
+                steps.append(eng.CouplingStep(module, self.preserve_rng_state))
+            else:
+                steps.append(eng.InvertibleModuleStep(module, self.preserve_rng_state))
+
+        last = self.num_levels - 1
+        for i in range(self.num_levels):
+            for m in self.encoder_modules[i]:
+                add(m)
+            if i < last:
+                steps.append(eng.SplitStep(self.skipped_channels[i]))
+                add(self.downsampling_layers[i])
+        for i in range(last, -1, -1):
+            if i < last:
+                add(self.upsampling_layers[i])
+                steps.append(eng.ConcatStep(self.skipped_channels[i]))
+            for m in self.decoder_modules[i]:
+                add(m)
+        return steps
+
+    def _step_tensors(self, steps: list[eng.Step]) -> list[Tensor]:
+        """Assign each step its slice of the flat tensor list; kernels computed once here."""
+        tensors: list[Tensor] = []
+        for step in steps:
+            start = len(tensors)
+            if isinstance(step, eng.KernelStep):
+                tensors.append(step.module.kernel())
+            elif isinstance(step, (eng.CouplingStep, eng.InvertibleModuleStep)):
+                tensors += step.tensors()
+            step.tensor_slice = slice(start, len(tensors))
+        return tensors
+
+    # ------------------------------------------------------------------ forward
+    def _body(self, x: Tensor) -> Tensor:
+        needs_graph = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if self.disable_custom_gradient or not needs_graph:
+            return self._plain_body(x)
+        if self.me_backend == "memcnn":
+            return self._memcnn_body(x)
+        steps = self._steps()
+        tensors = self._step_tensors(steps)
+        return eng.FusedInvertibleFunction.apply(steps, x, *tensors)
+
+    def _plain_body(self, x: Tensor) -> Tensor:
+        skips: list[Tensor] = []
+        last = self.num_levels - 1
+        for i in range(self.num_levels):
+            for m in self.encoder_modules[i]:
+                x = m(x)
+            if i < last:
+                k = self.skipped_channels[i]
+                skips.append(x[:, :k])
+                x = self.downsampling_layers[i](x[:, k:])
+        for i in range(last, -1, -1):
+            if i < last:
+                x = torch.cat([skips.pop(), self.upsampling_layers[i](x)], dim=1)
+            for m in self.decoder_modules[i]:
+                x = m(x)
+        return x
+
+    def _plain_body_inverse(self, y: Tensor) -> Tensor:
+        skips: list[Tensor] = []
+        last = self.num_levels - 1
+        for i in range(self.num_levels):
+            for m in reversed(self.decoder_modules[i]):
+                y = m.inverse(y)
+            if i < last:
+                k = self.skipped_channels[i]
+                skips.append(y[:, :k])
+                y = self.upsampling_layers[i].inverse(y[:, k:])
+        for i in range(last, -1, -1):
+            if i < last:
+                y = torch.cat([skips.pop(), self.downsampling_layers[i].inverse(y)], dim=1)
+            for m in reversed(self.encoder_modules[i]):
+                y = m.inverse(y)
+        return y
+
+    def _memcnn_body(self, x: Tensor) -> Tensor:
+        from ._memcnn import import_memcnn
+
+        memcnn = import_memcnn()
+        if self._memcnn_wrappers is None:
+            # Plain dict: the wrappers hold the same modules, not new parameters.
+            self._memcnn_wrappers = {}
+        wrappers = self._memcnn_wrappers
+
+        def wrap(module: nn.Module, keep_input: bool = False) -> nn.Module:
+            key = (id(module), keep_input)
+            if key not in wrappers:
+                wrappers[key] = memcnn.InvertibleModuleWrapper(
+                    fn=module, keep_input=keep_input, keep_input_inverse=keep_input,
+                    preserve_rng_state=self.preserve_rng_state,
+                )
+            return wrappers[key]
+
+        # memcnn frees each wrapper's input storage: never let it free the caller's x.
+        first = True
+        skips: list[Tensor] = []
+        last = self.num_levels - 1
+
+        def apply(module: nn.Module, *inputs: Tensor) -> Any:
+            nonlocal first
+            out = wrap(module, keep_input=first)(*inputs)
+            first = False
+            return out
+
+        for i in range(self.num_levels):
+            for m in self.encoder_modules[i]:
+                x = apply(m, x)
+            if i < last:
+                kept, x = apply(_split_module(self, i, "split"), x)
+                skips.append(kept)
+                x = apply(self.downsampling_layers[i], x)
+        for i in range(last, -1, -1):
+            if i < last:
+                x = apply(self.upsampling_layers[i], x)
+                x = apply(_split_module(self, i, "concat"), skips.pop(), x)
+            for m in self.decoder_modules[i]:
+                x = apply(m, x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, channels[0], *spatial) -> (N, channels[0], *spatial)`` (padded if not reverted)."""
+        self._check_input(x)
+        x_padded, padding = self._pad(x)
+        y = self._body(x_padded)
+        if self.revert_input_padding and any(padding):
+            y_full = y
+            y = self._crop(y_full, padding)
+            # Keep the full output reachable so that inverse(forward(x)) stays exact
+            # even though the returned tensor is cropped.
+            y._iunet_full_output = (y_full, y._version, padding)
+        return y
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Inverse of :meth:`forward`.
+
+        Exact for the outputs of :meth:`forward`.  For a cropped tensor that did
+        not come from :meth:`forward` (``revert_input_padding=True`` with a
+        padded size), the cropped-off border is unknown: it is padded with
+        ``padding_mode`` first, so the result is exact only in the interior.
+        """
+        self._check_input(y, "y")
+        full_info = getattr(y, "_iunet_full_output", None)
+        if full_info is not None and full_info[1] == y._version:
+            y_full, _, padding = full_info
+        else:
+            y_full, padding = self._pad(y)
+            if any(padding) and not self.revert_input_padding:
+                raise ValueError(
+                    f"y has spatial size {tuple(y.shape[2:])}, which is not a multiple of "
+                    f"{self.downsampling_factors}; with revert_input_padding=False, forward() returns "
+                    "padded outputs, so pass such an output to inverse()"
+                )
+        with torch.no_grad() if not torch.is_grad_enabled() else _nullcontext():
+            x = self._plain_body_inverse(y_full)
+        if any(padding):
+            x = self._crop(x, padding)
+        return x
+
+    # ------------------------------------------------------------------ encoder / decoder
+    def encode(self, x: Tensor, use_padding: bool = True) -> tuple[Tensor, ...]:
+        """Down branch: returns ``(skip_0, ..., skip_{L-2}, bottom)``.
+
+        With ``use_padding`` the input is padded as in :meth:`forward`.
+        """
+        self._check_input(x)
+        if use_padding:
+            x, _ = self._pad(x)
+        codes: list[Tensor] = []
+        last = self.num_levels - 1
+        for i in range(self.num_levels):
+            for m in self.encoder_modules[i]:
+                x = m(x)
+            if i < last:
+                k = self.skipped_channels[i]
+                codes.append(x[:, :k])
+                x = self.downsampling_layers[i](x[:, k:])
+        codes.append(x)
+        return tuple(codes)
+
+    def encoder_inverse(self, codes: Sequence[Tensor]) -> Tensor:
+        """Inverse of :meth:`encode` (without padding removal)."""
+        codes = list(codes)
+        self._check_codes(codes)
+        x = codes[-1]
+        for i in range(self.num_levels - 1, -1, -1):
+            if i < self.num_levels - 1:
+                x = torch.cat([codes[i], self.downsampling_layers[i].inverse(x)], dim=1)
+            for m in reversed(self.encoder_modules[i]):
+                x = m.inverse(x)
+        return x
+
+    def decode(self, *codes: Tensor) -> Tensor:
+        """Up branch: ``decode(*encode(x)) == forward`` body (on the padded size).
+
+        Accepts the codes as separate arguments or as one sequence.
+        """
+        if len(codes) == 1 and isinstance(codes[0], (list, tuple)):
+            codes = tuple(codes[0])
+        codes_l = list(codes)
+        self._check_codes(codes_l)
+        x = codes_l[-1]
+        for i in range(self.num_levels - 1, -1, -1):
+            if i < self.num_levels - 1:
+                x = torch.cat([codes_l[i], self.upsampling_layers[i](x)], dim=1)
+            for m in self.decoder_modules[i]:
+                x = m(x)
+        return x
+
+    def decoder_inverse(self, y: Tensor) -> tuple[Tensor, ...]:
+        """Inverse of :meth:`decode`: the codes that decode to ``y``."""
+        codes: list[Tensor] = []
+        last = self.num_levels - 1
+        for i in range(self.num_levels):
+            for m in reversed(self.decoder_modules[i]):
+                y = m.inverse(y)
+            if i < last:
+                k = self.skipped_channels[i]
+                codes.append(y[:, :k])
+                y = self.upsampling_layers[i].inverse(y[:, k:])
+        codes.append(y)
+        return tuple(codes)
+
+    def _check_codes(self, codes: list[Tensor]) -> None:
+        if len(codes) != self.num_levels:
+            raise ValueError(
+                f"expected {self.num_levels} codes (one skip per non-bottom level plus the bottom), "
+                f"got {len(codes)}"
+            )
+        for i, c in enumerate(codes):
+            want = self.skipped_channels[i] if i < self.num_levels - 1 else self.channels[-1]
+            if c.dim() != self.dim + 2 or c.shape[1] != want:
+                raise ValueError(f"code {i} must have {want} channels and {self.dim + 2} dims, "
+                                 f"got shape {tuple(c.shape)}")
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _pairs(padding: list[int]) -> list[tuple[int, int]]:
+    """``F.pad`` order (last dim first) back to per-dimension (left, right) pairs, first dim first."""
+    pairs = [(padding[k], padding[k + 1]) for k in range(0, len(padding), 2)]
+    return list(reversed(pairs))
+
+
+def _split_module(model: iUNet, level: int, kind: str) -> nn.Module:
+    """Cached split/concat modules for the memcnn backend (not registered as submodules)."""
+    cache = model.__dict__.setdefault("_split_cache", {})
+    key = (level, kind)
+    if key not in cache:
+        k = model.skipped_channels[level]
+        cache[key] = _SplitChannels(k) if kind == "split" else _ConcatChannels(k)
+    return cache[key]

@@ -1,0 +1,341 @@
+"""Tests for iunet_nb.resampling (learnable invertible down/upsampling)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+from torch.func import functional_call
+
+from iunet_nb.orthogonal import METHODS, orthogonal_matrix, orthogonality_error
+from iunet_nb.resampling import (
+    INITS,
+    InvertibleDownsampling,
+    InvertibleUpsampling,
+    haar_matrix,
+)
+
+torch.set_num_threads(1)
+
+# (dim, stride): isotropic, anisotropic and non-power-of-two strides
+STRIDE_CASES = [
+    (1, 2),
+    (1, 3),
+    (2, 2),
+    (2, (2, 1)),
+    (2, 3),
+    (2, (3, 2)),
+    (3, 2),
+    (3, (1, 2, 2)),
+]
+# (method, learnable); the method is irrelevant for a fixed kernel
+METHOD_CASES = [(m, True) for m in METHODS] + [("cayley", False)]
+C = 2
+
+
+def _stride_tuple(dim: int, stride: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (stride,) * dim if isinstance(stride, int) else stride
+
+
+def _haar_ok(dim: int, stride: int | tuple[int, ...]) -> bool:
+    return all(s <= 2 for s in _stride_tuple(dim, stride))
+
+
+def _fine_input(dim: int, stride, dtype: torch.dtype, blocks: int = 3, n: int = 2) -> torch.Tensor:
+    st = _stride_tuple(dim, stride)
+    blocks = 2 if dim == 3 else blocks
+    return torch.randn(n, C, *(s * blocks for s in st), dtype=dtype)
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.5) -> None:
+    if module.weight is not None:
+        with torch.no_grad():
+            module.weight.copy_(scale * torch.randn_like(module.weight))
+
+
+def _cases():
+    for dim, stride in STRIDE_CASES:
+        for init in INITS:
+            if init == "haar" and not _haar_ok(dim, stride):
+                continue
+            for method, learnable in METHOD_CASES:
+                yield pytest.param(
+                    dim, stride, init, method, learnable,
+                    id=f"d{dim}-s{stride}-{init}-{method if learnable else 'fixed'}",
+                )
+
+
+@pytest.mark.parametrize("dim,stride,init,method,learnable", list(_cases()))
+def test_round_trip(dim, stride, init, method, learnable) -> None:
+    torch.manual_seed(0)
+    s = math.prod(_stride_tuple(dim, stride))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        down = InvertibleDownsampling(
+            C, stride, dim=dim, method=method, init=init, learnable=learnable, dtype=dtype
+        )
+        up = InvertibleUpsampling(
+            C * s, stride, dim=dim, method=method, init=init, learnable=learnable, dtype=dtype
+        )
+        _perturb(down)
+        _perturb(up)
+        assert orthogonality_error(down.kernel()) <= tol
+        x = _fine_input(dim, stride, dtype)
+        y = down(x)
+        st = _stride_tuple(dim, stride)
+        assert y.shape == (x.shape[0], C * s, *(n // k for n, k in zip(x.shape[2:], st)))
+        assert y.dtype == dtype
+        assert (down.inverse(y) - x).abs().max().item() <= tol
+        # orthogonal operator: preserves the norm
+        assert abs(y.norm().item() - x.norm().item()) <= tol * x.norm().item()
+        # upsampling module: forward and inverse in both orders
+        assert (up(up.inverse(x)) - x).abs().max().item() <= tol
+        yc = torch.randn_like(y)
+        xf = up(yc)
+        assert xf.shape == x.shape
+        assert (up.inverse(xf) - yc).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dim,stride", STRIDE_CASES)
+@pytest.mark.parametrize("init", INITS)
+def test_upsampling_with_same_init_inverts_downsampling(dim, stride, init) -> None:
+    if init == "haar" and not _haar_ok(dim, stride):
+        pytest.skip("haar needs strides 1/2")
+    s = math.prod(_stride_tuple(dim, stride))
+    torch.manual_seed(3)
+    down = InvertibleDownsampling(C, stride, dim=dim, init=init, dtype=torch.float64)
+    torch.manual_seed(3)  # same random init
+    up = InvertibleUpsampling(C * s, stride, dim=dim, init=init, dtype=torch.float64)
+    x = _fine_input(dim, stride, torch.float64)
+    assert (up(down(x)) - x).abs().max().item() <= 1e-12
+    y = torch.randn_like(down(x))
+    assert (down(up(y)) - y).abs().max().item() <= 1e-12
+
+
+def test_identity_kernel_is_pixel_unshuffle() -> None:
+    x = torch.randn(2, 3, 8, 12)
+    for learnable in (False, True):
+        for method in METHODS:
+            down = InvertibleDownsampling(3, 2, dim=2, init="pixel_shuffle", method=method,
+                                          learnable=learnable)
+            assert torch.equal(down(x), F.pixel_unshuffle(x, 2))
+            assert torch.equal(down.inverse(F.pixel_unshuffle(x, 2)), x)
+    down3 = InvertibleDownsampling(3, 3, dim=2, init="pixel_shuffle", learnable=False)
+    x3 = torch.randn(2, 3, 9, 6)
+    assert torch.equal(down3(x3), F.pixel_unshuffle(x3, 3))
+
+
+def test_haar_subbands() -> None:
+    """Haar init reproduces independently computed 2D Haar sub-bands.
+
+    Channel order for a stride-2 block [[a, b], [c, d]] (row-major offsets 0..3):
+    0: (a+b+c+d)/2 (average), 1: (a-b+c-d)/2 (difference along the last axis),
+    2: (a+b-c-d)/2 (difference along the first axis), 3: (a-b-c+d)/2 (diagonal).
+    """
+    img = torch.randn(10, 14, dtype=torch.float64)
+    a, b = img[::2, ::2], img[::2, 1::2]
+    c, d = img[1::2, ::2], img[1::2, 1::2]
+    expected = torch.stack(
+        [(a + b + c + d) / 2, (a - b + c - d) / 2, (a + b - c - d) / 2, (a - b - c + d) / 2]
+    )
+    down = InvertibleDownsampling(1, 2, dim=2, init="haar", dtype=torch.float64)
+    out = down(img[None, None])[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-14)
+
+
+def test_haar_matrix() -> None:
+    h = haar_matrix(2)
+    torch.testing.assert_close(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+                               / math.sqrt(2))
+    assert haar_matrix((2, 2)).shape == (4, 4)
+    assert haar_matrix((1, 2, 2)).shape == (4, 4)
+    torch.testing.assert_close(haar_matrix((1, 2, 2)), haar_matrix((2, 2)))
+    assert torch.equal(haar_matrix((1, 1)), torch.ones(1, 1, dtype=torch.float64))
+    assert orthogonality_error(haar_matrix((2, 2, 2))) <= 1e-15
+    with pytest.raises(ValueError, match="pixel_shuffle"):
+        haar_matrix(3)
+
+
+@pytest.mark.parametrize("dim,stride", STRIDE_CASES)
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck_input_and_parameter(dim, stride, method) -> None:
+    torch.manual_seed(1)
+    s = math.prod(_stride_tuple(dim, stride))
+    init = "haar" if _haar_ok(dim, stride) else "random"
+    for cls, channels, fine in ((InvertibleDownsampling, 2, True), (InvertibleUpsampling, 2 * s, False)):
+        module = cls(channels, stride, dim=dim, method=method, init=init, dtype=torch.float64)
+        x = _fine_input(dim, stride, torch.float64, blocks=1, n=1)
+        if not fine:
+            x = torch.randn_like(module.inverse(x))
+        x.requires_grad_(True)
+        W = (0.3 * torch.randn_like(module.weight)).requires_grad_(True)
+
+        def f(inp, w, module=module):
+            return functional_call(module, {"weight": w}, (inp,))
+
+        assert gradcheck(f, (x, W))
+
+
+def test_gradcheck_shared_and_inverse() -> None:
+    torch.manual_seed(2)
+    down = InvertibleDownsampling(3, (2, 2), dim=2, method="exp", init="random", shared=True,
+                                  dtype=torch.float64)
+    assert down.weight.shape == (1, 4, 4) and down.kernel().shape == (1, 4, 4)
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 12, 2, 2, dtype=torch.float64, requires_grad=True)
+    W = (0.3 * torch.randn(1, 4, 4, dtype=torch.float64)).requires_grad_(True)
+    assert gradcheck(lambda i, w: functional_call(down, {"weight": w}, (i,)), (x, W))
+    # inverse with a precomputed kernel: gradients reach the parameter through it
+    assert gradcheck(
+        lambda i, w: down.inverse(i, kernel=down.base @ orthogonal_matrix(w, "exp")), (y, W)
+    )
+
+
+def test_shared_kernel_applies_to_all_channels() -> None:
+    down = InvertibleDownsampling(3, 2, dim=1, init="random", shared=True)
+    _perturb(down)
+    x = torch.randn(2, 3, 8)
+    y = down(x)
+    # each channel transformed by the same matrix
+    for c in range(3):
+        single = InvertibleDownsampling(1, 2, dim=1, init="pixel_shuffle", learnable=False)
+        torch.testing.assert_close(y[:, 2 * c:2 * c + 2], single(x[:, c:c + 1], kernel=down.kernel()))
+    assert (down.inverse(y) - x).abs().max() <= 1e-5
+
+
+def test_kernel_computed_once_per_call(monkeypatch) -> None:
+    for cls, channels in ((InvertibleDownsampling, 2), (InvertibleUpsampling, 8)):
+        module = cls(channels, 2, dim=2)
+        calls = []
+        original = type(module).kernel
+
+        def counting(self, original=original):
+            calls.append(1)
+            return original(self)
+
+        monkeypatch.setattr(type(module), "kernel", counting)
+        x = torch.randn(1, channels, 4, 4)
+        y = module(x)
+        assert len(calls) == 1
+        module.inverse(y)
+        assert len(calls) == 2
+        k = module.kernel()
+        assert len(calls) == 3
+        y2 = module(x, kernel=k)
+        module.inverse(y2, kernel=k)
+        assert len(calls) == 3
+        torch.testing.assert_close(y2, y)
+        monkeypatch.undo()
+
+
+def test_precomputed_kernel_used_as_is() -> None:
+    down = InvertibleDownsampling(2, 2, dim=2, init="haar")
+    x = torch.randn(1, 2, 4, 4)
+    eye = torch.eye(4).expand(2, 4, 4)
+    assert torch.equal(down(x, kernel=eye), F.pixel_unshuffle(x, 2))
+    with pytest.raises(ValueError, match="kernel must have shape"):
+        down(x, kernel=torch.eye(3).expand(2, 3, 3))
+
+
+def test_kernel_gradients_flow_and_fixed_kernel() -> None:
+    down = InvertibleDownsampling(2, 2, dim=2, method="householder")
+    down(torch.randn(1, 2, 4, 4)).square().mul(torch.randn(1, 8, 2, 2)).sum().backward()
+    assert down.weight.grad is not None and down.weight.grad.abs().sum() > 0
+    fixed = InvertibleDownsampling(2, 2, dim=2, learnable=False)
+    assert fixed.weight is None and list(fixed.parameters()) == []
+    assert fixed.kernel() is fixed.base
+
+
+def test_kernel_starts_at_init_for_every_method() -> None:
+    for method in METHODS:
+        torch.manual_seed(5)
+        down = InvertibleDownsampling(2, (2, 1), dim=2, method=method, init="random")
+        assert torch.equal(down.kernel(), down.base)
+        assert down.weight.shape == (2, 2, 2)
+        assert torch.equal(down.weight, torch.zeros(2, 2, 2))
+
+
+def test_autocast_kernel_float32() -> None:
+    down = InvertibleDownsampling(2, 2, dim=2, method="exp")
+    _perturb(down)
+    x = torch.randn(1, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        k = down.kernel()
+        y = down(x)
+    assert k.dtype == torch.float32 and orthogonality_error(k) <= 1e-5
+    torch.testing.assert_close(y.float(), down(x), atol=5e-2, rtol=5e-2)
+
+
+def test_state_dict_round_trip() -> None:
+    torch.manual_seed(0)
+    a = InvertibleDownsampling(2, (3, 2), dim=2, init="random", method="exp")
+    _perturb(a)
+    torch.manual_seed(1)
+    b = InvertibleDownsampling(2, (3, 2), dim=2, init="random", method="exp")
+    assert set(a.state_dict()) == {"base", "weight"}
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 2, 6, 4)
+    assert torch.equal(a(x), b(x))
+    fixed = InvertibleUpsampling(8, 2, dim=2, learnable=False)
+    assert set(fixed.state_dict()) == {"base"}
+
+
+def test_attributes() -> None:
+    down = InvertibleDownsampling(3, (1, 2, 2), dim=3)
+    assert (down.in_channels, down.out_channels, down.stride) == (3, 12, (1, 2, 2))
+    up = InvertibleUpsampling(12, (1, 2, 2), dim=3)
+    assert (up.in_channels, up.out_channels) == (12, 3)
+    assert up.weight.shape == (3, 4, 4)
+    assert "stride=(1, 2, 2)" in repr(down)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_bad_input_rank_channels_divisibility() -> None:
+    down = InvertibleDownsampling(2, 2, dim=2)
+    with pytest.raises(ValueError, match=r"dim=2 spatial dims.*got shape \(2, 8, 8\)"):
+        down(torch.randn(2, 8, 8))
+    with pytest.raises(ValueError, match="expected 2 channels"):
+        down(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"spatial dim 1 .* size 7.*stride 2.*iUNet"):
+        down(torch.randn(1, 2, 8, 7))
+    with pytest.raises(ValueError, match="expected 8 channels"):
+        down.inverse(torch.randn(1, 2, 4, 4))
+    up = InvertibleUpsampling(8, (1, 2, 2), dim=3)
+    with pytest.raises(ValueError, match="dim=3 spatial dims"):
+        up(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="expected 8 channels"):
+        up(torch.randn(1, 4, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"spatial dim 2 .* size 3"):
+        up.inverse(torch.randn(1, 2, 3, 4, 3))
+
+
+def test_bad_constructor_arguments() -> None:
+    with pytest.raises(ValueError, match="'exp', 'cayley', 'householder'"):
+        InvertibleDownsampling(2, 2, method="qr")
+    with pytest.raises(ValueError, match="'haar', 'pixel_shuffle', 'random'"):
+        InvertibleDownsampling(2, 2, init="dct")
+    with pytest.raises(ValueError, match="haar.*1 or 2.*'pixel_shuffle'.*'random'"):
+        InvertibleDownsampling(2, 3, init="haar")
+    with pytest.raises(ValueError, match="haar"):
+        InvertibleUpsampling(18, (3, 2), init="haar")
+    for bad in (0, -1, (2, 0), (2, -2)):
+        with pytest.raises(ValueError, match=">= 1"):
+            InvertibleDownsampling(2, bad)
+    for bad in ((2, 2, 2), (2,)):
+        with pytest.raises(ValueError, match="entries but dim=2"):
+            InvertibleDownsampling(2, bad, dim=2)
+    for bad in (2.0, (2, 1.5), "2", True):
+        with pytest.raises(ValueError, match="int"):
+            InvertibleDownsampling(2, bad)
+    with pytest.raises(ValueError, match="dim must be"):
+        InvertibleDownsampling(2, 2, dim=4)
+    with pytest.raises(ValueError, match="not divisible by prod\\(stride\\)=4"):
+        InvertibleUpsampling(6, 2, dim=2)
+    with pytest.raises(ValueError, match="positive int"):
+        InvertibleDownsampling(0, 2)
+    with pytest.raises(TypeError):
+        InvertibleDownsampling(2, 2, strides=2)
+    with pytest.raises(TypeError):
+        InvertibleUpsampling(8, 2, kernel_size=2)
