@@ -19,6 +19,26 @@ __version__ = "0.1.0"
 # (Importing this package must stay free of side effects on warnings.filters;
 # tests/test_warnings.py checks it.)
 
+from .coupling import AdditiveCoupling, create_memcnn_module, create_standard_module
+from .layout import Layout, channels_from_slice_mode, compute_layout
+from .mixing import OrthogonalChannelMixing
+from .model import iUNet
+from .orthogonal import METHODS, orthogonal_matrix, orthogonality_error
+from .resampling import InvertibleDownsampling, InvertibleUpsampling
+
 __all__ = [
     "__version__",
+    "iUNet",
+    "AdditiveCoupling",
+    "create_standard_module",
+    "create_memcnn_module",
+    "Layout",
+    "compute_layout",
+    "channels_from_slice_mode",
+    "OrthogonalChannelMixing",
+    "InvertibleDownsampling",
+    "InvertibleUpsampling",
+    "METHODS",
+    "orthogonal_matrix",
+    "orthogonality_error",
 ]

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Part",
+    "private_buffers",
     "Step",
     "CouplingStep",
     "InvertibleModuleStep",
@@ -115,6 +116,33 @@ class Step:
         raise NotImplementedError
 
 
+class private_buffers:
+    """Context in which ``module`` (and its children) work on copies of their buffers.
+
+    A recomputation must not update state such as BatchNorm's running
+    statistics a second time (memcnn issue #12).  The copies may be saved by
+    autograd and modified by the recomputation itself; the module's own
+    buffers are put back untouched on exit.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> "private_buffers":
+        self._saved: list[tuple[dict, str, Tensor]] = []
+        for m in self.module.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    self._saved.append((m._buffers, name, b))
+                    m._buffers[name] = b.detach().clone()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for buffers, name, b in self._saved:
+            buffers[name] = b
+        self._saved = []
+
+
 class _RecomputeContext:
     """Replays the forward's RNG state, autocast state and module buffers."""
 
@@ -135,9 +163,9 @@ class _RecomputeContext:
 
     def __enter__(self) -> None:
         self._stack: list[Any] = []
-        # Buffers (e.g. BatchNorm running statistics) must not be updated a
-        # second time by the recomputation: snapshot them and restore on exit.
-        self._buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
+        swap = private_buffers(self.module)
+        swap.__enter__()
+        self._stack.append(swap)
         if self.preserve_rng_state and "cpu_rng" in self.record:
             devices = [self.record["cuda_device"]] if "cuda_device" in self.record else []
             fork = torch.random.fork_rng(devices=devices, enabled=True)
@@ -150,9 +178,6 @@ class _RecomputeContext:
     def __exit__(self, *exc: Any) -> None:
         for ctx in reversed(self._stack):
             ctx.__exit__(*exc)
-        with torch.no_grad():
-            for b, saved in self._buffers:
-                b.copy_(saved)
 
 
 def _params(module: nn.Module) -> list[Tensor]:
@@ -195,12 +220,14 @@ class CouplingStep(Step):
         v = full(y1)
         params = list(tensors)
         wanted = [p for p in params if p.requires_grad]
-        with _RecomputeContext(m.f, record, self.preserve_rng_state), torch.enable_grad():
-            v_in = v.tensor.detach().requires_grad_(True)
-            fv = m.f(v_in)
         dy2_full = full(dy2)
-        grads = torch.autograd.grad(fv, [v_in] + wanted, dy2_full.tensor.to(fv.dtype),
-                                    allow_unused=True)
+        # Buffers are restored only after the gradient: BatchNorm's backward reads them.
+        with _RecomputeContext(m.f, record, self.preserve_rng_state):
+            with torch.enable_grad():
+                v_in = v.tensor.detach().requires_grad_(True)
+                fv = m.f(v_in)
+            grads = torch.autograd.grad(fv, [v_in] + wanted, dy2_full.tensor.to(fv.dtype),
+                                        allow_unused=True)
         dv = grads[0]
         fv = fv.detach()
         if len(y2) == 1 and y2[0].owned:
@@ -253,10 +280,11 @@ class InvertibleModuleStep(Step):
         wanted = [p for p in params if p.requires_grad]
         with _RecomputeContext(self.module, record, self.preserve_rng_state):
             x = self.module.inverse(y)
-        with _RecomputeContext(self.module, record, self.preserve_rng_state), torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            y_re = self.module(x_in)
-        grads = torch.autograd.grad(y_re, [x_in] + wanted, dy.to(y_re.dtype), allow_unused=True)
+        with _RecomputeContext(self.module, record, self.preserve_rng_state):
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                y_re = self.module(x_in)
+            grads = torch.autograd.grad(y_re, [x_in] + wanted, dy.to(y_re.dtype), allow_unused=True)
         dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
         st.cur = [Part(x.detach(), True)]
         gst.cur = [Part(dx.to(dy.dtype), True)]

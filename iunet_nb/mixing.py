@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .orthogonal import orthogonal_matrix
+from .orthogonal import OrthogonalBaseMixin, orthogonal_matrix
 from .resampling import _check_dim, _check_method, check_input, random_special_orthogonal
 
 __all__ = ["MIXING_INITS", "OrthogonalChannelMixing"]
@@ -24,7 +24,7 @@ MIXING_INITS: tuple[str, ...] = ("identity", "random")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class OrthogonalChannelMixing(nn.Module):
+class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
     """Invertible channel mixing ``(N, c, *S) -> (N, c, *S)`` with an orthogonal ``c x c`` matrix.
 
     Args:

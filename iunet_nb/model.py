@@ -18,6 +18,7 @@ number of channels, rounded to the nearest achievable), see
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,6 +51,46 @@ class _SplitChannels(nn.Module):
 
     def inverse(self, kept: Tensor, sent: Tensor) -> Tensor:
         return torch.cat([kept, sent], dim=1)
+
+
+class _MemcnnSafe(nn.Module):
+    """Adapter that makes memcnn's recomputation replay the forward faithfully.
+
+    memcnn runs the real forward under ``no_grad``; in the backward it calls
+    ``inverse`` on the very output tensors of that forward and then the forward
+    again with grad enabled.  memcnn replays the random state only for the
+    inverse and lets both recomputations update buffers (BatchNorm statistics,
+    memcnn issue #12).  Here the forward's random state is remembered per output
+    tensor and replayed for the inverse and the recomputed forward, and both
+    work on private copies of the buffers.
+    """
+
+    def __init__(self, fn: nn.Module, preserve_rng_state: bool) -> None:
+        super().__init__()
+        self.fn = fn
+        self.preserve_rng_state = preserve_rng_state
+        self._records: dict[int, dict] = {}
+        self._pending: list[dict] = []
+
+    def forward(self, *x: Tensor) -> Any:
+        if torch.is_grad_enabled():  # memcnn's recomputation in the backward
+            record = self._pending.pop() if self._pending else {}
+            with eng._RecomputeContext(self.fn, record, self.preserve_rng_state):
+                return self.fn(*x)
+        record = eng._RecomputeContext.capture(self.fn, x[0], self.preserve_rng_state)
+        out = self.fn(*x)
+        first = out[0] if isinstance(out, tuple) else out
+        key = id(first)
+        self._records[key] = record
+        weakref.finalize(first, self._records.pop, key, None)
+        return out
+
+    def inverse(self, *y: Tensor) -> Any:
+        record = self._records.get(id(y[0]), {})
+        with eng._RecomputeContext(self.fn, record, self.preserve_rng_state):
+            x = self.fn.inverse(*y)
+        self._pending.append(record)
+        return x
 
 
 class _ConcatChannels(nn.Module):
@@ -453,26 +494,38 @@ class iUNet(nn.Module):
             self._memcnn_wrappers = {}
         wrappers = self._memcnn_wrappers
 
-        def wrap(module: nn.Module, keep_input: bool = False) -> nn.Module:
-            key = (id(module), keep_input)
+        def wrap(module: nn.Module) -> nn.Module:
+            key = id(module)
             if key not in wrappers:
                 wrappers[key] = memcnn.InvertibleModuleWrapper(
-                    fn=module, keep_input=keep_input, keep_input_inverse=keep_input,
+                    fn=_MemcnnSafe(module, self.preserve_rng_state), keep_input=False,
+                    keep_input_inverse=False,
                     preserve_rng_state=self.preserve_rng_state,
                 )
             return wrappers[key]
 
-        # memcnn frees each wrapper's input storage: never let it free the caller's x.
+        # memcnn frees each wrapper's input storage and assigns ``.grad`` of its inputs by
+        # hand: never hand it the caller's tensor, give it a copy (freed at once).
         first = True
         skips: list[Tensor] = []
         last = self.num_levels - 1
 
         def apply(module: nn.Module, *inputs: Tensor) -> Any:
             nonlocal first
-            out = wrap(module, keep_input=first)(*inputs)
+            if first:
+                inputs = tuple(t.clone() for t in inputs)
+            out = wrap(module)(*inputs)
             first = False
             return out
 
+        with warnings.catch_warnings():
+            # memcnn frees storages with the deprecated ``Tensor.storage()``; torch's
+            # one-time UserWarning about it says nothing the user can act on.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            return self._memcnn_walk(x, apply, skips)
+
+    def _memcnn_walk(self, x: Tensor, apply: Callable[..., Any], skips: list[Tensor]) -> Tensor:
+        last = self.num_levels - 1
         for i in range(self.num_levels):
             for m in self.encoder_modules[i]:
                 x = apply(m, x)

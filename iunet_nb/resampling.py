@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .orthogonal import METHODS, orthogonal_matrix
+from .orthogonal import METHODS, OrthogonalBaseMixin, orthogonal_matrix
 
 __all__ = [
     "INITS",
@@ -165,7 +165,7 @@ def _init_matrix(init: str, stride: tuple[int, ...], batch: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------- modules
-class _InvertibleResampling(nn.Module):
+class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
     """Shared machinery of :class:`InvertibleDownsampling` / :class:`InvertibleUpsampling`.
 
     Holds the orthogonal kernel of shape ``(C, s, s)`` (``(1, s, s)`` if ``shared``),
