@@ -95,11 +95,14 @@ class StandardCouplingFunction(nn.Sequential):
         for _ in range(depth):
             layers += [
                 _CONV[dim](c_in, out_channels, kernel_size=3, padding=1, bias=False),
-                nn.LeakyReLU(inplace=False),
+                nn.LeakyReLU(inplace=True),  # saves its output; no extra buffer
                 nn.GroupNorm(1, out_channels),
             ]
             c_in = out_channels
         super().__init__(*layers)
+        # The last layer is a GroupNorm, whose backward does not read its output:
+        # the memory-efficient engine may free the output once it has used it.
+        self.output_not_needed_for_backward = True
         if zero_init:
             last_norm = layers[-1]
             nn.init.zeros_(last_norm.weight)

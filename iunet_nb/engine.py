@@ -224,18 +224,26 @@ class CouplingStep(Step):
         # Buffers are restored only after the gradient: BatchNorm's backward reads them.
         with _RecomputeContext(m.f, record, self.preserve_rng_state):
             with torch.enable_grad():
-                v_in = v.tensor.detach().requires_grad_(True)
+                # An alias with its own version counter: u is rebuilt in place below,
+                # possibly in the same storage as v, and that must not invalidate v_in.
+                v_in = _alias(v.tensor).requires_grad_(True)
                 fv = m.f(v_in)
+            # Reconstruct u = y2 - f(v) first ...
+            fv_data = fv.detach()
+            if len(y2) == 1 and y2[0].owned:
+                u = y2[0]
+                u.tensor.sub_(fv_data)
+            else:
+                u = Part(full(y2).tensor - fv_data, True)
+            del fv_data
+            # ... then f(v) itself is no longer needed where its last layer's backward
+            # does not read it (GroupNorm): release it before back-propagating.
+            if getattr(m.f, "output_not_needed_for_backward", False) and fv._base is None:
+                fv.untyped_storage().resize_(0)
             grads = torch.autograd.grad(fv, [v_in] + wanted, dy2_full.tensor.to(fv.dtype),
                                         allow_unused=True)
-        dv = grads[0]
-        fv = fv.detach()
-        if len(y2) == 1 and y2[0].owned:
-            u = y2[0]
-            u.tensor.sub_(fv)
-        else:
-            u = Part(full(y2).tensor - fv, True)
         del fv
+        dv = grads[0]
         if dv is None:
             dv_part = full(dy1)
         else:
@@ -247,6 +255,11 @@ class CouplingStep(Step):
         gst.cur = [dy2_full, dv_part]
         it = iter(grads[1:])
         return [next(it) if p.requires_grad else None for p in params]
+
+
+def _alias(t: Tensor) -> Tensor:
+    """A detached tensor on ``t``'s memory with a version counter of its own."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def _split_like(t: Tensor, parts: Parts) -> list[Tensor]:
@@ -304,26 +317,29 @@ class KernelStep(Step):
 
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
         (kernel,) = tensors
+        if hasattr(self.module, "forward_parts"):
+            out = self.module.forward_parts([p.tensor for p in st.cur], kernel,
+                                            [p.owned for p in st.cur])
+            st.cur = [Part(t, True) for t in out]
+            return
         x = full(st.cur).tensor
         st.cur = [Part(self.module(x, kernel=kernel), True)]
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
         (kernel,) = tensors
-        y = full(st.cur).tensor
-        dy = full(gst.cur).tensor
-        kd = kernel.detach()
-        x = self.module.inverse(y, kernel=kd)
-        dk = None
-        if kernel.requires_grad:
-            with torch.enable_grad():
-                k_in = kd.requires_grad_(True)
-                y_re = self.module(x, kernel=k_in)
-            (dk,) = torch.autograd.grad(y_re, [k_in], dy.to(y_re.dtype))
-            del y_re
-        dx = self.module.inverse(dy, kernel=kd)
+        if hasattr(self.module, "backward_parts"):
+            xs, dxs, dk = self.module.backward_parts(
+                [p.tensor for p in st.cur], [p.tensor for p in gst.cur], kernel.detach(),
+                kernel.requires_grad, [p.owned for p in st.cur], [p.owned for p in gst.cur])
+            st.cur = [Part(t, True) for t in xs]
+            gst.cur = [Part(t, True) for t in dxs]
+            return [dk]
+        y, dy = full(st.cur), full(gst.cur)
+        x, dx, dk = self.module.backward_step(y.tensor, dy.tensor, kernel.detach(),
+                                              kernel.requires_grad)
         st.cur = [Part(x, True)]
-        gst.cur = [Part(dx.to(dy.dtype), True)]
+        gst.cur = [Part(dx.to(dy.tensor.dtype), True)]
         return [dk]
 
 

@@ -98,9 +98,44 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         c = self.channels
         if Q.shape != (c, c):
             raise ValueError(f"kernel must have shape ({c}, {c}), got {tuple(Q.shape)}")
-        # Under autocast the kernel is float32; the conv runs in the input's dtype.
-        w = Q.to(x.dtype).reshape(c, c, *([1] * self.dim))
-        return _CONV[self.dim](x, w)
+        # A matrix product over the channels of an (N, c, L) view: no im2col or
+        # reordered copies (a 1x1 convolution allocates those on CPU).  Under
+        # autocast the kernel is float32; the product runs in the data's dtype.
+        return torch.matmul(Q.to(x.dtype), x.reshape(x.shape[0], c, -1)).view(x.shape)
+
+    def backward_step(self, y: Tensor, dy: Tensor, kernel: Tensor, need_kernel_grad: bool = True
+                      ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Memory-efficient backward: from ``y = Q x`` and ``dL/dy`` to ``(x, dL/dx, dL/dQ)``.
+
+        ``x = Q^T y``, ``dL/dx = Q^T dL/dy``, ``dL/dQ = sum_n dy_n x_n^T``.
+        """
+        (x,), (dx,), dQ = self.backward_parts([y], [dy], kernel, need_kernel_grad)
+        return x, dx, dQ
+
+    def forward_parts(self, parts: list[Tensor], kernel: Tensor,
+                      owned: list[bool] | None = None) -> list[Tensor]:
+        """``Q @ cat(parts, dim=1)`` without building the concatenation.
+
+        Written into the parts themselves (slice by slice, no activation-sized
+        temporary) when every part may be overwritten (``owned``); otherwise
+        returned as one new tensor.
+        """
+        return _apply_parts(kernel, parts, owned)
+
+    def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
+                       need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
+                       dy_owned: list[bool] | None = None
+                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """:meth:`backward_step` for ``y`` and ``dy`` given as channel parts.
+
+        Returns ``(x_parts, dx_parts, dQ)``; parts that may be overwritten are
+        reused in place (see :meth:`forward_parts`).
+        """
+        Qt = kernel.mT
+        x_parts = _apply_parts(Qt, y_parts, y_owned)
+        dQ = _outer_sum(dy_parts, x_parts, kernel.dtype) if need_kernel_grad else None
+        dx_parts = _apply_parts(Qt, dy_parts, dy_owned)
+        return x_parts, dx_parts, dQ
 
     def forward(self, x: Tensor, kernel: Tensor | None = None) -> Tensor:
         """``y = Q x`` over channels; ``x``: ``(N, c, *S)`` -> ``(N, c, *S)``.
@@ -118,3 +153,81 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         check_input(y, self.dim, self.channels)
         Q = self.kernel() if kernel is None else kernel
         return self._apply_matrix(y, Q.mT)
+
+
+_SLICE = 4096  # pixels per slice of an in-place channel product
+
+
+def _as_matrices(parts: list[Tensor]) -> list[Tensor] | None:
+    """``(N, c, L)`` views of the parts, or None if one cannot be viewed so."""
+    try:
+        return [p.view(p.shape[0], p.shape[1], -1) for p in parts]
+    except RuntimeError:
+        return None
+
+
+def _apply_parts(M: Tensor, parts: list[Tensor], owned: list[bool] | None) -> list[Tensor]:
+    """``M @ cat(parts)`` over channels; in place into the parts when all are owned."""
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    M = M.to(dtype)
+    mats = _as_matrices(parts) if owned is not None and all(owned) else None
+    if mats is not None and all(p.dtype == dtype for p in parts):
+        n, length = mats[0].shape[0], mats[0].shape[2]
+        bounds = []
+        row = 0
+        for m in mats:
+            bounds.append((row, row + m.shape[1]))
+            row += m.shape[1]
+        with torch.autocast(device_type=M.device.type, enabled=False):
+            for k in range(n):
+                for start in range(0, length, _SLICE):
+                    cols = [m[k, :, start:start + _SLICE] for m in mats]
+                    res = M @ (cols[0] if len(cols) == 1 else torch.cat(cols, dim=0))
+                    for (lo, hi), col in zip(bounds, cols):
+                        col.copy_(res[lo:hi])
+        return parts
+    return [_matmul_parts(M, parts)]
+
+
+def _matmul_parts(M: Tensor, parts: list[Tensor]) -> Tensor:
+    """``M @ cat(parts)`` over channels, accumulated part by part into one output."""
+    n = parts[0].shape[0]
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    M = M.to(dtype)
+    out: Tensor | None = None
+    col = 0
+    # Parts may differ in dtype under autocast: accumulate in their common dtype.
+    with torch.autocast(device_type=M.device.type, enabled=False):
+        for p in parts:
+            c = p.shape[1]
+            block = M[:, col:col + c]
+            p3 = p.reshape(n, c, -1).to(dtype)
+            if out is None:
+                out = torch.matmul(block, p3)
+            else:
+                out.baddbmm_(block.expand(n, -1, -1), p3)
+            col += c
+    assert out is not None
+    return out.view(n, M.shape[0], *parts[0].shape[2:])
+
+
+def _outer_sum(dy_parts: list[Tensor], x_parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``sum_n dy_n x_n^T`` with ``dy`` and ``x`` given as channel parts."""
+    n = x_parts[0].shape[0]
+    xs = [p.reshape(n, p.shape[1], -1) for p in x_parts]
+    rows = []
+    for p in dy_parts:
+        p3 = p.reshape(n, p.shape[1], -1)
+        blocks = []
+        for x3 in xs:
+            a = p3.to(x3.dtype)
+            g = a[0] @ x3[0].T
+            for k in range(1, n):
+                g.addmm_(a[k], x3[k].T)
+            blocks.append(g)
+        rows.append(torch.cat(blocks, dim=1))
+    return torch.cat(rows, dim=0).to(dtype)

@@ -79,6 +79,8 @@ class _MemcnnSafe(nn.Module):
                 return self.fn(*x)
         record = eng._RecomputeContext.capture(self.fn, x[0], self.preserve_rng_state)
         out = self.fn(*x)
+        # memcnn detaches its outputs in place, which torch refuses for views.
+        out = tuple(map(_not_a_view, out)) if isinstance(out, tuple) else _not_a_view(out)
         first = out[0] if isinstance(out, tuple) else out
         key = id(first)
         self._records[key] = record
@@ -91,6 +93,13 @@ class _MemcnnSafe(nn.Module):
             x = self.fn.inverse(*y)
         self._pending.append(record)
         return x
+
+
+def _not_a_view(t: Tensor) -> Tensor:
+    """``t`` itself, or a non-view tensor sharing its storage (no copy)."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 class _ConcatChannels(nn.Module):
@@ -252,6 +261,9 @@ class iUNet(nn.Module):
         self.module_kwargs = _check_kwargs(module_kwargs, "module_kwargs")
         resampling_kwargs = _check_kwargs(resampling_kwargs, "resampling_kwargs")
         channel_mixing_kwargs = _check_kwargs(channel_mixing_kwargs, "channel_mixing_kwargs")
+        # Identity-initialised mixing (as in the reference), so that with zero-initialised
+        # couplings the whole iUNet starts as the identity map; init='random' can be asked for.
+        channel_mixing_kwargs.setdefault("init", "identity")
 
         if verbose >= 1 and layout.adjusted:
             print(layout.adjustment_message())
@@ -557,10 +569,13 @@ class iUNet(nn.Module):
     def inverse(self, y: Tensor) -> Tensor:
         """Inverse of :meth:`forward`.
 
-        Exact for the outputs of :meth:`forward`.  For a cropped tensor that did
-        not come from :meth:`forward` (``revert_input_padding=True`` with a
-        padded size), the cropped-off border is unknown: it is padded with
-        ``padding_mode`` first, so the result is exact only in the interior.
+        Exact for the outputs of :meth:`forward` themselves.  For a cropped tensor
+        that is not one (``revert_input_padding=True`` with a padded size, e.g.
+        after ``.detach()``, ``.clone()`` or an in-place change), the cropped-off
+        border is unknown: it is padded with ``padding_mode`` first, and the
+        result is only approximate -- the error is largest at the border but,
+        through the receptive field, reaches the interior too.  Use
+        ``revert_input_padding=False`` when exact inverses of stored outputs matter.
         """
         self._check_input(y, "y")
         full_info = getattr(y, "_iunet_full_output", None)

@@ -40,8 +40,6 @@ __all__ = [
 #: Valid values of the ``init`` argument.
 INITS: tuple[str, ...] = ("haar", "pixel_shuffle", "random")
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,8 +229,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         with torch.autocast(device_type=Q.device.type, enabled=False):
             return self.base.to(Q.dtype) @ Q
 
-    def _conv_weight(self, kernel: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """Convolution weight of shape ``(C * s, 1, *stride)`` from a kernel."""
+    def _resolve_kernel(self, kernel: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The ``(C or 1, s, s)`` kernel in the data's dtype (computed once if not given)."""
         if kernel is None:
             kernel = self.kernel()
         s, C = self.block_size, self.fine_channels
@@ -241,9 +239,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
                 f"kernel must have shape ({C}, {s}, {s}) or (1, {s}, {s}), "
                 f"got {tuple(kernel.shape)}"
             )
-        # Under autocast the kernel is float32; the conv runs in the input's dtype.
-        kernel = kernel.to(dtype).expand(C, s, s)
-        return kernel.reshape(C * s, 1, *self.stride)
+        # Under autocast the kernel is float32; the products run in the data's dtype.
+        return kernel.to(dtype)
 
     def _down(self, x: Tensor, kernel: Tensor | None) -> Tensor:
         """Fine ``(N, C, *S)`` -> coarse ``(N, C*s, *S/stride)``."""
@@ -255,14 +252,155 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
                     f"which is not divisible by the stride {st} in that dim; pad the input "
                     f"to a multiple of {st} there (iunet_nb.iUNet pads automatically)"
                 )
-        w = self._conv_weight(kernel, x.dtype)
-        return _CONV[self.dim](x, w, stride=self.stride, groups=self.fine_channels)
+        Q = self._resolve_kernel(kernel, x.dtype)
+        blocks = to_blocks(x, self.stride)  # (N, C, s, L): one copy
+        y = torch.matmul(Q, blocks)  # (N, C, s, L): channel c*s + r
+        coarse = [size // st for size, st in zip(x.shape[2:], self.stride)]
+        return y.view(x.shape[0], self.coarse_channels, *coarse)
 
     def _up(self, y: Tensor, kernel: Tensor | None) -> Tensor:
         """Coarse ``(N, C*s, *S)`` -> fine ``(N, C, *S*stride)``."""
         check_input(y, self.dim, self.coarse_channels)
-        w = self._conv_weight(kernel, y.dtype)
-        return _CONV_T[self.dim](y, w, stride=self.stride, groups=self.fine_channels)
+        Q = self._resolve_kernel(kernel, y.dtype)
+        n, coarse = y.shape[0], y.shape[2:]
+        blocks = torch.matmul(Q.mT, y.reshape(n, self.fine_channels, self.block_size, -1))
+        return from_blocks(blocks, self.stride, coarse)
+
+
+    def _down_backward(self, y: Tensor, dy: Tensor, Q: Tensor,
+                       need_kernel_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For ``y = down(x)``: rebuild ``x``; return ``(x, dL/dx, dL/dQ)``.
+
+        ``y``, ``dy``: coarse ``(N, C*s, *S)``.  Uses ``dL/dx = down^T(dy) = up(dy)``
+        (orthogonal) and ``dL/dQ = sum_n dy_b x_b^T`` per channel.
+        """
+        (x,), (dx,), dQ = self._down_backward_parts([y], [dy], Q, need_kernel_grad, None, None)
+        return x, dx, dQ
+
+    def _down_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
+                             y_owned: list[bool] | None, dy_owned: list[bool] | None
+                             ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """:meth:`_down_backward` on channel parts of the coarse tensors.
+
+        Every part must hold whole blocks (a multiple of ``s`` channels); parts
+        that may be overwritten are transformed in place before the block
+        reordering, so each fine part costs one new tensor.
+        """
+        s = self.block_size
+        if any(p.shape[1] % s for p in ys + dys):
+            ys, dys = [torch.cat(ys, dim=1)], [torch.cat(dys, dim=1)]
+            y_owned = dy_owned = None
+        Qd = Q.to(ys[0].dtype).mT
+        xbs = _blockwise_matmul(Qd, ys, s, y_owned)
+        dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
+        coarse = ys[0].shape[2:]
+        xs = [from_blocks(xb, self.stride, coarse) for xb in xbs]
+        del xbs
+        dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
+        dxs = [from_blocks(b, self.stride, coarse) for b in dxbs]
+        return xs, dxs, dQ
+
+    def _up_backward(self, y: Tensor, dy: Tensor, Q: Tensor,
+                     need_kernel_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For ``y = up(x)``: rebuild ``x``; return ``(x, dL/dx, dL/dQ)``.
+
+        ``y``, ``dy``: fine ``(N, C, *S)``; ``x``: coarse ``(N, C*s, *S/stride)``.
+        """
+        (x,), (dx,), dQ = self._up_backward_parts([y], [dy], Q, need_kernel_grad)
+        return x, dx, dQ
+
+    def _up_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool
+                           ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """:meth:`_up_backward` on channel parts of the fine tensors (any split)."""
+        n, s = ys[0].shape[0], self.block_size
+        coarse = [size // st for size, st in zip(ys[0].shape[2:], self.stride)]
+        Qd = Q.to(ys[0].dtype)
+        xcs = _blockwise_matmul(Qd, [to_blocks(p, self.stride) for p in ys], 1, None)
+        dfbs = [to_blocks(p, self.stride) for p in dys]
+        dQ = _kernel_grad_parts(xcs, dfbs, 1, Q) if need else None
+        xs = [xc.view(n, xc.shape[1] * s, *coarse) for xc in xcs]
+        dxs = [d.view(n, d.shape[1] * s, *coarse) for d in _blockwise_matmul(Qd, dfbs, 1, [True] * len(dfbs))]
+        return xs, dxs, dQ
+
+
+_SLICE = 8192  # pixels per slice of an in-place block product
+
+
+def _blockwise_matmul(M: Tensor, parts: list[Tensor], group: int,
+                      owned: list[bool] | None) -> list[Tensor]:
+    """Apply the per-channel matrices ``M`` (C or 1, s, s) to channel parts.
+
+    ``group`` = channels per fine channel in ``parts`` (``s`` for coarse
+    ``(N, C*s, *S)`` tensors, 1 for ``(N, C, s, L)`` block tensors).  Returns
+    ``(N, C_part, s, L)`` block tensors; owned parts are overwritten.
+    """
+    out = []
+    start = 0
+    s = M.shape[-1]
+    for k, p in enumerate(parts):
+        c = p.shape[1] // group
+        Mk = M if M.shape[0] == 1 else M[start:start + c]
+        start += c
+        b = p.reshape(p.shape[0], c, s, -1)
+        if owned is not None and owned[k] and b.data_ptr() == p.data_ptr() and p.is_contiguous():
+            for lo in range(0, b.shape[-1], _SLICE):
+                part = b[..., lo:lo + _SLICE]
+                part.copy_(torch.matmul(Mk, part))
+            out.append(b)
+        else:
+            out.append(torch.matmul(Mk, b))
+    return out
+
+
+def _kernel_grad_parts(a_parts: list[Tensor], b_parts: list[Tensor], group: int, Q: Tensor) -> Tensor:
+    """``sum_n a_b b_b^T`` per fine channel, parts concatenated over channels, in Q's dtype."""
+    grads = []
+    for a, b in zip(a_parts, b_parts):
+        c = b.shape[1]
+        a4 = a.reshape(a.shape[0], c, b.shape[2], -1).to(b.dtype)
+        grads.append(torch.matmul(a4, b.mT).sum(0))
+    g = torch.cat(grads, dim=0)
+    if Q.shape[0] == 1 and g.shape[0] != 1:
+        g = g.sum(0, keepdim=True)
+    return g.to(Q.dtype)
+
+
+def _kernel_grad(a: Tensor, b: Tensor, Q: Tensor) -> Tensor:
+    """``sum_n a_n b_n^T`` over the batch (and over channels for a shared kernel), in Q's dtype."""
+    g = torch.matmul(a, b.mT).sum(0)  # (C, s, s)
+    if Q.shape[0] == 1 and g.shape[0] != 1:
+        g = g.sum(0, keepdim=True)
+    return g.to(Q.dtype)
+
+
+def to_blocks(x: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """``(N, C, *S)`` -> ``(N, C, s, L)``: the ``s = prod(stride)`` pixels of each block.
+
+    Block offsets are numbered row-major over the stride dimensions, blocks
+    row-major over the coarse grid (``L`` of them), as in ``pixel_unshuffle``.
+    """
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    dim = len(stride)
+    split: list[int] = []
+    for size, st in zip(spatial, stride):
+        split += [size // st, st]
+    v = x.reshape(n, c, *split)
+    # (N, C, h0, s0, h1, s1, ...) -> (N, C, s0, s1, ..., h0, h1, ...)
+    perm = [0, 1] + [3 + 2 * k for k in range(dim)] + [2 + 2 * k for k in range(dim)]
+    return v.permute(*perm).reshape(n, c, math.prod(stride), -1)
+
+
+def from_blocks(blocks: Tensor, stride: tuple[int, ...], coarse: Sequence[int]) -> Tensor:
+    """Inverse of :func:`to_blocks`: ``(N, C, s, L)`` -> ``(N, C, *S)``."""
+    n, c = blocks.shape[0], blocks.shape[1]
+    dim = len(stride)
+    v = blocks.reshape(n, c, *stride, *coarse)
+    # (N, C, s0, s1, ..., h0, h1, ...) -> (N, C, h0, s0, h1, s1, ...)
+    perm = [0, 1]
+    for k in range(dim):
+        perm += [2 + dim + k, 2 + k]
+    fine = [h * st for h, st in zip(coarse, stride)]
+    return v.permute(*perm).reshape(n, c, *fine)
 
 
 class InvertibleDownsampling(_InvertibleResampling):
@@ -316,8 +454,20 @@ class InvertibleDownsampling(_InvertibleResampling):
         return self._down(x, kernel)
 
     def inverse(self, y: Tensor, kernel: Tensor | None = None) -> Tensor:
-        """Exact inverse: ``(N, C*s, *S) -> (N, C, *S*stride)`` (transposed conv)."""
+        """Exact inverse: ``(N, C*s, *S) -> (N, C, *S*stride)`` (transposed block transform)."""
         return self._up(y, kernel)
+
+    def backward_step(self, y: Tensor, dy: Tensor, kernel: Tensor,
+                      need_kernel_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Memory-efficient backward: from output ``y`` and ``dL/dy`` to ``(x, dL/dx, dL/dkernel)``."""
+        return self._down_backward(y, dy, kernel, need_kernel_grad)
+
+    def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
+                       need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
+                       dy_owned: list[bool] | None = None
+                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """:meth:`backward_step` with ``y``/``dy`` as channel parts; owned parts are reused."""
+        return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned, dy_owned)
 
 
 class InvertibleUpsampling(_InvertibleResampling):
@@ -369,5 +519,17 @@ class InvertibleUpsampling(_InvertibleResampling):
         return self._up(y, kernel)
 
     def inverse(self, x: Tensor, kernel: Tensor | None = None) -> Tensor:
-        """Exact inverse: ``(N, C, *S) -> (N, C*s, *S/stride)`` (strided conv)."""
+        """Exact inverse: ``(N, C, *S) -> (N, C*s, *S/stride)`` (block transform)."""
         return self._down(x, kernel)
+
+    def backward_step(self, y: Tensor, dy: Tensor, kernel: Tensor,
+                      need_kernel_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Memory-efficient backward: from output ``y`` and ``dL/dy`` to ``(x, dL/dx, dL/dkernel)``."""
+        return self._up_backward(y, dy, kernel, need_kernel_grad)
+
+    def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
+                       need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
+                       dy_owned: list[bool] | None = None
+                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """:meth:`backward_step` with ``y``/``dy`` as channel parts of the fine tensors."""
+        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad)

@@ -1,0 +1,682 @@
+"""Table 1 of the iUNet paper, re-measured: ``python -m iunet_nb.bench table1``.
+
+The paper (Etmann, Ke & Schönlieb, MLSP 2020; talk slides in seed 002,
+Table 1) compares memory-efficient (ME) and conventional backpropagation for a
+64-channel 2D iUNet with 4 downsamplings (channels doubling per level:
+64/128/256/512/1024), ``delta`` additive coupling layers per block and side
+(architecture ``[delta] * 5``) on ``64 x 512 x 512`` inputs, batch 1, on a GPU.
+
+This module measures the same grid for every training mode
+
+``conventional``     the iUNet with plain autograd (``disable_custom_gradient=True``)
+``fused``            the iUNet with this package's fused ME engine
+``memcnn``           the iUNet with every step wrapped in memcnn (as in the paper)
+``unet``             a plain U-Net with the same channels and blocks
+``unet_checkpoint``  that U-Net with activation checkpointing per level
+``iunets``           the reference package ``iunets`` 0.1 (memcnn inside), if importable
+
+each configuration in a fresh subprocess (``python -m iunet_nb.bench _one
+--json ...``) so that one cannot inflate the next.  Memory is taken with
+:func:`iunet_nb.memory.measure_step` (total = parameters + input + step peak),
+time with :func:`iunet_nb.memory.time_step` (no profiler, one thread by
+default).  Rows are appended to ``<out>/table1-<timestamp>.csv`` as each
+configuration finishes; ``table1-latest.csv`` and a PNG plot are written at the
+end.  From two or more sizes the total is extrapolated to 512 x 512 with a fit
+``a + b * H * W`` per mode and ``delta``.
+
+CPU sizes are small (default 64 and 128) so that the default run takes a few
+minutes on two cores; ``--size 512 --deltas 30 --modes conventional fused``
+measures the paper's size directly (about 13 GiB for conventional).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = [
+    "ALL_MODES",
+    "ME_MODES",
+    "CSV_COLUMNS",
+    "PAPER_PARAMETERS",
+    "build_model",
+    "measure_config",
+    "run_config",
+    "load_paper_table",
+    "read_results",
+    "run_table1",
+    "summarize",
+    "format_report",
+    "plot_results",
+    "Table1Run",
+    "main",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER_CSV = REPO / "data" / "paper_table1.csv"
+DEFAULT_OUT = REPO / "data" / "results"
+
+ALL_MODES = ("conventional", "fused", "memcnn", "unet", "unet_checkpoint", "iunets")
+ME_MODES = ("fused", "memcnn", "iunets")
+DEFAULT_SIZES = (64, 128)
+DEFAULT_DELTAS = (5, 10, 20, 30)
+CHANNELS = (64, 128, 256, 512, 1024)
+PAPER_SIZE = 512
+#: parameter counts of the reference configuration (anchors.md; the paper's parameter bytes)
+PAPER_PARAMETERS = {5: 32_158_080, 30: 189_390_080}
+GiB = 1024**3
+MiB = 1024**2
+
+CSV_COLUMNS = [
+    "run", "mode", "size", "delta", "dtype", "device", "threads", "status", "parameters",
+    "param_bytes", "input_bytes", "grad_bytes", "activation_bytes", "peak_bytes", "total_bytes",
+    "total_gib", "overhead_tensors", "seconds", "seconds_all", "predicted_total_bytes",
+    "prediction_error", "message",
+]
+
+#: targets of the fused engine (issue #5); checked by :func:`summarize`
+TARGETS = dict(overhead_spread=0.05, overhead_tensors=5.0, paper_fraction=0.85,
+               runtime_ratio=1.40, memory_ratio_512=0.15)
+
+
+# ----------------------------------------------------------------------------- models
+def iunets_available() -> bool:
+    """Whether the reference package ``iunets`` can be imported (memcnn imported safely first)."""
+    try:
+        from ._memcnn import import_memcnn
+
+        import_memcnn()
+        import iunets  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def build_model(mode: str, delta: int, *, dtype: Any = None, device: Any = "cpu", seed: int = 0):
+    """The Table 1 model of ``mode`` with ``delta`` couplings (blocks) per level and side."""
+    import torch
+
+    from .baselines import UNet
+    from .model import iUNet
+
+    torch.manual_seed(seed)
+    arch = [int(delta)] * len(CHANNELS)
+    if mode in ("conventional", "fused", "memcnn"):
+        model = iUNet(channels=CHANNELS, architecture=arch, dim=2, verbose=0,
+                      disable_custom_gradient=mode == "conventional",
+                      me_backend="memcnn" if mode == "memcnn" else "fused")
+    elif mode in ("unet", "unet_checkpoint"):
+        model = UNet(channels=CHANNELS, architecture=arch, dim=2,
+                     checkpoint_levels=mode == "unet_checkpoint")
+    elif mode == "iunets":
+        from ._memcnn import import_memcnn
+
+        import_memcnn()  # before iunets: memcnn's import would disable UserWarnings
+        import iunets
+
+        model = iunets.iUNet(in_channels=CHANNELS[0], architecture=arch, dim=2)
+    else:
+        raise ValueError(f"mode must be one of {ALL_MODES}, got {mode!r}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def predicted_total(mode: str, size: int, delta: int, dtype: str = "float32") -> int | None:
+    """Predicted total bytes of a configuration (memcnn's for the reference package)."""
+    from .layout import compute_layout
+    from .predict import predict_step_memory
+
+    layout = compute_layout(CHANNELS, [delta] * len(CHANNELS), 2)
+    pmode = "memcnn" if mode == "iunets" else mode
+    return predict_step_memory(layout, (1, CHANNELS[0], size, size), dtype, pmode).total
+
+
+def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
+                   device: str = "cpu", threads: int = 1, repeats: int = 2,
+                   seed: int = 0) -> dict:
+    """Measure one configuration in this process (use :func:`run_config` for a fresh one).
+
+    The first step is measured with :func:`measure_step` (it doubles as the
+    warm-up), then ``repeats`` steps are timed with :func:`time_step`.
+    """
+    import torch
+
+    from .memory import measure_step, time_step
+
+    torch.set_num_threads(int(threads))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but CUDA is not available")
+    tdtype = _torch_dtype(dtype)
+    model = build_model(mode, delta, dtype=tdtype, device=device, seed=seed)
+    params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, CHANNELS[0], size, size, generator=gen).to(device=device, dtype=tdtype)
+    m = measure_step(model, x)
+    times = time_step(model, x, repeats=repeats, warmup=0) if repeats > 0 else [m.seconds]
+    tensor = x.nbytes
+    return dict(
+        mode=mode, size=size, delta=delta, dtype=dtype, device=str(m.device), threads=threads,
+        status="ok", parameters=params, param_bytes=m.param_bytes, input_bytes=m.input_bytes,
+        grad_bytes=m.grad_bytes, activation_bytes=m.activation_bytes, peak_bytes=m.peak_bytes,
+        total_bytes=m.total_bytes, total_gib=m.total_bytes / GiB,
+        overhead_tensors=m.activation_bytes / tensor, seconds=statistics.median(times),
+        seconds_all=" ".join(f"{t:.4f}" for t in times), message="",
+    )
+
+
+def run_config(mode: str, size: int, delta: int, *, dtype: str = "float32", device: str = "cpu",
+               threads: int = 1, repeats: int = 2, timeout: float = 1800.0) -> dict:
+    """Measure one configuration in a fresh subprocess; returns the row (status 'error' on failure)."""
+    cmd = [sys.executable, "-m", "iunet_nb.bench", "_one", "--json", "--mode", mode,
+           "--size", str(size), "--delta", str(delta), "--dtype", dtype, "--device", device,
+           "--threads", str(threads), "--repeats", str(repeats)]
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # makes steps 2-3x slower: never time with it
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return _failed_row(mode, size, delta, dtype, device, threads, f"timed out after {timeout:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        msg = tail[-1] if tail else f"exit code {proc.returncode}"
+        if proc.returncode < 0 or proc.returncode == 137:
+            msg = f"killed (signal {-proc.returncode if proc.returncode < 0 else 9}; out of memory?)"
+        return _failed_row(mode, size, delta, dtype, device, threads, msg)
+    return json.loads(lines[-1])
+
+
+def _failed_row(mode, size, delta, dtype, device, threads, message, status="error") -> dict:
+    return dict(mode=mode, size=size, delta=delta, dtype=dtype, device=device, threads=threads,
+                status=status, message=message)
+
+
+# ----------------------------------------------------------------------------- paper
+def load_paper_table(path: str | Path | None = None) -> list[dict]:
+    """The paper's Table 1 as a list of dicts (delta, me_gb, conventional_gb, ratio_percent,
+    me_s, conventional_s, runtime_ratio_percent, source); ``#`` lines are comments."""
+    path = Path(path) if path is not None else PAPER_CSV
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(line for line in f if not line.lstrip().startswith("#")))
+    out = []
+    for r in rows:
+        d = {k: (r[k] if k == "source" else float(r[k])) for k in r}
+        d["delta"] = int(d["delta"])
+        out.append(d)
+    return out
+
+
+# ----------------------------------------------------------------------------- results
+def read_results(path: str | Path) -> list[dict]:
+    """Rows of a table1 CSV with numbers converted."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ints = {"size", "delta", "threads", "parameters", "param_bytes", "input_bytes", "grad_bytes",
+            "activation_bytes", "peak_bytes", "total_bytes", "predicted_total_bytes"}
+    floats = {"total_gib", "overhead_tensors", "seconds", "prediction_error"}
+    for r in rows:
+        for k in list(r):
+            if r[k] in ("", None):
+                r[k] = None
+            elif k in ints:
+                r[k] = int(float(r[k]))
+            elif k in floats:
+                r[k] = float(r[k])
+    return rows
+
+
+def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
+              target_size: int = PAPER_SIZE) -> dict:
+    """Ratios, overheads, the 512 x 512 extrapolation and the targets check.
+
+    Returns a dict with ``sizes``, ``deltas``, ``modes``, ``cell[(mode, size, delta)]`` (the
+    ok rows), ``memory_ratio[(mode, size, delta)]`` (total / conventional total),
+    ``runtime_ratio[...]``, ``extrapolated[(mode, delta)]`` (bytes at ``target_size``; a
+    measured row at that size is used as is), ``overhead_512[(mode, delta)]`` (activations
+    at ``target_size`` in input tensors) and ``targets`` (list of dicts with name,
+    passed, value, limit, gap, detail).
+    """
+    paper = list(paper) if paper is not None else load_paper_table()
+    ok = [r for r in rows if r.get("status") == "ok"]
+    cell = {(r["mode"], r["size"], r["delta"]): r for r in ok}
+    sizes = sorted({r["size"] for r in ok})
+    deltas = sorted({r["delta"] for r in ok})
+    modes = [m for m in ALL_MODES if any(r["mode"] == m for r in ok)]
+    mem_ratio, run_ratio = {}, {}
+    for (mode, size, delta), r in cell.items():
+        conv = cell.get(("conventional", size, delta))
+        if conv:
+            mem_ratio[(mode, size, delta)] = r["total_bytes"] / conv["total_bytes"]
+            if conv.get("seconds"):
+                run_ratio[(mode, size, delta)] = r["seconds"] / conv["seconds"]
+    extrap, act512, fits = {}, {}, {}
+    t512 = CHANNELS[0] * target_size * target_size * 4
+    for mode in modes:
+        for delta in deltas:
+            pts = [(s, cell[(mode, s, delta)]) for s in sizes if (mode, s, delta) in cell]
+            direct = [r for s, r in pts if s == target_size]
+            if direct:
+                extrap[(mode, delta)] = direct[0]["total_bytes"]
+                act512[(mode, delta)] = direct[0]["activation_bytes"] / t512
+                fits[(mode, delta)] = "measured"
+                continue
+            pts = [(s, r) for s, r in pts if s < target_size]
+            if len(pts) < 2:
+                continue
+            pts = pts[-2:]  # the two largest sizes
+            xs = [s * s for s, _ in pts]
+            a, b = _fit_line(xs, [r["total_bytes"] for _, r in pts])
+            extrap[(mode, delta)] = a + b * target_size**2
+            aa, bb = _fit_line(xs, [r["activation_bytes"] for _, r in pts])
+            act512[(mode, delta)] = (aa + bb * target_size**2) / t512
+            fits[(mode, delta)] = f"fit {pts[0][0]}/{pts[1][0]}"
+    summary = dict(sizes=sizes, deltas=deltas, modes=modes, cell=cell, memory_ratio=mem_ratio,
+                   runtime_ratio=run_ratio, extrapolated=extrap, overhead_512=act512, fits=fits,
+                   paper={p["delta"]: p for p in paper}, target_size=target_size)
+    summary["targets"] = _targets(summary)
+    return summary
+
+
+def _targets(s: dict) -> list[dict]:
+    out: list[dict] = []
+    cell, deltas, sizes = s["cell"], s["deltas"], s["sizes"]
+    if "fused" not in s["modes"]:
+        return out
+    big = max(sz for sz in sizes if ("fused", sz, deltas[0]) in cell)
+    fused_over = [cell[("fused", big, d)]["overhead_tensors"] for d in deltas if ("fused", big, d) in cell]
+    o512 = [s["overhead_512"][("fused", d)] for d in deltas if ("fused", d) in s["overhead_512"]]
+    if len(fused_over) >= 2:
+        # constancy in delta, judged at the 512 x 512 extrapolation when available
+        vals, where = (o512, f"{s['target_size']}^2") if len(o512) >= 2 else (fused_over, f"{big}^2")
+        spread = (max(vals) - min(vals)) / (sum(vals) / len(vals))
+        out.append(dict(name="fused overhead constant in delta", value=spread,
+                        limit=TARGETS["overhead_spread"], passed=spread <= TARGETS["overhead_spread"],
+                        detail=f"(max-min)/mean of activation overhead over delta at {where}: "
+                               f"{', '.join(f'{v:.2f}' for v in vals)} tensors", unit="%"))
+    vals, where = (o512, f"{s['target_size']}^2") if o512 else (fused_over, f"{big}^2")
+    if vals:
+        worst = max(vals)
+        out.append(dict(name="fused overhead <= 5 tensor-equivalents", value=worst,
+                        limit=TARGETS["overhead_tensors"], passed=worst <= TARGETS["overhead_tensors"],
+                        detail=f"worst over delta at {where} (measured at {big}^2: "
+                               f"{', '.join(f'{v:.2f}' for v in fused_over)})", unit="T"))
+    fr = []
+    for d in deltas:
+        p = s["paper"].get(d)
+        if p and ("fused", d) in s["extrapolated"]:
+            fr.append((d, s["extrapolated"][("fused", d)] / GiB / p["me_gb"]))
+    if fr:
+        worst = max(v for _, v in fr)
+        out.append(dict(name="fused 512^2 total <= 0.85 x paper ME", value=worst,
+                        limit=TARGETS["paper_fraction"], passed=worst <= TARGETS["paper_fraction"],
+                        detail="fused / paper ME per delta: " + ", ".join(f"d={d}: {v:.2f}" for d, v in fr),
+                        unit="x"))
+    rr = [(d, s["runtime_ratio"][("fused", big, d)]) for d in deltas if ("fused", big, d) in s["runtime_ratio"]]
+    if rr:
+        worst = max(v for _, v in rr)
+        out.append(dict(name="fused runtime <= 1.40 x conventional", value=worst,
+                        limit=TARGETS["runtime_ratio"], passed=worst <= TARGETS["runtime_ratio"],
+                        detail=f"at {big}^2: " + ", ".join(f"d={d}: {v:.2f}" for d, v in rr), unit="x"))
+    dmax = max(deltas)
+    if ("fused", dmax) in s["extrapolated"] and ("conventional", dmax) in s["extrapolated"]:
+        v = s["extrapolated"][("fused", dmax)] / s["extrapolated"][("conventional", dmax)]
+        out.append(dict(name=f"fused <= 15 % of conventional at delta={dmax}, {s['target_size']}^2",
+                        value=v, limit=TARGETS["memory_ratio_512"], passed=v <= TARGETS["memory_ratio_512"],
+                        detail=f"({s['fits'].get(('fused', dmax))}; the paper's target is delta=30)",
+                        unit="%"))
+    for t in out:
+        t["gap"] = t["value"] - t["limit"]
+    return out
+
+
+def _fmt_target(t: dict) -> str:
+    unit = t["unit"]
+
+    def f(v: float) -> str:
+        if unit == "%":
+            return f"{100 * v:.1f} %"
+        if unit == "T":
+            return f"{v:.2f} T"
+        return f"{v:.2f}x"
+
+    status = "PASS" if t["passed"] else "FAIL"
+    gap = t["gap"]
+    gap_s = f"{100 * gap:+.1f} pp" if unit == "%" else (f"{gap:+.2f} T" if unit == "T" else f"{gap:+.2f}x")
+    return f"  [{status}] {t['name']}: {f(t['value'])} (limit {f(t['limit'])}, gap {gap_s}) -- {t['detail']}"
+
+
+def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
+    """The printed table: measured GiB, ratios, runtimes, overheads, 512^2 extrapolation, targets."""
+    s = summary or summarize(rows)
+    cell, lines = s["cell"], []
+    lines.append("Table 1 re-measured: iUNet 64ch 2D, 4 downsamplings (64..1024 channels), batch 1; "
+                 "total = parameters + input + step peak (GiB)")
+    hdr = f"{'size':>5} {'delta':>5} {'mode':<16} {'total GiB':>9} {'/conv':>7} {'step s':>8} {'/conv':>7} " \
+          f"{'act. T':>7} {'pred GiB':>9} {'err':>6}"
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for size in s["sizes"]:
+        for delta in s["deltas"]:
+            for mode in s["modes"]:
+                r = cell.get((mode, size, delta))
+                if not r:
+                    continue
+                mr = s["memory_ratio"].get((mode, size, delta))
+                rr = s["runtime_ratio"].get((mode, size, delta))
+                pred = r.get("predicted_total_bytes")
+                err = r.get("prediction_error")
+                lines.append(
+                    f"{size:>5} {delta:>5} {mode:<16} {r['total_gib']:>9.3f} "
+                    f"{(f'{100 * mr:.1f}%' if mr is not None else '-'):>7} {r['seconds']:>8.3f} "
+                    f"{(f'{100 * rr:.0f}%' if rr is not None else '-'):>7} {r['overhead_tensors']:>7.2f} "
+                    f"{(f'{pred / GiB:.3f}' if pred else '-'):>9} "
+                    f"{(f'{100 * err:+.1f}%' if err is not None else '-'):>6}")
+    skipped = [r for r in rows if r.get("status") != "ok"]
+    for r in skipped:
+        lines.append(f"{r['size']:>5} {r['delta']:>5} {r['mode']:<16} {r['status'].upper()}: {r.get('message', '')}")
+    lines.append("'/conv': ratio to the conventional iUNet of the same size and delta; 'act. T': "
+                 "activation bytes (step peak - gradients) / bytes of one 64xHxW float32 input tensor")
+    lines.append("")
+    ts = s["target_size"]
+    lines.append(f"Extrapolation to {ts}x{ts} (total = a + b*H*W from the two largest sizes) beside "
+                 "the paper's Table 1 (GPU; its 'GB' read as GiB)")
+    me_modes = [m for m in s["modes"] if m in ME_MODES]
+    hdr = f"{'delta':>5} " + " ".join(f"{m:>14}" for m in s["modes"]) + \
+          f" {'paper ME':>9} {'paper conv':>10} " + " ".join(f"{m + '/conv':>14}" for m in me_modes) + \
+          f" {'paper ratio':>11}"
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for delta in s["deltas"]:
+        p = s["paper"].get(delta)
+        vals = []
+        for m in s["modes"]:
+            v = s["extrapolated"].get((m, delta))
+            vals.append(f"{v / GiB:>10.2f} GiB" if v is not None else f"{'-':>14}")
+        conv = s["extrapolated"].get(("conventional", delta))
+        ratios = []
+        for m in me_modes:
+            v = s["extrapolated"].get((m, delta))
+            ratios.append(f"{100 * v / conv:>13.1f}%" if v is not None and conv else f"{'-':>14}")
+        lines.append(f"{delta:>5} " + " ".join(vals) +
+                     (f" {p['me_gb']:>5.2f} GiB {p['conventional_gb']:>6.2f} GiB " if p else f" {'-':>9} {'-':>10} ")
+                     + " ".join(ratios) + (f" {p['ratio_percent']:>10.1f}%" if p else f" {'-':>11}"))
+    if s["overhead_512"]:
+        lines.append(f"activation overhead at {ts}^2 in input tensors: " + "; ".join(
+            f"{m}: " + ", ".join(f"{s['overhead_512'][(m, d)]:.2f}" for d in s["deltas"] if (m, d) in s["overhead_512"])
+            for m in me_modes))
+    lines.append("")
+    lines.append("Runtime per training step (median, s) and ratio to conventional, beside the paper's "
+                 "(GPU, 512x512):")
+    for size in s["sizes"]:
+        for delta in s["deltas"]:
+            parts = []
+            for m in s["modes"]:
+                r = cell.get((m, size, delta))
+                rr = s["runtime_ratio"].get((m, size, delta))
+                if r:
+                    parts.append(f"{m} {r['seconds']:.3f}s" + (f" ({100 * rr:.0f}%)" if rr and m != "conventional" else ""))
+            p = s["paper"].get(delta)
+            ptxt = f" | paper: ME {p['me_s']:.2f}s conv {p['conventional_s']:.2f}s ({p['runtime_ratio_percent']:.0f}%)" if p else ""
+            if parts:
+                lines.append(f"  {size}^2 d={delta}: " + ", ".join(parts) + ptxt)
+    lines.append("")
+    lines.append("Targets (fused engine):")
+    if s["targets"]:
+        lines += [_fmt_target(t) for t in s["targets"]]
+    else:
+        lines.append("  (need the fused and conventional modes)")
+    return "\n".join(lines)
+
+
+def plot_results(rows: Sequence[dict], path: str | Path, summary: dict | None = None) -> Path:
+    """PNG: total memory vs delta per mode and size (+512^2 extrapolation, paper markers);
+    runtime ratio vs delta (+paper)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    s = summary or summarize(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = {m: f"C{i}" for i, m in enumerate(ALL_MODES)}
+    styles = ["-", "--", "-.", ":"]
+    for k, size in enumerate(s["sizes"]):
+        for m in s["modes"]:
+            pts = [(d, s["cell"][(m, size, d)]["total_gib"]) for d in s["deltas"] if (m, size, d) in s["cell"]]
+            if pts:
+                ax1.plot(*zip(*pts), styles[k % len(styles)], marker="o", ms=3, color=colors[m],
+                         label=f"{m} {size}²")
+    ts = s["target_size"]
+    for m in s["modes"]:
+        pts = [(d, s["extrapolated"][(m, d)] / GiB) for d in s["deltas"] if (m, d) in s["extrapolated"]]
+        if pts:
+            ax1.plot(*zip(*pts), "s", ms=6, mfc="none", color=colors[m], label=f"{m} {ts}² (extrap.)")
+    pd = sorted(s["paper"])
+    ax1.plot(pd, [s["paper"][d]["me_gb"] for d in pd], "k*", ms=10, label="paper ME (512², GPU)")
+    ax1.plot(pd, [s["paper"][d]["conventional_gb"] for d in pd], "kx", ms=9, label="paper conv. (512², GPU)")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("δ (coupling layers per block)")
+    ax1.set_ylabel("peak memory of a training step (GiB, log scale)")
+    ax1.set_title("Memory: parameters + input + step peak")
+    ax1.legend(fontsize=6, ncol=2)
+    ax1.grid(alpha=0.3)
+    for k, size in enumerate(s["sizes"]):
+        for m in s["modes"]:
+            if m == "conventional":
+                continue
+            pts = [(d, 100 * s["runtime_ratio"][(m, size, d)]) for d in s["deltas"]
+                   if (m, size, d) in s["runtime_ratio"]]
+            if pts:
+                ax2.plot(*zip(*pts), styles[k % len(styles)], marker="o", ms=3, color=colors[m],
+                         label=f"{m} {size}²")
+    ax2.plot(pd, [s["paper"][d]["runtime_ratio_percent"] for d in pd], "k*", ms=10, label="paper ME/conv.")
+    ax2.axhline(100 * TARGETS["runtime_ratio"], color="grey", ls=":", label="target 140 %")
+    ax2.set_xlabel("δ (coupling layers per block)")
+    ax2.set_ylabel("step time / conventional iUNet (%)")
+    ax2.set_title("Runtime ratio (one thread)" if s["sizes"] else "Runtime ratio")
+    ax2.legend(fontsize=6, ncol=2)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class Table1Run:
+    """What :func:`run_table1` produced."""
+
+    rows: list[dict]
+    csv_path: Path
+    latest_path: Path
+    png_path: Path | None
+    summary: dict
+    report: str
+    messages: list[str] = field(default_factory=list)
+
+
+def _timestamp(out: Path) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, k = stamp, 1
+    while (out / f"table1-{candidate}.csv").exists():  # never overwrite a previous run
+        candidate = f"{stamp}-{k}"
+        k += 1
+    return candidate
+
+
+def _parameter_check(log: Callable[[str], None]) -> list[str]:
+    """Compare the reference package's parameter counts with ours and the anchors."""
+    from .layout import compute_layout, count_parameters
+
+    msgs = []
+    if not iunets_available():
+        msgs.append("iunets: reference package not importable, skipped")
+        log(msgs[-1])
+        return msgs
+    for delta, expected in PAPER_PARAMETERS.items():
+        ours = count_parameters(compute_layout(CHANNELS, [delta] * 5, 2))["total"]
+        ref = sum(p.numel() for p in build_model("iunets", delta).parameters())
+        ok = abs(ref - ours) <= 0.01 * ours and abs(ref - expected) <= 0.01 * expected
+        msgs.append(f"parameter check delta={delta}: iunets {ref:,}, iunet_nb {ours:,}, expected "
+                    f"{expected:,} -> {'OK (within 1 %)' if ok else 'MISMATCH'}")
+        log(msgs[-1])
+    return msgs
+
+
+def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEFAULT_DELTAS,
+               modes: Iterable[str] | None = None, *, device: str = "cpu", dtype: str = "float32",
+               threads: int = 1, repeats: int = 2, max_gb: float | None = None,
+               out: str | Path = DEFAULT_OUT, progress: bool = True, plot: bool = True,
+               in_process: bool = False, log: Callable[[str], None] = print) -> Table1Run:
+    """Measure the grid, one fresh subprocess per configuration; write CSV, latest copy and PNG.
+
+    ``max_gb``: skip (with a message) every configuration whose *predicted* total exceeds it.
+    ``in_process``: measure in this process instead (only for tiny grids, e.g. a notebook smoke run).
+    """
+    from tqdm.auto import tqdm
+
+    sizes, deltas = [int(s) for s in sizes], [int(d) for d in deltas]
+    if modes is None:
+        modes = [m for m in ALL_MODES if m != "iunets" or iunets_available()]
+    modes = list(modes)
+    for m in modes:
+        if m not in ALL_MODES:
+            raise ValueError(f"unknown mode {m!r}; valid: {ALL_MODES}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = _timestamp(out)
+    csv_path = out / f"table1-{run_id}.csv"
+    messages: list[str] = []
+    if "iunets" in modes:
+        if iunets_available():
+            messages += _parameter_check(log)
+        else:
+            messages.append("iunets: reference package not importable, mode dropped")
+            log(messages[-1])
+            modes.remove("iunets")
+    configs = [(s, d, m) for s in sizes for d in deltas for m in modes]
+    rows: list[dict] = []
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        f.flush()
+        bar = tqdm(configs, desc="table1", unit="config", disable=not progress, file=sys.stderr)
+        for size, delta, mode in bar:
+            bar.set_postfix_str(f"{mode} {size}² δ={delta}")
+            pred = predicted_total(mode, size, delta, dtype)
+            if max_gb is not None and pred is not None and pred > max_gb * GiB:
+                msg = (f"skipped {mode} {size}x{size} delta={delta}: predicted total "
+                       f"{pred / GiB:.2f} GiB > --max-gb {max_gb:g}")
+                row = _failed_row(mode, size, delta, dtype, device, threads, msg, status="skipped")
+                messages.append(msg)
+                tqdm.write(msg, file=sys.stderr)
+            elif in_process:
+                row = measure_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
+                                     repeats=repeats)
+            else:
+                row = run_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
+                                 repeats=repeats)
+                if row["status"] != "ok":
+                    msg = f"error in {mode} {size}x{size} delta={delta}: {row.get('message')}"
+                    messages.append(msg)
+                    tqdm.write(msg, file=sys.stderr)
+            row["run"] = run_id
+            row["predicted_total_bytes"] = pred
+            if row.get("status") == "ok" and pred:
+                row["prediction_error"] = pred / row["total_bytes"] - 1
+            rows.append(row)
+            writer.writerow(row)
+            f.flush()  # an interrupted run keeps what it measured
+    latest = out / "table1-latest.csv"
+    shutil.copyfile(csv_path, latest)
+    summary = summarize(rows)
+    png = None
+    if plot and summary["cell"]:
+        png = plot_results(rows, out / f"table1-{run_id}.png", summary)
+        shutil.copyfile(png, out / "table1-latest.png")
+    report = format_report(rows, summary)
+    return Table1Run(rows, csv_path, latest, png, summary, report, messages)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m iunet_nb.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("table1", help="measure the paper's Table 1 grid for every mode")
+    t.add_argument("--size", "--sizes", dest="sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                   help="input sizes H=W (default: 64 128)")
+    t.add_argument("--deltas", type=int, nargs="+", default=list(DEFAULT_DELTAS),
+                   help="coupling layers per block (default: 5 10 20 30)")
+    t.add_argument("--modes", nargs="+", default=None, choices=ALL_MODES,
+                   help="default: all (iunets only when importable)")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    t.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    t.add_argument("--repeats", type=int, default=2, help="timed steps per configuration (default 2)")
+    t.add_argument("--max-gb", type=float, default=None,
+                   help="skip configurations whose predicted total exceeds this many GiB")
+    t.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default data/results)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-plot", action="store_true")
+    o = sub.add_parser("_one", help="(internal) measure one configuration, print JSON")
+    o.add_argument("--json", action="store_true")
+    o.add_argument("--mode", required=True, choices=ALL_MODES)
+    o.add_argument("--size", type=int, required=True)
+    o.add_argument("--delta", type=int, required=True)
+    o.add_argument("--dtype", default="float32")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--threads", type=int, default=1)
+    o.add_argument("--repeats", type=int, default=2)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "_one":
+        row = measure_config(args.mode, args.size, args.delta, dtype=args.dtype, device=args.device,
+                             threads=args.threads, repeats=args.repeats)
+        print(json.dumps(row))
+        return 0
+    run = run_table1(args.sizes, args.deltas, args.modes, device=args.device, dtype=args.dtype,
+                     threads=args.threads, repeats=args.repeats, max_gb=args.max_gb, out=args.out,
+                     progress=not args.no_progress, plot=not args.no_plot)
+    print(run.report)
+    print()
+    print(f"results: {run.csv_path} (copy: {run.latest_path})" +
+          (f", plot: {run.png_path}" if run.png_path else ""))
+    return 0 if any(r.get("status") == "ok" for r in run.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Small utilities every notebook uses: seeding, device choice, timing, JSON results.
+
+Nothing here builds a model; it only keeps the notebooks short and their
+results machine-readable (the notebook tests read the JSON that
+:func:`save_results` writes).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "resolve_device", "to_jsonable", "save_results", "load_results",
+           "median_seconds"]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python's, NumPy's and torch's global generators with ``seed``.
+
+    Returns a fresh CPU :class:`torch.Generator` seeded with ``seed`` as well,
+    for code that prefers an explicit generator.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``'auto'`` -> ``cuda`` if available, else ``cpu``; anything else is passed to ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(dev)!r} requested but CUDA is not available; use DEVICE='auto'")
+    return dev
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert ``obj`` into plain JSON types.
+
+    Tensors and NumPy arrays become (nested) lists, scalars become Python
+    numbers, tuples become lists, dict keys become strings, and non-finite
+    floats become ``None`` (strict JSON has no NaN or infinity).
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (Path, torch.device, torch.dtype)):
+        return str(obj)
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+
+def save_results(path: str | Path | None, results: dict) -> Path | None:
+    """Write ``results`` as JSON to ``path`` (parents created); do nothing if ``path`` is None.
+
+    Returns the path written, or None.
+    """
+    if path is None:
+        return None
+    if not isinstance(results, dict):
+        raise TypeError(f"results must be a dict, got {type(results).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(to_jsonable(results), indent=2, sort_keys=True, allow_nan=False)
+    path.write_text(text + "\n")
+    return path
+
+
+def load_results(path: str | Path) -> dict:
+    """Read a JSON file written by :func:`save_results`."""
+    return json.loads(Path(path).read_text())
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+
+    CUDA work is synchronised around each call so the time covers the kernels.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,499 @@
+"""Predict the memory of one training step without running it.
+
+``predict_step_memory(model_or_layout, input_shape, dtype, mode)`` returns a
+:class:`MemoryPrediction` with the same decomposition as the meter
+:func:`iunet_nb.memory.measure_step`:
+
+* ``parameters`` -- bytes of the weights (resident before the step);
+* ``gradients``  -- bytes of the weight gradients (one per parameter);
+* ``activations`` -- what the meter calls ``peak - gradients``: everything
+  else that is alive when the step's allocator total peaks;
+* ``peak_step = gradients + activations`` (the meter's ``peak_bytes``);
+* ``total = parameters + input + peak_step`` (the meter's ``total_bytes``).
+
+Nothing is allocated: the prediction works on a :class:`iunet_nb.layout.Layout`
+(an :class:`iunet_nb.iUNet` is reduced to its layout) with plain integer
+arithmetic, so the notebook widgets can call it for configurations that would
+not fit in memory.
+
+How it works (first principles, a few calibrated constants)
+-----------------------------------------------------------
+The body of the network is written as the list of steps the model runs
+(couplings, channel mixings, split, down/upsampling, concat; for the U-Net
+baselines residual blocks, strided and transposed convolutions, 1x1 fusions).
+Let ``t_i`` be the bytes of one full activation at level ``i`` (``c_i`` channels
+at that level's resolution; with channels doubling and 2x2 strides
+``t_i = T / 2**i`` with ``T`` the bytes of the input tensor).  The backward
+pass is then *simulated* step by step in reverse order: the gradients of the
+steps already back-propagated accumulate, the tensors each step saved for the
+backward are released after it, and the live total at each step is
+
+conventional / U-Net (plain autograd)
+    ``grads_so_far + saved_still_alive + output + dY + tau * t_step + kappa * W_step``
+
+    where the saved tensors are counted per layer type exactly as autograd
+    keeps them: a coupling ``(u, v) -> (v, u + f(v))`` keeps its input storage
+    (``t``; the convolution saves a view of it) plus, per block of ``f``, the
+    convolution output and the LeakyReLU output (GroupNorm saves its input);
+    a residual block of the U-Net keeps its input, the convolution and the
+    LeakyReLU output (3 ``t``); a strided/transposed convolution keeps its
+    input; the 1x1 fusion keeps the concatenation (2 ``t``).  With
+    per-level checkpointing only each level's input is kept, and the level is
+    recomputed (its saved tensors come back) when the backward reaches it.
+
+memory-efficient engines (fused, memcnn)
+    ``grads_so_far + rho * T + skips(level) + gamma * t_step + kappa * W_step``
+
+    ``skips(level)``: the skip activations of the finer levels and their
+    gradients (exact sizes); ``rho * T``: full-resolution tensors held for the
+    whole backward (the body's output and its incoming gradient, which the
+    engine must leave intact); ``gamma * t_step``: the working set of one step
+    (current activation, its gradient, the recomputed coupling output,
+    temporaries), in units of the step's level tensor.
+
+``W_step`` is the largest convolution weight of the step: oneDNN allocates
+weight-sized temporaries (reordered weights, weight-gradient buffers) inside
+convolutions, which dominate at small inputs, where the peak is reached at
+the coarse levels with the big weights.  The peak is the maximum over the
+simulated steps.
+
+The constants ``tau``, ``kappa`` (plain autograd) and ``rho``, ``gamma``,
+``kappa`` (each memory-efficient engine) are fitted to the meter by
+``benchmarks/calibrate_predictor.py`` (on the Table 1 grid, see there); they
+live in :data:`CONSTANTS` below, which that script rewrites with ``--write``.
+The engine constants must be re-calibrated whenever the engines change.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .layout import Layout, compute_layout
+
+__all__ = [
+    "MODES",
+    "CONSTANTS",
+    "MemoryPrediction",
+    "predict_step_memory",
+    "max_batch_size",
+    "layout_of",
+    "dtype_size",
+]
+
+MODES = ("conventional", "fused", "memcnn", "unet", "unet_checkpoint")
+
+# --- calibrated constants (rewritten by benchmarks/calibrate_predictor.py --write) ---
+# BEGIN CONSTANTS
+CONSTANTS: dict[str, dict[str, float]] = {
+    "conventional": {"tau": 1.5, "kappa": 2.0},
+    "unet": {"tau": 2.0, "kappa": 2.0},
+    "unet_checkpoint": {"tau": 2.0, "kappa": 2.0},
+    "fused": {"rho": 2.0, "gamma": 2.5, "kappa": 2.0},
+    "memcnn": {"rho": 1.0, "gamma": 4.0, "kappa": 1.0},
+}
+CALIBRATION = "uncalibrated defaults"
+# END CONSTANTS
+
+GiB = 1024**3
+MiB = 1024**2
+
+_DTYPE_SIZES = {
+    "float32": 4, "float": 4, "float64": 8, "double": 8, "float16": 2, "half": 2,
+    "bfloat16": 2,
+}
+
+
+def dtype_size(dtype: Any) -> int:
+    """Bytes per element of ``dtype`` ('float32', torch.float16, ...)."""
+    name = str(dtype).replace("torch.", "")
+    if name not in _DTYPE_SIZES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPE_SIZES))}")
+    return _DTYPE_SIZES[name]
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.3f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+
+
+@dataclass
+class MemoryPrediction:
+    """Predicted memory of one training step (all fields in bytes except ``mode``).
+
+    ``peak_step = gradients + activations``; ``total = parameters + input +
+    peak_step`` (same definitions as :class:`iunet_nb.memory.StepMeasurement`).
+    ``details`` holds the per-level tensor sizes, the constants used and the
+    step at which the peak is reached.
+    """
+
+    mode: str
+    parameters: int
+    gradients: int
+    activations: int
+    input: int
+    tensor: int
+    details: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def peak_step(self) -> int:
+        return self.gradients + self.activations
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.input + self.peak_step
+
+    @property
+    def bytes(self) -> int:
+        """Same as :attr:`total`."""
+        return self.total
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GiB
+
+    @property
+    def overhead_tensors(self) -> float:
+        """Activations in units of one full-resolution input tensor."""
+        return self.activations / self.tensor if self.tensor else float("nan")
+
+    def __str__(self) -> str:
+        return (
+            f"{self.mode}: total {_fmt_bytes(self.total)} = parameters {_fmt_bytes(self.parameters)}"
+            f" + input {_fmt_bytes(self.input)} + step peak {_fmt_bytes(self.peak_step)}"
+            f" (gradients {_fmt_bytes(self.gradients)} + activations {_fmt_bytes(self.activations)}"
+            f" = {self.overhead_tensors:.1f} input tensors)"
+        )
+
+
+# ---------------------------------------------------------------------------- layout
+def layout_of(model_or_layout: Any) -> tuple[Layout, dict]:
+    """The layout of an iUNet (or the layout itself) and the model options it implies."""
+    if isinstance(model_or_layout, Layout):
+        return model_or_layout, {}
+    lay = getattr(model_or_layout, "_layout", None)
+    if isinstance(lay, Layout):
+        m = model_or_layout
+        opts = dict(learnable_resampling=m.learnable_resampling)
+        depth = m.module_kwargs.get("depth", m.module_kwargs.get("block_depth", 1))
+        opts["depth"] = depth or 1
+        opts["param_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
+        opts["param_list"] = None
+        return lay, opts
+    channels = getattr(model_or_layout, "channels", None)
+    arch = getattr(model_or_layout, "architecture", None)
+    if channels is not None and arch is not None:  # e.g. iunet_nb.baselines.UNet
+        return compute_layout(list(channels), list(arch), getattr(model_or_layout, "dim", 2)), {}
+    raise TypeError(
+        f"model_or_layout must be an iunet_nb.iUNet or an iunet_nb.layout.Layout, got "
+        f"{type(model_or_layout).__name__}"
+    )
+
+
+@dataclass
+class _Op:
+    """One step of the body for the simulation (sizes in bytes)."""
+
+    name: str
+    level: int
+    t: int                 # bytes of a full activation at this level
+    params: int            # parameter bytes (= gradient bytes)
+    weight: int            # largest convolution weight (for the oneDNN temporaries)
+    saved: int = 0         # plain autograd: bytes released after this op's backward
+    group: int = -1        # checkpoint segment id (-1: none)
+    out: int = 0           # bytes of the op's output
+
+
+def _level_tensors(layout: Layout, spatial: Sequence[int], n: int, esize: int) -> list[int]:
+    elems = n
+    for s in spatial:
+        elems *= s
+    out = []
+    for i, lv in enumerate(layout.levels):
+        out.append(lv.channels * elems * esize)
+        if i < layout.num_levels - 1:
+            elems //= lv.multiplier
+    return out
+
+
+def _coupling_ops(c: int, index: int, dim: int, depth: int, esize: int) -> tuple[int, int, float]:
+    """(parameter bytes, largest conv weight bytes, saved fraction of t) of one coupling."""
+    hi, lo = (c + 1) // 2, c // 2
+    a, b = (hi, lo) if index % 2 == 0 else (lo, hi)
+    k = 3**dim
+    params = k * b * a + 2 * a + (depth - 1) * (k * a * a + 2 * a)
+    weight = max(k * b * a, k * a * a if depth > 1 else 0)
+    # input storage + per block (conv out + LeakyReLU out) + GroupNorm outputs fed to deeper convs
+    saved = 1.0 + (2 * depth * a + (depth - 1) * a) / c
+    return params * esize, weight * esize, saved
+
+
+def _iunet_ops(layout: Layout, t: list[int], esize: int, depth: int, learnable_resampling: bool,
+               channel_mixing_freq: int, learnable_channel_mixing: bool = True) -> list[_Op]:
+    dim = layout.dim
+    ops: list[_Op] = []
+    last = layout.num_levels - 1
+    mix_p = (lambda c: c * c * esize) if learnable_channel_mixing else (lambda c: 0)
+
+    def couplings(i: int, side: str) -> None:
+        lv = layout.levels[i]
+        c = lv.channels
+        for j in range(lv.blocks):
+            p, w, s = _coupling_ops(c, j, dim, depth, esize)
+            ops.append(_Op(f"{side}{i}.coupling{j}", i, t[i], p, w, saved=int(s * t[i]), out=t[i]))
+            if channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
+                ops.append(_Op(f"{side}{i}.mix", i, t[i], mix_p(c), 0, saved=t[i], out=t[i]))
+
+    for i in range(layout.num_levels):
+        couplings(i, "L")
+        lv = layout.levels[i]
+        if i < last:
+            c = lv.channels
+            if channel_mixing_freq == -1:
+                ops.append(_Op(f"L{i}.mix", i, t[i], mix_p(c), 0, saved=t[i], out=t[i]))
+            rp = 2 * lv.sent * lv.multiplier**2 * esize if learnable_resampling else 0
+            # the downsampling convolution saves a contiguous copy of the sent channels
+            ops.append(_Op(f"L{i}.down", i, t[i], rp // 2, 0, saved=t[i] * lv.sent // c,
+                           out=t[i + 1]))
+    for i in range(last, -1, -1):
+        lv = layout.levels[i]
+        if i < last:
+            c = lv.channels
+            rp = 2 * lv.sent * lv.multiplier**2 * esize if learnable_resampling else 0
+            # upsampling keeps its input (the coarse level's output); concat keeps nothing
+            ops.append(_Op(f"R{i}.up", i, t[i], rp - rp // 2, 0, saved=t[i + 1],
+                           out=t[i] * lv.sent // c))
+            if channel_mixing_freq == -1:
+                ops.append(_Op(f"R{i}.mix", i, t[i], mix_p(c), 0, saved=t[i], out=t[i]))
+        couplings(i, "R")
+    return ops
+
+
+def _unet_ops(layout: Layout, t: list[int], esize: int, checkpoint: bool) -> list[_Op]:
+    """Ops of :class:`iunet_nb.baselines.UNet` with the layout's channels and blocks."""
+    dim = layout.dim
+    k = 3**dim
+    s = [math.prod(st) for st in layout.strides]
+    ch = layout.channels
+    ops: list[_Op] = []
+    last = layout.num_levels - 1
+    group = 0
+
+    def blocks(i: int, side: str) -> None:
+        nonlocal group
+        c = ch[i]
+        n = layout.levels[i].blocks
+        for j in range(n):
+            w = k * c * c * esize
+            # input + conv output + LeakyReLU output
+            ops.append(_Op(f"{side}{i}.block{j}", i, t[i], w + 2 * c * esize, w, saved=3 * t[i],
+                           group=group if checkpoint else -1, out=t[i]))
+        group += 1
+
+    for i in range(layout.num_levels):
+        blocks(i, "D")
+        if i < last:
+            w = ch[i] * ch[i + 1] * s[i] * esize
+            # the strided convolution keeps its input (the skip, also used by the concatenation)
+            ops.append(_Op(f"D{i}.down", i, t[i], w, w, saved=t[i], out=t[i + 1]))
+    for i in range(last - 1, -1, -1):
+        w = ch[i] * ch[i + 1] * s[i] * esize
+        ops.append(_Op(f"U{i}.up", i, t[i], w, w, saved=t[i + 1], out=t[i]))
+        wf = 2 * ch[i] * ch[i] * esize
+        ops.append(_Op(f"U{i}.fuse", i, t[i], wf, wf, saved=2 * t[i], out=t[i]))
+        blocks(i, "U")
+    return ops
+
+
+def _simulate_autograd(ops: list[_Op], T: int, tau: float, kappa: float, checkpoint: bool,
+                       extra_saved: int = 0) -> tuple[int, str]:
+    """Peak of (live - gradients at the end) over a reverse walk; returns (activations, where)."""
+    if checkpoint:
+        # forward keeps, per checkpointed group, only its input storage (= previous op's output)
+        groups: dict[int, list[int]] = {}
+        for idx, op in enumerate(ops):
+            if op.group >= 0:
+                groups.setdefault(op.group, []).append(idx)
+        kept = 0
+        for g, idxs in groups.items():
+            first = idxs[0]
+            kept += ops[first].t  # the group's input (t of its level)
+        saved_alive = kept + sum(op.saved for op in ops if op.group < 0)
+    else:
+        saved_alive = sum(op.saved for op in ops)
+    saved_alive += extra_saved
+    total_params = sum(op.params for op in ops)
+    grads = 0
+    out = T  # the model output y is held by the caller during the backward
+    dy = T
+    peak, where = 0, "start"
+    entered: set[int] = set()
+    for op in reversed(ops):
+        if checkpoint and op.group >= 0 and op.group not in entered:
+            entered.add(op.group)
+            members = [o for o in ops if o.group == op.group]
+            saved_alive += sum(o.saved for o in members) + op.t  # recomputed + its output
+            saved_alive -= members[0].t  # the kept input is now part of the first block's saved
+        grads += op.params
+        live = grads + saved_alive + out + dy + tau * op.t + kappa * op.weight
+        if live > peak:
+            peak, where = live, op.name
+        saved_alive -= op.saved
+        if checkpoint and op.group >= 0 and op is [o for o in ops if o.group == op.group][0]:
+            saved_alive -= op.t  # the recomputed segment output
+        dy = op.t
+    return int(peak - total_params), where
+
+
+def _simulate_me(ops: list[_Op], layout: Layout, t: list[int], T: int, rho: float, gamma: float,
+                 kappa: float) -> tuple[int, str]:
+    """Peak of the memory-efficient backward minus all gradients."""
+    total_params = sum(op.params for op in ops)
+    skips = [0] * layout.num_levels
+    for j, lv in enumerate(layout.levels[:-1]):
+        skips[j + 1] = skips[j] + 2 * t[j] * lv.kept // lv.channels  # activation + gradient
+    grads = 0
+    peak, where = 0, "start"
+    for op in reversed(ops):
+        grads += op.params
+        live = grads + rho * T + skips[op.level] + gamma * op.t + kappa * op.weight
+        if live > peak:
+            peak, where = live, op.name
+    return int(peak - total_params), where
+
+
+def _padded_spatial(layout: Layout, spatial: Sequence[int]) -> list[int]:
+    factors = layout.downsampling_factors
+    if len(spatial) != layout.dim:
+        raise ValueError(
+            f"input_shape must be (N, C, *spatial) with {layout.dim} spatial dimensions, got "
+            f"{len(spatial)} spatial sizes"
+        )
+    return [-(-int(s) // f) * f for s, f in zip(spatial, factors)]
+
+
+def predict_step_memory(
+    model_or_layout: Any,
+    input_shape: Sequence[int],
+    dtype: Any = "float32",
+    mode: str = "fused",
+    *,
+    depth: int = 1,
+    learnable_resampling: bool = True,
+    channel_mixing_freq: int = -1,
+    constants: dict | None = None,
+) -> MemoryPrediction:
+    """Predict parameters, gradients, activations and totals of one training step.
+
+    Args:
+        model_or_layout: an :class:`iunet_nb.iUNet` (its options override
+            ``depth``/``learnable_resampling``) or a :class:`iunet_nb.layout.Layout`.
+            For ``mode='unet'``/``'unet_checkpoint'`` the layout's channels and
+            architecture define the :class:`iunet_nb.baselines.UNet`.
+        input_shape: ``(N, C, *spatial)``; spatial sizes are padded up to the
+            downsampling factors as the model does.
+        dtype: element type of parameters and activations ('float32', ...).
+        mode: one of :data:`MODES`.
+        depth, learnable_resampling, channel_mixing_freq: the iUNet options
+            (when a layout is given).
+        constants: override :data:`CONSTANTS` for this mode (calibration).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    layout, opts = layout_of(model_or_layout)
+    depth = opts.get("depth", depth)
+    learnable_resampling = opts.get("learnable_resampling", learnable_resampling)
+    if hasattr(model_or_layout, "_layout"):
+        channel_mixing_freq = _mixing_freq_of(model_or_layout, channel_mixing_freq)
+    shape = [int(s) for s in input_shape]
+    if len(shape) != layout.dim + 2:
+        raise ValueError(
+            f"input_shape must be (N, C, *spatial) with {layout.dim} spatial dimensions, "
+            f"got {tuple(input_shape)}"
+        )
+    n, c = shape[0], shape[1]
+    if n < 0:
+        raise ValueError(f"batch size must be >= 0, got {n}")
+    if c != layout.channels[0]:
+        raise ValueError(f"input has {c} channels but the model expects {layout.channels[0]}")
+    esize = dtype_size(dtype)
+    spatial = _padded_spatial(layout, shape[2:])
+    t = _level_tensors(layout, spatial, n, esize)
+    T = t[0]
+    input_bytes = n * c * math.prod(shape[2:]) * esize
+    padded = T != input_bytes
+    k = dict(CONSTANTS[mode])
+    if constants:
+        k.update(constants)
+    if mode in ("unet", "unet_checkpoint"):
+        ops = _unet_ops(layout, t, esize, checkpoint=mode == "unet_checkpoint")
+    else:
+        ops = _iunet_ops(layout, t, esize, depth, learnable_resampling, channel_mixing_freq)
+    params = sum(op.params for op in ops)
+    if "param_bytes" in opts and mode not in ("unet", "unet_checkpoint"):
+        params = opts["param_bytes"]
+    if n == 0:
+        act, where = 0, "empty batch"
+    elif mode in ("fused", "memcnn"):
+        act, where = _simulate_me(ops, layout, t, T, k["rho"], k["gamma"], k["kappa"])
+    else:
+        act, where = _simulate_autograd(
+            ops, T, k["tau"], k["kappa"], checkpoint=mode == "unet_checkpoint",
+            extra_saved=T if (padded and mode == "conventional") else 0,
+        )
+    return MemoryPrediction(
+        mode=mode, parameters=params, gradients=params, activations=max(act, 0),
+        input=input_bytes, tensor=T,
+        details=dict(level_tensors=t, constants=k, peak_at=where, padded_spatial=spatial,
+                     calibration=CALIBRATION),
+    )
+
+
+def _mixing_freq_of(model: Any, default: int) -> int:
+    from .mixing import OrthogonalChannelMixing  # local: keep this module torch-free at import
+
+    enc = model.encoder_modules
+    last = len(enc) - 1
+    if last == 0:
+        return default
+    mods = list(enc[0])
+    n_mix = sum(isinstance(m, OrthogonalChannelMixing) for m in mods)
+    if n_mix == 0:
+        return 0
+    if n_mix == 1 and isinstance(mods[-1], OrthogonalChannelMixing):
+        return -1
+    first = next(j for j, m in enumerate(mods) if isinstance(m, OrthogonalChannelMixing))
+    return first  # mixing after every k-th coupling sits at index k
+
+
+def max_batch_size(
+    model_or_layout: Any,
+    input_shape: Sequence[int],
+    dtype: Any = "float32",
+    mode: str = "fused",
+    budget_bytes: int = 0,
+    **kwargs: Any,
+) -> int:
+    """Largest batch size whose predicted ``total`` fits in ``budget_bytes`` (0 if none).
+
+    ``input_shape`` is ``(N, C, *spatial)``; its ``N`` is ignored.
+    """
+    shape = list(input_shape)
+
+    def fits(b: int) -> bool:
+        shape[0] = b
+        return predict_step_memory(model_or_layout, shape, dtype, mode, **kwargs).total <= budget_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**40:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,60 @@
+"""Checks on the results of notebooks/03_layout_explorer.ipynb.
+
+tests/test_notebooks.py runs the notebook with papermill parameters
+``{'SMOKE': True, 'RESULTS_JSON': path}``, loads the JSON and calls
+:func:`check`.
+"""
+
+SEED_2D_LAYOUT = """\
+64-64-(32/32)--------------------------------------------------------(32/32)-64-64
+---------128-128-(64/64)---------------------------------(64/64)-128-128----------
+---------------------256-256-(160/96)--------(160/96)-256-256---------------------
+---------------------------------384-384--384-384---------------------------------"""
+
+ADJUSTED_HEAD = """\
+Could not exactly create an iUNet with channels=(7, 15, 35, 91) and
+resampling_stride=[(2, 2, 2), (2, 2, 2), (1, 2, 2)]. Instead using closest
+achievable configuration: channels=(7, 16, 32, 92)."""
+
+MODES = ("conventional", "fused", "memcnn")
+
+
+def check(results: dict) -> None:
+    # The layout of seed 000 (2D), character for character.
+    assert results["layout_text"] == SEED_2D_LAYOUT, results["layout_text"]
+    assert results["explorer_layout_text"] == SEED_2D_LAYOUT
+
+    # The closest-achievable message of seed 001 (3D, strides [2, 2, (1, 2, 2)]).
+    message = results["adjusted_message"]
+    assert message.startswith(ADJUSTED_HEAD), message
+    assert "Average relative error: 0.0545" in message
+    assert results["adjusted_channels"] == [7, 16, 32, 92]
+
+    # Parameters: predicted from the layout == counted on the built model.
+    assert results["parameters"] == 2282752
+    assert results["build_check_parameters"] == results["parameters"]
+
+    # Predicted memory for all three modes, in bytes, of a 1x64x256x256 float32 step.
+    memory = results["predicted_memory"]
+    assert set(memory) == set(MODES), memory
+    assert results["memory_input_shape"] == [1, 64, 256, 256]
+    weights = 4 * results["parameters"]
+    for mode in MODES:
+        assert isinstance(memory[mode], int)
+        # At least weights + gradients, and far below a terabyte.
+        assert 2 * weights < memory[mode] < 2**40, (mode, memory[mode])
+    # The point of the paper: memory-efficient steps need less than conventional.
+    assert memory["fused"] < memory["conventional"]
+    assert memory["memcnn"] < memory["conventional"]
+
+    # More coupling layers: conventional memory grows faster than fused.
+    sweep = {int(d): v for d, v in results["sweep"].items()}
+    lo, hi = min(sweep), max(sweep)
+    assert hi > lo
+    grow_conv = sweep[hi]["conventional"] - sweep[lo]["conventional"]
+    grow_fused = sweep[hi]["fused"] - sweep[lo]["fused"]
+    assert grow_conv > grow_fused > 0
+
+    # Build and check: the built model inverts its forward pass.
+    assert results["build_check_error"] < 1e-5
+    assert results["build_check_error_3d"] < 1e-5

@@ -1,0 +1,60 @@
+"""Tests of iunet_nb.notebook_utils."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from iunet_nb.notebook_utils import (load_results, median_seconds, resolve_device, save_results,
+                                     seed_everything, to_jsonable)
+
+
+def test_seed_everything_is_reproducible():
+    g1 = seed_everything(3)
+    a = torch.rand(3), np.random.rand(), torch.rand(2, generator=g1)
+    g2 = seed_everything(3)
+    b = torch.rand(3), np.random.rand(), torch.rand(2, generator=g2)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("bad", [1.5, "0", True])
+def test_seed_everything_rejects_non_int(bad):
+    with pytest.raises(TypeError):
+        seed_everything(bad)
+
+
+def test_resolve_device():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_to_jsonable_converts_everything():
+    obj = {1: torch.tensor([1.0, 2.0]), "a": (np.float32(0.5), np.arange(2)), "b": math.nan,
+           "c": [torch.tensor(3), float("inf")], "d": torch.float64}
+    out = to_jsonable(obj)
+    assert out == {"1": [1.0, 2.0], "a": [0.5, [0, 1]], "b": None, "c": [3, None], "d": "torch.float64"}
+    json.dumps(out, allow_nan=False)
+    with pytest.raises(TypeError):
+        to_jsonable(object())
+
+
+def test_save_and_load_results(tmp_path):
+    assert save_results(None, {"a": 1}) is None
+    path = save_results(tmp_path / "sub" / "r.json", {"x": torch.tensor(0.25), "y": [1, 2]})
+    assert path.exists()
+    assert load_results(path) == {"x": 0.25, "y": [1, 2]}
+    with pytest.raises(TypeError):
+        save_results(tmp_path / "r.json", [1, 2])
+
+
+def test_median_seconds():
+    calls = []
+    t = median_seconds(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and 0 <= t < 1
+    with pytest.raises(ValueError):
+        median_seconds(lambda: None, repeats=0)

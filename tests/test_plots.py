@@ -1,0 +1,50 @@
+"""Tests of iunet_nb.plots: every figure has labelled axes."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from iunet_nb.plots import bar_chart, plot_curves, plot_loss, show_images, to_unit, use_notebook_style  # noqa: E402
+
+
+def teardown_function():
+    plt.close("all")
+
+
+def test_plot_loss_labels():
+    ax = plot_loss([3.0, 2.0, 1.0], ylabel="MSE", label="run")
+    assert ax.get_xlabel() == "optimisation step" and ax.get_ylabel() == "MSE"
+    assert ax.get_yscale() == "log"
+
+
+def test_bar_chart_annotates_values():
+    ax = bar_chart({"a": 1.0, "b": 2.5}, ylabel="memory (MiB)")
+    assert ax.get_ylabel() == "memory (MiB)"
+    assert [t.get_text() for t in ax.texts] == ["1.00", "2.50"]
+
+
+def test_plot_curves_log_axes():
+    ax = plot_curves([1, 2, 4], {"x": [1, 2, 3], "y": [3, 2, 1]}, "depth", "error", logx=True, logy=True)
+    assert ax.get_xlabel() == "depth" and ax.get_ylabel() == "error"
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert len(ax.get_legend().get_texts()) == 2
+
+
+def test_show_images_grid_and_labels():
+    fig = show_images([torch.rand(1, 1, 8, 8), torch.randn(8, 8), torch.rand(8, 8)], ["a", "b", "c"], ncols=2,
+                      symmetric=True, colorbar_label="value (a.u.)")
+    image_axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in image_axes] == ["a", "b", "c"]
+    assert all(ax.get_xlabel() == "x (pixel)" and ax.get_ylabel() == "y (pixel)" for ax in image_axes)
+    with pytest.raises(ValueError):
+        show_images([torch.rand(2, 3, 4)])
+
+
+def test_units_and_style():
+    assert to_unit(3 * 1024**2, "MiB") == 3.0
+    with pytest.raises(ValueError):
+        to_unit(1, "MB")
+    use_notebook_style(dpi=72)
+    assert plt.rcParams["figure.dpi"] == 72
