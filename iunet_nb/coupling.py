@@ -107,6 +107,60 @@ class StandardCouplingFunction(nn.Sequential):
             last_norm = layers[-1]
             nn.init.zeros_(last_norm.weight)
             nn.init.zeros_(last_norm.bias)
+        self.dim = dim
+        self.depth = depth
+
+    def can_fuse_backward(self, v: Tensor) -> bool:
+        """Whether :meth:`recompute_and_backward` applies (depth 1, float32/64, no autocast)."""
+        return (
+            self.depth == 1
+            and v.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(v.device.type)
+            and self[0].weight.dtype == v.dtype
+        )
+
+    @torch.no_grad()
+    def recompute_and_backward(self, v: Tensor, grad: Tensor, target: Tensor
+                               ) -> tuple[Tensor, list[Tensor]]:
+        """Recompute ``f(v)``, subtract it from ``target`` in place, and back-propagate ``grad``.
+
+        The memory-efficient engine's inner loop for the standard coupling
+        (conv -> LeakyReLU -> GroupNorm(1, c)), written with the same ATen kernels
+        autograd would call, but keeping at most two ``(N, out, *S)`` buffers alive:
+        the LeakyReLU output is turned in place into the LeakyReLU derivative once
+        GroupNorm's backward has read it.
+
+        Args:
+            v: ``(N, in, *S)`` input of ``f``.
+            grad: ``(N, out, *S)`` gradient with respect to ``f(v)``.
+            target: ``(N, out, *S)`` tensor that receives ``target -= f(v)``.
+
+        Returns:
+            ``(dL/dv, [dL/dconv.weight, dL/dnorm.weight, dL/dnorm.bias])``.
+        """
+        conv, act, norm = self[0], self[1], self[2]
+        v, grad = v.contiguous(), grad.contiguous()  # native group norm wants contiguous data
+        stride, padding, dilation = (1,) * self.dim, (1,) * self.dim, (1,) * self.dim
+        a = torch.ops.aten.convolution(v, conv.weight, None, stride, padding, dilation, False,
+                                       (0,) * self.dim, 1)
+        slope = act.negative_slope
+        torch.nn.functional.leaky_relu_(a, slope)
+        n, c = a.shape[0], a.shape[1]
+        hw = a[0, 0].numel()
+        fv, mean, rstd = torch.ops.aten.native_group_norm(a, norm.weight, norm.bias, n, c, hw, 1, norm.eps)
+        target.sub_(fv)
+        del fv
+        da, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
+            grad, a, mean, rstd, norm.weight, n, c, hw, 1, [True, True, True])
+        # LeakyReLU' from its output (same sign as its input for a positive slope),
+        # computed in a's own storage: 1 where a > 0, slope elsewhere.
+        a.gt_(0).mul_(1.0 - slope).add_(slope)
+        da.mul_(a)
+        del a
+        dv, dw, _ = torch.ops.aten.convolution_backward(
+            da, v, conv.weight, None, stride, padding, dilation, False, (0,) * self.dim, 1,
+            [True, True, False])
+        return dv, [dw, dgamma, dbeta]
 
 
 def _resolve_depth(depth: int | None, block_depth: int | None) -> int:

@@ -221,6 +221,19 @@ class CouplingStep(Step):
         params = list(tensors)
         wanted = [p for p in params if p.requires_grad]
         dy2_full = full(dy2)
+        fused = getattr(m.f, "can_fuse_backward", None)
+        if fused is not None and fused(v.tensor) and all(p.requires_grad for p in params) \
+                and len(params) == 3:
+            if len(y2) == 1:
+                u = y2[0] if y2[0].owned else Part(y2[0].tensor.clone(), True)
+            else:
+                u = full(y2)  # a new tensor
+            dv, pgrads = m.f.recompute_and_backward(v.tensor, dy2_full.tensor, u.tensor)
+            for piece, target in zip(dy1, _split_like(dv, dy1)):
+                target.add_(piece.tensor)
+            st.cur = [u, v]
+            gst.cur = [dy2_full, Part(dv, True)]
+            return list(pgrads)
         # Buffers are restored only after the gradient: BatchNorm's backward reads them.
         with _RecomputeContext(m.f, record, self.preserve_rng_state):
             with torch.enable_grad():

@@ -110,3 +110,37 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> 
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class quiet_native_stderr:
+    """Context manager that silences output written *by native code* to file descriptor 2.
+
+    torch's profiler (used by :func:`iunet_nb.memory.measure_step` on CPU)
+    prints ``profiler_start`` / ``profiler_stop`` trace lines from C++ straight
+    to fd 2, which Jupyter shows as red stderr output in every measuring cell.
+    Python-level warnings and exceptions are unaffected inside a Jupyter kernel
+    (they go through ``sys.stderr``, which is not fd 2 there).
+    """
+
+    def __enter__(self) -> "quiet_native_stderr":
+        import os
+        import sys
+
+        try:
+            sys.stderr.flush()
+        except Exception:  # pragma: no cover - exotic stderr objects
+            pass
+        self._saved = os.dup(2)
+        self._null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self._null, 2)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import os
+
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        os.close(self._null)
+
+
+__all__.append("quiet_native_stderr")

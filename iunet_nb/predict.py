@@ -304,61 +304,106 @@ def _unet_ops(layout: Layout, t: list[int], esize: int, checkpoint: bool) -> lis
     return ops
 
 
-def _simulate_autograd(ops: list[_Op], T: int, tau: float, kappa: float, checkpoint: bool,
-                       extra_saved: int = 0) -> tuple[int, str]:
-    """Peak of (live - gradients at the end) over a reverse walk; returns (activations, where)."""
+def _features_autograd(ops: list[_Op], T: int, checkpoint: bool,
+                       extra_saved: int = 0) -> tuple[list[float], list[tuple[float, ...]], list[str]]:
+    """Reverse walk of plain autograd: per op ``live = base + tau * t + kappa * W``.
+
+    Returns ``(base, coefficients (t, W), names)``; ``base`` counts the gradients
+    so far, the saved tensors still alive, the output ``y`` and the incoming gradient.
+    """
+    groups: dict[int, list[_Op]] = {}
+    for op in ops:
+        if op.group >= 0:
+            groups.setdefault(op.group, []).append(op)
     if checkpoint:
-        # forward keeps, per checkpointed group, only its input storage (= previous op's output)
-        groups: dict[int, list[int]] = {}
-        for idx, op in enumerate(ops):
-            if op.group >= 0:
-                groups.setdefault(op.group, []).append(idx)
-        kept = 0
-        for g, idxs in groups.items():
-            first = idxs[0]
-            kept += ops[first].t  # the group's input (t of its level)
-        saved_alive = kept + sum(op.saved for op in ops if op.group < 0)
+        # each checkpointed segment keeps only its input storage during the forward
+        saved_alive = sum(g[0].t for g in groups.values()) + sum(op.saved for op in ops if op.group < 0)
     else:
         saved_alive = sum(op.saved for op in ops)
-    saved_alive += extra_saved
-    total_params = sum(op.params for op in ops)
+    # the first op's input is the caller's tensor (not part of the step) unless padding copied it
+    saved_alive += extra_saved - T
     grads = 0
     out = T  # the model output y is held by the caller during the backward
     dy = T
-    peak, where = 0, "start"
-    entered: set[int] = set()
+    base, coef, names = [], [], []
     for op in reversed(ops):
-        if checkpoint and op.group >= 0 and op.group not in entered:
-            entered.add(op.group)
-            members = [o for o in ops if o.group == op.group]
-            saved_alive += sum(o.saved for o in members) + op.t  # recomputed + its output
-            saved_alive -= members[0].t  # the kept input is now part of the first block's saved
+        members = groups.get(op.group, []) if checkpoint else []
+        if members and op is members[-1]:
+            # the backward reaches the segment: it is recomputed with its saved tensors and output
+            saved_alive += sum(o.saved for o in members) - members[0].t
         grads += op.params
-        live = grads + saved_alive + out + dy + tau * op.t + kappa * op.weight
-        if live > peak:
-            peak, where = live, op.name
+        base.append(grads + saved_alive + out + dy)
+        coef.append((op.t, op.weight))
+        names.append(op.name)
         saved_alive -= op.saved
-        if checkpoint and op.group >= 0 and op is [o for o in ops if o.group == op.group][0]:
-            saved_alive -= op.t  # the recomputed segment output
         dy = op.t
-    return int(peak - total_params), where
+    return base, coef, names
 
 
-def _simulate_me(ops: list[_Op], layout: Layout, t: list[int], T: int, rho: float, gamma: float,
-                 kappa: float) -> tuple[int, str]:
-    """Peak of the memory-efficient backward minus all gradients."""
-    total_params = sum(op.params for op in ops)
+def _features_me(ops: list[_Op], layout: Layout, t: list[int], T: int
+                 ) -> tuple[list[float], list[tuple[float, ...]], list[str]]:
+    """Reverse walk of a memory-efficient engine: ``live = base + rho*T + gamma*t + kappa*W``."""
     skips = [0] * layout.num_levels
     for j, lv in enumerate(layout.levels[:-1]):
         skips[j + 1] = skips[j] + 2 * t[j] * lv.kept // lv.channels  # activation + gradient
     grads = 0
-    peak, where = 0, "start"
+    base, coef, names = [], [], []
     for op in reversed(ops):
         grads += op.params
-        live = grads + rho * T + skips[op.level] + gamma * op.t + kappa * op.weight
-        if live > peak:
-            peak, where = live, op.name
-    return int(peak - total_params), where
+        base.append(grads + skips[op.level])
+        coef.append((T, op.t, op.weight))
+        names.append(op.name)
+    return base, coef, names
+
+
+#: names of the constants per kind of model, in the order of the feature coefficients
+CONSTANT_NAMES = {"autograd": ("tau", "kappa"), "me": ("rho", "gamma", "kappa")}
+
+
+def _kind(mode: str) -> str:
+    return "me" if mode in ("fused", "memcnn") else "autograd"
+
+
+def _peak(base: list[float], coef: list[tuple[float, ...]], names: list[str],
+          consts: Sequence[float]) -> tuple[float, str]:
+    best, where = -math.inf, "start"
+    for b, c, n in zip(base, coef, names):
+        v = b + sum(ci * ki for ci, ki in zip(c, consts))
+        if v > best:
+            best, where = v, n
+    return best, where
+
+
+def _features(mode: str, layout: Layout, ops: list[_Op], t: list[int], T: int, padded: bool):
+    if _kind(mode) == "me":
+        return _features_me(ops, layout, t, T)
+    return _features_autograd(ops, T, checkpoint=mode == "unet_checkpoint",
+                              extra_saved=T if (padded and mode == "conventional") else 0)
+
+
+def prediction_features(model_or_layout: Any, input_shape: Sequence[int], dtype: Any = "float32",
+                        mode: str = "fused", *, depth: int = 1, learnable_resampling: bool = True,
+                        channel_mixing_freq: int = -1) -> dict:
+    """The linear-max form of the prediction, for calibration.
+
+    ``activations = max_k(base[k] + sum_j coef[k][j] * constant[j]) - parameter_bytes`` with the
+    constants named ``CONSTANT_NAMES[kind]``.  Returns ``dict(base, coef, names, params, kind,
+    input, tensor)``.
+    """
+    layout, opts = layout_of(model_or_layout)
+    shape = [int(v) for v in input_shape]
+    esize = dtype_size(dtype)
+    spatial = _padded_spatial(layout, shape[2:])
+    t = _level_tensors(layout, spatial, shape[0], esize)
+    input_bytes = shape[0] * shape[1] * math.prod(shape[2:]) * esize
+    if mode in ("unet", "unet_checkpoint"):
+        ops = _unet_ops(layout, t, esize, checkpoint=mode == "unet_checkpoint")
+    else:
+        ops = _iunet_ops(layout, t, esize, opts.get("depth", depth),
+                         opts.get("learnable_resampling", learnable_resampling), channel_mixing_freq)
+    base, coef, names = _features(mode, layout, ops, t, t[0], t[0] != input_bytes)
+    return dict(base=base, coef=coef, names=names, params=sum(op.params for op in ops),
+                kind=_kind(mode), input=input_bytes, tensor=t[0])
 
 
 def _padded_spatial(layout: Layout, spatial: Sequence[int]) -> list[int]:
@@ -431,15 +476,13 @@ def predict_step_memory(
     params = sum(op.params for op in ops)
     if "param_bytes" in opts and mode not in ("unet", "unet_checkpoint"):
         params = opts["param_bytes"]
+    feats = _features(mode, layout, ops, t, T, padded)
     if n == 0:
         act, where = 0, "empty batch"
-    elif mode in ("fused", "memcnn"):
-        act, where = _simulate_me(ops, layout, t, T, k["rho"], k["gamma"], k["kappa"])
     else:
-        act, where = _simulate_autograd(
-            ops, T, k["tau"], k["kappa"], checkpoint=mode == "unet_checkpoint",
-            extra_saved=T if (padded and mode == "conventional") else 0,
-        )
+        consts = [k[name] for name in CONSTANT_NAMES[_kind(mode)]]
+        peak, where = _peak(*feats, consts)
+        act = int(round(peak)) - sum(op.params for op in ops)
     return MemoryPrediction(
         mode=mode, parameters=params, gradients=params, activations=max(act, 0),
         input=input_bytes, tensor=T,

@@ -294,10 +294,10 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         xbs = _blockwise_matmul(Qd, ys, s, y_owned)
         dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
         coarse = ys[0].shape[2:]
-        xs = [from_blocks(xb, self.stride, coarse) for xb in xbs]
+        xs = [_from_blocks_joined(xbs, self.stride, coarse)]
         del xbs
         dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
-        dxs = [from_blocks(b, self.stride, coarse) for b in dxbs]
+        dxs = [_from_blocks_joined(dxbs, self.stride, coarse)]
         return xs, dxs, dQ
 
     def _up_backward(self, y: Tensor, dy: Tensor, Q: Tensor,
@@ -388,6 +388,28 @@ def to_blocks(x: Tensor, stride: tuple[int, ...]) -> Tensor:
     # (N, C, h0, s0, h1, s1, ...) -> (N, C, s0, s1, ..., h0, h1, ...)
     perm = [0, 1] + [3 + 2 * k for k in range(dim)] + [2 + 2 * k for k in range(dim)]
     return v.permute(*perm).reshape(n, c, math.prod(stride), -1)
+
+
+def _from_blocks_joined(parts: list[Tensor], stride: tuple[int, ...], coarse: Sequence[int]) -> Tensor:
+    """:func:`from_blocks` of channel parts, written into one new ``(N, C, *S)`` tensor."""
+    if len(parts) == 1:
+        return from_blocks(parts[0], stride, coarse)
+    n, dim = parts[0].shape[0], len(stride)
+    fine = [h * st for h, st in zip(coarse, stride)]
+    out = parts[0].new_empty(n, sum(p.shape[1] for p in parts), *fine)
+    perm = [0, 1]
+    for k in range(dim):
+        perm += [2 + dim + k, 2 + k]
+    c0 = 0
+    for p in parts:
+        c = p.shape[1]
+        src = p.reshape(n, c, *stride, *coarse).permute(*perm)
+        dst_shape = [n, c]
+        for h, st in zip(coarse, stride):
+            dst_shape += [h, st]
+        out[:, c0:c0 + c].view(*dst_shape).copy_(src)
+        c0 += c
+    return out
 
 
 def from_blocks(blocks: Tensor, stride: tuple[int, ...], coarse: Sequence[int]) -> Tensor:

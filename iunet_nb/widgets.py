@@ -32,10 +32,8 @@ a non-interactive notebook) without a frontend::
 from __future__ import annotations
 
 import ast
-import base64
 import html
 import io
-import math
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping, Optional, Sequence, Union

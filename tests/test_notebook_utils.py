@@ -58,3 +58,19 @@ def test_median_seconds():
     assert len(calls) == 5 and 0 <= t < 1
     with pytest.raises(ValueError):
         median_seconds(lambda: None, repeats=0)
+
+
+def test_quiet_native_stderr_silences_fd2_and_restores_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from iunet_nb.notebook_utils import quiet_native_stderr\n"
+        "with quiet_native_stderr():\n"
+        "    os.write(2, b'hidden\\n')\n"
+        "os.write(2, b'visible\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr == "visible\n"

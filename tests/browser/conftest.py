@@ -3,6 +3,7 @@
 * ``chromium_path`` -- ``/usr/bin/chromium``; if it is missing and we are
   root, ``apt-get install chromium`` is tried once; the tests are skipped with
   the reason only if that fails.  Never ``playwright install``.
+* ``chromium_browser`` -- that Chromium, launched headless by Playwright.
 * ``lab_server`` -- JupyterLab from this interpreter's environment on a free
   localhost port with a random token, fresh config/runtime/data/settings/
   workspace directories (so that nothing of the user's settings leaks in, and
@@ -87,8 +88,9 @@ def chromium_path() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def browser(chromium_path):
+@pytest.fixture(scope="module")
+def chromium_browser(chromium_path):
+    """Headless Debian Chromium driven by Playwright (closed after the module)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

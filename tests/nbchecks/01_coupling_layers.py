@@ -5,6 +5,7 @@ def check(results: dict) -> None:
     assert results["single_coupling_error"] < 1e-5
     assert results["memcnn_inverse_error"] < 1e-12
     assert results["memcnn_grad_max_abs_diff"] < 1e-9
+    assert results["memcnn_input_freed"] is True
     e32, e64 = results["recon_error_float32"], results["recon_error_float64"]
     assert len(e32) == len(e64) == len(results["recon_depths"]) >= 3
     assert all(a < 1e-2 for a in e32), e32
