@@ -40,7 +40,8 @@ GRID = {
     "tau": np.arange(0.0, 6.01, 0.25),
     "kappa": np.arange(0.0, 8.01, 0.25),
     "rho": np.arange(0.0, 6.01, 0.25),
-    "gamma": np.arange(0.0, 8.01, 0.25),
+    "gamma": np.arange(0.0, 12.01, 0.25),
+    "sigma": np.arange(0.0, 3.01, 0.25),
 }
 
 
@@ -53,7 +54,7 @@ def fit_mode(mode: str, rows: list[dict]) -> tuple[dict, np.ndarray]:
     """Constants minimising the worst relative error of the step peak over ``rows``."""
     names = P.CONSTANT_NAMES[P._kind(mode)]
     combos = np.array(list(itertools.product(*(GRID[n] for n in names))))  # (K, n)
-    errs = []
+    errs, aerrs = [], []
     for r in rows:
         f = features(mode, r["size"], r["delta"], r.get("dtype") or "float32")
         base = np.array(f["base"])[:, None]  # (ops, 1)
@@ -61,8 +62,12 @@ def fit_mode(mode: str, rows: list[dict]) -> tuple[dict, np.ndarray]:
         peak = (base + coef @ combos.T).max(axis=0)  # (K,)
         measured = r["peak_bytes"]
         errs.append(peak / measured - 1)
+        act = peak - f["params"]
+        aerrs.append((act - r["activation_bytes"]) / max(r["activation_bytes"], 1))
     errs = np.array(errs)  # (rows, K)
-    score = np.abs(errs).max(axis=0) + 0.1 * np.abs(errs).mean(axis=0)
+    # worst step-peak error first; the activation error (which the step peak hides where the
+    # gradients dominate) breaks ties and pins the constants down physically
+    score = np.abs(errs).max(axis=0) + 0.2 * np.abs(np.array(aerrs)).mean(axis=0)
     best = int(score.argmin())
     return {n: float(v) for n, v in zip(names, combos[best])}, errs[:, best]
 
@@ -85,9 +90,9 @@ def write_constants(constants: dict, note: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", nargs="*", default=None,
-                    help="table1 CSV(s) with measured rows (default: data/results/table1-latest.csv)")
+                    help="table1 CSV(s) or .jsonl files of `_one --json` rows (default: data/results/table1-latest.csv)")
     ap.add_argument("--measure", action="store_true", help="measure the grid now (subprocess per config)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--deltas", type=int, nargs="+", default=[5, 10, 20, 30])
     ap.add_argument("--modes", nargs="+", default=list(P.MODES), choices=P.MODES)
     ap.add_argument("--write", action="store_true", help="store the fitted constants in predict.py")
@@ -108,7 +113,13 @@ def main() -> int:
     else:
         paths = args.csv or [str(REPO / "data" / "results" / "table1-latest.csv")]
         for p in paths:
-            rows += [r for r in bench.read_results(p) if r["status"] == "ok"]
+            if p.endswith(".jsonl"):  # rows as printed by `python -m iunet_nb.bench _one --json`
+                import json
+
+                rows += [json.loads(ln) for ln in open(p) if ln.startswith("{")]
+                rows = [r for r in rows if r["status"] == "ok"]
+            else:
+                rows += [r for r in bench.read_results(p) if r["status"] == "ok"]
     rows = [r for r in rows if r["mode"] in args.modes and r["size"] in args.sizes
             and r["delta"] in args.deltas]
     if not rows:
@@ -125,6 +136,8 @@ def main() -> int:
             continue
         if mode not in args.keep:
             constants[mode], _ = fit_mode(mode, mrows)
+            if mode in ("unet", "unet_checkpoint"):
+                constants[mode]["sigma"] = 0.0  # no couplings: sigma has no effect
         worst[mode] = 0.0
         for r in mrows:
             layout = compute_layout(bench.CHANNELS, [r["delta"]] * 5, 2)

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .tiled import conv3, conv3_tiled, conv3_transpose_tiled, conv3_weight_grad_tiled
+
 __all__ = [
     "AdditiveCoupling",
     "StandardCouplingFunction",
@@ -110,6 +112,13 @@ class StandardCouplingFunction(nn.Sequential):
         self.dim = dim
         self.depth = depth
 
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, in_channels, *S) -> (N, out_channels, *S)``; convolutions tiled on CPU."""
+        for i in range(0, len(self), 3):
+            conv, act, norm = self[i], self[i + 1], self[i + 2]
+            x = norm(act(conv3(x, conv.weight)))
+        return x
+
     def can_fuse_backward(self, v: Tensor) -> bool:
         """Whether :meth:`recompute_and_backward` applies (depth 1, float32/64, no autocast)."""
         return (
@@ -117,50 +126,85 @@ class StandardCouplingFunction(nn.Sequential):
             and v.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled(v.device.type)
             and self[0].weight.dtype == v.dtype
+            and v.device.type == "cpu"
         )
 
     @torch.no_grad()
-    def recompute_and_backward(self, v: Tensor, grad: Tensor, target: Tensor
-                               ) -> tuple[Tensor, list[Tensor]]:
+    def recompute_and_backward(self, v: Tensor, grad: Tensor, target: Tensor,
+                               grad_v: Tensor | None = None) -> tuple[Tensor | None, list[Tensor]]:
         """Recompute ``f(v)``, subtract it from ``target`` in place, and back-propagate ``grad``.
 
         The memory-efficient engine's inner loop for the standard coupling
-        (conv -> LeakyReLU -> GroupNorm(1, c)), written with the same ATen kernels
-        autograd would call, but keeping at most two ``(N, out, *S)`` buffers alive:
-        the LeakyReLU output is turned in place into the LeakyReLU derivative once
-        GroupNorm's backward has read it.
+        (conv -> LeakyReLU -> GroupNorm(1, c)).  It keeps a single
+        ``(N, out, *S)`` buffer alive: the LeakyReLU output ``a``, which becomes
+        the gradient with respect to ``a`` in place; ``f(v)`` is never
+        materialised (it is subtracted slice by slice), the LeakyReLU derivative
+        is kept as a boolean mask, and the input gradient is accumulated into
+        ``grad_v`` slab by slab when given.
 
         Args:
             v: ``(N, in, *S)`` input of ``f``.
             grad: ``(N, out, *S)`` gradient with respect to ``f(v)``.
             target: ``(N, out, *S)`` tensor that receives ``target -= f(v)``.
+            grad_v: optional ``(N, in, *S)`` tensor that receives ``+= dL/dv``.
 
         Returns:
-            ``(dL/dv, [dL/dconv.weight, dL/dnorm.weight, dL/dnorm.bias])``.
+            ``(dL/dv or None if accumulated into grad_v, [dL/dconv.weight,
+            dL/dnorm.weight, dL/dnorm.bias])``.
         """
         conv, act, norm = self[0], self[1], self[2]
-        v, grad = v.contiguous(), grad.contiguous()  # native group norm wants contiguous data
-        stride, padding, dilation = (1,) * self.dim, (1,) * self.dim, (1,) * self.dim
-        a = torch.ops.aten.convolution(v, conv.weight, None, stride, padding, dilation, False,
-                                       (0,) * self.dim, 1)
         slope = act.negative_slope
+        a = conv3_tiled(v, conv.weight)
         torch.nn.functional.leaky_relu_(a, slope)
+        negative = a.lt(0)
         n, c = a.shape[0], a.shape[1]
-        hw = a[0, 0].numel()
-        fv, mean, rstd = torch.ops.aten.native_group_norm(a, norm.weight, norm.bias, n, c, hw, 1, norm.eps)
-        target.sub_(fv)
+        count = a[0].numel()
+        shape = (n,) + (1,) * (a.dim() - 1)
+        # GroupNorm(1, c) statistics per sample, two-pass for accuracy.
+        mean = a.reshape(n, -1).mean(1)
+        var = torch.zeros_like(mean)
+        for sl in _channel_slices(a):
+            d = a[:, sl] - mean.view(shape)
+            var += d.square().reshape(n, -1).sum(1)
+        rstd = (var / count + norm.eps).rsqrt()
+        gamma = norm.weight.view((1, c) + (1,) * (a.dim() - 2))
+        beta = norm.bias.view_as(gamma)
+        scale = rstd.view(shape) * gamma  # (N, c, 1, ...)
+        for sl in _channel_slices(a):
+            fv = (a[:, sl] - mean.view(shape)) * scale[:, sl] + beta[:, sl]
+            target[:, sl].sub_(fv)
         del fv
-        da, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
-            grad, a, mean, rstd, norm.weight, n, c, hw, 1, [True, True, True])
-        # LeakyReLU' from its output (same sign as its input for a positive slope),
-        # computed in a's own storage: 1 where a > 0, slope elsewhere.
-        a.gt_(0).mul_(1.0 - slope).add_(slope)
-        da.mul_(a)
+        # GroupNorm backward, written into a's storage.
+        g = grad
+        s1 = g.reshape(n, c, -1).sum(-1)  # sum_S g            (N, c)
+        s2 = torch.einsum("ncl,ncl->nc", g.reshape(n, c, -1), a.reshape(n, c, -1))  # sum_S g a
+        gx = rstd.view(n, 1) * (s2 - mean.view(n, 1) * s1)  # sum_S g x_hat  (N, c)
+        dbeta = s1.sum(0)
+        dgamma = gx.sum(0)
+        A = (norm.weight.view(1, c) * s1).sum(1) / count  # (N,)
+        B = (norm.weight.view(1, c) * gx).sum(1) / count  # (N,)
+        a.sub_(mean.view(shape)).mul_((-(rstd * rstd) * B).view(shape))
+        a.addcmul_(g, scale).sub_((rstd * A).view(shape))
+        da = a
         del a
-        dv, dw, _ = torch.ops.aten.convolution_backward(
-            da, v, conv.weight, None, stride, padding, dilation, False, (0,) * self.dim, 1,
-            [True, True, False])
-        return dv, [dw, dgamma, dbeta]
+        # LeakyReLU derivative: 1 where its output was >= 0, slope elsewhere.
+        slope_t, one = da.new_tensor(slope), da.new_tensor(1.0)  # in da's dtype, not float32
+        for sl in _channel_slices(da):
+            da[:, sl].mul_(torch.where(negative[:, sl], slope_t, one))
+        del negative
+        dw = conv3_weight_grad_tiled(v, da, conv.weight)
+        dv = conv3_transpose_tiled(da, conv.weight, out=grad_v)
+        return (None if grad_v is not None else dv), [dw, dgamma, dbeta]
+
+
+_SLICE_ELEMENTS = 1 << 16
+
+
+def _channel_slices(t: Tensor) -> list[slice]:
+    """Channel ranges of ``t`` with about ``_SLICE_ELEMENTS`` elements per sample each."""
+    per_channel = max(1, t[0, 0].numel())
+    step = max(1, _SLICE_ELEMENTS // per_channel)
+    return [slice(c, min(c + step, t.shape[1])) for c in range(0, t.shape[1], step)]
 
 
 def _resolve_depth(depth: int | None, block_depth: int | None) -> int:

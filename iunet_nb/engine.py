@@ -228,11 +228,17 @@ class CouplingStep(Step):
                 u = y2[0] if y2[0].owned else Part(y2[0].tensor.clone(), True)
             else:
                 u = full(y2)  # a new tensor
-            dv, pgrads = m.f.recompute_and_backward(v.tensor, dy2_full.tensor, u.tensor)
-            for piece, target in zip(dy1, _split_like(dv, dy1)):
-                target.add_(piece.tensor)
+            grad_v = dy1[0].tensor if len(dy1) == 1 and dy1[0].owned else None
+            # With an owned gradient buffer, dL/dv accumulates straight into it.
+            dv, pgrads = m.f.recompute_and_backward(v.tensor, dy2_full.tensor, u.tensor, grad_v)
+            if dv is None:
+                dv_part = dy1[0]
+            else:
+                for piece, target in zip(dy1, _split_like(dv, dy1)):
+                    target.add_(piece.tensor)
+                dv_part = Part(dv, True)
             st.cur = [u, v]
-            gst.cur = [dy2_full, Part(dv, True)]
+            gst.cur = [dy2_full, dv_part]
             return list(pgrads)
         # Buffers are restored only after the gradient: BatchNorm's backward reads them.
         with _RecomputeContext(m.f, record, self.preserve_rng_state):

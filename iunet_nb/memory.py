@@ -336,3 +336,7 @@ def peak_rss_of(
     if not result["reset_ok"]:
         raise RuntimeError("peak_rss_of: could not reset VmHWM via /proc/self/clear_refs")
     return (result["hwm_kib"] - result["before_kib"]) * 1024
+
+
+# Re-exported for convenience: the predictor of the meter's figures (see iunet_nb.predict).
+from .predict import MemoryPrediction, max_batch_size, predict_step_memory  # noqa: E402,F401

@@ -57,7 +57,11 @@ convolutions, which dominate at small inputs, where the peak is reached at
 the coarse levels with the big weights.  The peak is the maximum over the
 simulated steps.
 
-The constants ``tau``, ``kappa`` (plain autograd) and ``rho``, ``gamma``,
+For the iUNet's couplings the number of ``f``-output-sized tensors saved per
+block is the constant ``sigma`` (2 with plain ``nn`` layers: convolution and
+LeakyReLU outputs; fewer when the coupling function saves less itself).
+
+The constants ``tau``, ``kappa``, ``sigma`` (plain autograd) and ``rho``, ``gamma``,
 ``kappa`` (each memory-efficient engine) are fitted to the meter by
 ``benchmarks/calibrate_predictor.py`` (on the Table 1 grid, see there); they
 live in :data:`CONSTANTS` below, which that script rewrites with ``--write``.
@@ -86,9 +90,9 @@ MODES = ("conventional", "fused", "memcnn", "unet", "unet_checkpoint")
 # --- calibrated constants (rewritten by benchmarks/calibrate_predictor.py --write) ---
 # BEGIN CONSTANTS
 CONSTANTS: dict[str, dict[str, float]] = {
-    "conventional": {"tau": 1.5, "kappa": 2.0},
-    "unet": {"tau": 2.0, "kappa": 2.0},
-    "unet_checkpoint": {"tau": 2.0, "kappa": 2.0},
+    "conventional": {"tau": 1.5, "kappa": 2.0, "sigma": 2.0},
+    "unet": {"tau": 2.0, "kappa": 2.0, "sigma": 0.0},
+    "unet_checkpoint": {"tau": 2.0, "kappa": 2.0, "sigma": 0.0},
     "fused": {"rho": 2.0, "gamma": 2.5, "kappa": 2.0},
     "memcnn": {"rho": 1.0, "gamma": 4.0, "kappa": 1.0},
 }
@@ -200,6 +204,7 @@ class _Op:
     weight: int            # largest convolution weight (for the oneDNN temporaries)
     saved: int = 0         # plain autograd: bytes released after this op's backward
     group: int = -1        # checkpoint segment id (-1: none)
+    saved_var: int = 0     # plain autograd: further saved bytes per unit of the constant sigma
     out: int = 0           # bytes of the op's output
 
 
@@ -215,16 +220,18 @@ def _level_tensors(layout: Layout, spatial: Sequence[int], n: int, esize: int) -
     return out
 
 
-def _coupling_ops(c: int, index: int, dim: int, depth: int, esize: int) -> tuple[int, int, float]:
-    """(parameter bytes, largest conv weight bytes, saved fraction of t) of one coupling."""
+def _coupling_ops(c: int, index: int, dim: int, depth: int, esize: int
+                  ) -> tuple[int, int, float, float]:
+    """(parameter bytes, largest conv weight bytes, saved fraction of t, fraction per sigma)."""
     hi, lo = (c + 1) // 2, c // 2
     a, b = (hi, lo) if index % 2 == 0 else (lo, hi)
     k = 3**dim
     params = k * b * a + 2 * a + (depth - 1) * (k * a * a + 2 * a)
     weight = max(k * b * a, k * a * a if depth > 1 else 0)
-    # input storage + per block (conv out + LeakyReLU out) + GroupNorm outputs fed to deeper convs
-    saved = 1.0 + (2 * depth * a + (depth - 1) * a) / c
-    return params * esize, weight * esize, saved
+    # input storage + GroupNorm outputs fed to deeper convs, plus sigma f-output-sized tensors
+    # per block (plain nn layers: conv output and LeakyReLU output, sigma = 2)
+    saved = 1.0 + (depth - 1) * a / c
+    return params * esize, weight * esize, saved, depth * a / c
 
 
 def _iunet_ops(layout: Layout, t: list[int], esize: int, depth: int, learnable_resampling: bool,
@@ -238,8 +245,9 @@ def _iunet_ops(layout: Layout, t: list[int], esize: int, depth: int, learnable_r
         lv = layout.levels[i]
         c = lv.channels
         for j in range(lv.blocks):
-            p, w, s = _coupling_ops(c, j, dim, depth, esize)
-            ops.append(_Op(f"{side}{i}.coupling{j}", i, t[i], p, w, saved=int(s * t[i]), out=t[i]))
+            p, w, s, sv = _coupling_ops(c, j, dim, depth, esize)
+            ops.append(_Op(f"{side}{i}.coupling{j}", i, t[i], p, w, saved=int(s * t[i]), out=t[i],
+                           saved_var=int(sv * t[i])))
             if channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
                 ops.append(_Op(f"{side}{i}.mix", i, t[i], mix_p(c), 0, saved=t[i], out=t[i]))
 
@@ -306,10 +314,11 @@ def _unet_ops(layout: Layout, t: list[int], esize: int, checkpoint: bool) -> lis
 
 def _features_autograd(ops: list[_Op], T: int, checkpoint: bool,
                        extra_saved: int = 0) -> tuple[list[float], list[tuple[float, ...]], list[str]]:
-    """Reverse walk of plain autograd: per op ``live = base + tau * t + kappa * W``.
+    """Reverse walk of plain autograd: per op ``live = base + tau*t + kappa*W + sigma*V``.
 
-    Returns ``(base, coefficients (t, W), names)``; ``base`` counts the gradients
-    so far, the saved tensors still alive, the output ``y`` and the incoming gradient.
+    Returns ``(base, coefficients (t, W, V), names)``; ``base`` counts the gradients
+    so far, the saved tensors still alive, the output ``y`` and the incoming gradient;
+    ``V`` the coupling-internal saved tensors still alive (per unit of sigma).
     """
     groups: dict[int, list[_Op]] = {}
     for op in ops:
@@ -320,6 +329,7 @@ def _features_autograd(ops: list[_Op], T: int, checkpoint: bool,
         saved_alive = sum(g[0].t for g in groups.values()) + sum(op.saved for op in ops if op.group < 0)
     else:
         saved_alive = sum(op.saved for op in ops)
+    var_alive = sum(op.saved_var for op in ops if not checkpoint or op.group < 0)
     # the first op's input is the caller's tensor (not part of the step) unless padding copied it
     saved_alive += extra_saved - T
     grads = 0
@@ -331,11 +341,13 @@ def _features_autograd(ops: list[_Op], T: int, checkpoint: bool,
         if members and op is members[-1]:
             # the backward reaches the segment: it is recomputed with its saved tensors and output
             saved_alive += sum(o.saved for o in members) - members[0].t
+            var_alive += sum(o.saved_var for o in members)
         grads += op.params
         base.append(grads + saved_alive + out + dy)
-        coef.append((op.t, op.weight))
+        coef.append((op.t, op.weight, var_alive))
         names.append(op.name)
         saved_alive -= op.saved
+        var_alive -= op.saved_var
         dy = op.t
     return base, coef, names
 
@@ -357,7 +369,7 @@ def _features_me(ops: list[_Op], layout: Layout, t: list[int], T: int
 
 
 #: names of the constants per kind of model, in the order of the feature coefficients
-CONSTANT_NAMES = {"autograd": ("tau", "kappa"), "me": ("rho", "gamma", "kappa")}
+CONSTANT_NAMES = {"autograd": ("tau", "kappa", "sigma"), "me": ("rho", "gamma", "kappa")}
 
 
 def _kind(mode: str) -> str:

@@ -1,0 +1,133 @@
+"""Convolutions computed in tiles along the first spatial dimension.
+
+On CPU, oneDNN convolutions on ``(N, C, *S)`` tensors allocate one or two
+activation-sized reordering buffers per call.  Computing a 3^dim convolution
+(stride 1, padding 1) slab by slab along the first spatial dimension, with a
+one-pixel halo, keeps those buffers tile-sized.  The memory-efficient engine
+uses this for the recomputation in the backward pass, where every
+activation-sized buffer adds to the peak.
+
+All functions take and return ``(N, C, *S)`` tensors and give the same result
+as the untiled ``F.conv{1,2,3}d(x, weight, padding=1)`` and its gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "tile_bounds",
+    "conv3",
+    "conv3_tiled",
+    "conv3_transpose_tiled",
+    "conv3_weight_grad_tiled",
+]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+#: Pixels per tile (product of the spatial sizes of one slab).
+TILE_PIXELS = 1 << 14
+
+
+def tile_bounds(size: int, plane: int, tile_pixels: int = TILE_PIXELS) -> list[tuple[int, int]]:
+    """Split ``range(size)`` into slabs of about ``tile_pixels / plane`` rows."""
+    rows = max(1, tile_pixels // max(plane, 1))
+    n_tiles = max(1, math.ceil(size / rows))
+    step = math.ceil(size / n_tiles)
+    return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+
+
+def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows ``lo-1 .. hi`` of ``x`` along dim 2, zero-padded at the borders."""
+    size = x.shape[2]
+    a, b = max(lo - 1, 0), min(hi + 1, size)
+    t = x[:, :, a:b]
+    top, bottom = (1 if lo == 0 else 0), (1 if hi == size else 0)
+    if top or bottom:
+        pad = [0, 0] * (x.dim() - 3) + [top, bottom]
+        t = F.pad(t, pad)
+    return t
+
+
+def conv3_tiled(x: Tensor, weight: Tensor, tile_pixels: int = TILE_PIXELS,
+                out: Tensor | None = None) -> Tensor:
+    """``F.conv{d}d(x, weight, padding=1)`` for a 3^dim kernel, computed slab by slab.
+
+    With ``out`` given, the result is *added* to ``out`` (slab by slab, so no
+    full-size temporary) and ``out`` is returned.
+    """
+    dim = x.dim() - 2
+    plane = x[0, 0, 0].numel() if dim > 1 else 1
+    bounds = tile_bounds(x.shape[2], plane, tile_pixels)
+    conv = _CONV[dim]
+    inner_pad = (0,) + (1,) * (dim - 1)
+    if len(bounds) == 1:
+        y = conv(x, weight, padding=1)
+        return y if out is None else out.add_(y)
+    accumulate = out is not None
+    if out is None:
+        out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
+    for lo, hi in bounds:
+        y = conv(_halo(x, lo, hi), weight, padding=inner_pad)
+        if accumulate:
+            out[:, :, lo:hi] += y
+        else:
+            out[:, :, lo:hi] = y
+    return out
+
+
+def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_pixels: int = TILE_PIXELS,
+                          out: Tensor | None = None) -> Tensor:
+    """Input gradient of :func:`conv3_tiled`: ``conv_transpose(dy, weight, padding=1)``.
+
+    With ``out`` given, the result is added to it (see :func:`conv3_tiled`).
+    """
+    dim = dy.dim() - 2
+    flipped = weight.transpose(0, 1).flip(list(range(2, 2 + dim)))
+    return conv3_tiled(dy, flipped, tile_pixels, out=out)
+
+
+def conv3_weight_grad_tiled(x: Tensor, dy: Tensor, weight: Tensor,
+                            tile_pixels: int = TILE_PIXELS) -> Tensor:
+    """Weight gradient of :func:`conv3_tiled` for output gradient ``dy``, summed over slabs."""
+    dim = x.dim() - 2
+    plane = x[0, 0, 0].numel() if dim > 1 else 1
+    bounds = tile_bounds(x.shape[2], plane, tile_pixels)
+    ones = (1,) * dim
+    if len(bounds) == 1:
+        pads, slabs = (1,) * dim, [(x, dy)]
+    else:
+        pads = (0,) + (1,) * (dim - 1)
+        slabs = [(_halo(x, lo, hi), dy[:, :, lo:hi]) for lo, hi in bounds]
+    grad = None
+    for xt, dyt in slabs:
+        _, g, _ = torch.ops.aten.convolution_backward(
+            dyt, xt, weight, None, ones, pads, ones, False, (0,) * dim, 1, [False, True, False])
+        grad = g if grad is None else grad.add_(g)
+    return grad
+
+
+class _Conv3Tiled(torch.autograd.Function):
+    """Autograd wrapper: tiled forward, tiled input and weight gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return conv3_tiled(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx = conv3_transpose_tiled(dy, weight) if ctx.needs_input_grad[0] else None
+        dw = conv3_weight_grad_tiled(x, dy, weight) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def conv3(x: Tensor, weight: Tensor) -> Tensor:
+    """3^dim convolution, stride 1, padding 1, no bias: tiled on CPU, plain elsewhere."""
+    if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and x.dtype == weight.dtype:
+        return _Conv3Tiled.apply(x, weight)
+    return _CONV[x.dim() - 2](x, weight, padding=1)

@@ -1,0 +1,115 @@
+"""End-to-end tests of ``python -m iunet_nb.bench table1`` on a tiny grid, and the paper's table."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iunet_nb import bench
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "iunet_nb.bench", "table1", "--no-progress", "--out", str(out), *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("table1")
+    proc = _cli("--size", "32", "--deltas", "1", "--modes", "conventional", "fused",
+                "--repeats", "1", out=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_tiny_grid_writes_csv_latest_and_png(tiny_run):
+    out, proc = tiny_run
+    stamped = sorted(out.glob("table1-2*.csv"))
+    assert len(stamped) == 1
+    latest = out / "table1-latest.csv"
+    assert latest.read_text() == stamped[0].read_text()
+    with open(stamped[0], newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.CSV_COLUMNS
+        rows = list(reader)
+    assert {r["mode"] for r in rows} == {"conventional", "fused"}
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        total = int(r["total_bytes"])
+        assert total == int(r["param_bytes"]) + int(r["input_bytes"]) + int(r["peak_bytes"])
+        assert float(r["seconds"]) > 0
+        assert abs(float(r["prediction_error"])) < 0.5
+    assert list(out.glob("table1-2*.png")) and (out / "table1-latest.png").stat().st_size > 1000
+    # the printed table has the measured rows, the paper's figures and the targets check
+    assert "conventional" in proc.stdout and "fused" in proc.stdout
+    assert "paper ME" in proc.stdout and "Targets (fused engine)" in proc.stdout
+    assert "PASS" in proc.stdout or "FAIL" in proc.stdout
+
+
+def test_second_run_keeps_first_and_max_gb_skips(tiny_run):
+    out, _ = tiny_run
+    first = sorted(out.glob("table1-2*.csv"))
+    before = first[0].read_text()
+    time.sleep(1.1)
+    proc = _cli("--size", "32", "--deltas", "1", "--modes", "conventional", "fused",
+                "--max-gb", "0.001", out=out)
+    # nothing measured -> exit code 1, but the files are written and the skips explained
+    assert proc.returncode == 1
+    assert "skipped conventional 32x32 delta=1: predicted total" in proc.stderr + proc.stdout
+    assert "> --max-gb 0.001" in proc.stderr + proc.stdout
+    stamped = sorted(out.glob("table1-2*.csv"))
+    assert len(stamped) == 2
+    assert first[0].read_text() == before  # the first run's file is untouched
+    rows = bench.read_results(out / "table1-latest.csv")
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert all("predicted total" in r["message"] for r in rows)
+
+
+def test_paper_table_matches_the_talk():
+    paper = {p["delta"]: p for p in bench.load_paper_table()}
+    assert sorted(paper) == [5, 10, 20, 30]
+    talk = {5: (0.85, 3.17, 26.8, 1.94, 1.16, 167), 10: (1.09, 5.90, 18.4, 4.10, 2.45, 167),
+            20: (1.57, 11.36, 13.8, 6.82, 3.67, 186), 30: (2.06, 16.82, 12.2, 10.63, 5.13, 207)}
+    keys = ("me_gb", "conventional_gb", "ratio_percent", "me_s", "conventional_s", "runtime_ratio_percent")
+    for d, values in talk.items():
+        assert tuple(paper[d][k] for k in keys) == values
+        assert "Etmann" in paper[d]["source"]
+        # the ratios are consistent with the figures (to the talk's rounding)
+        assert abs(100 * paper[d]["me_gb"] / paper[d]["conventional_gb"] - paper[d]["ratio_percent"]) < 0.2
+        assert abs(100 * paper[d]["me_s"] / paper[d]["conventional_s"] - paper[d]["runtime_ratio_percent"]) < 2
+
+
+def test_summary_extrapolation_and_targets_on_synthetic_rows():
+    rows = []
+    for size in (64, 128):
+        for d in (5, 30):
+            hw = size * size
+            for mode, act_per_px, secs in (("conventional", 4000 * d, 1.0), ("fused", 1000, 1.3)):
+                params = 6_289_280 * 4 * d
+                act = act_per_px * hw
+                rows.append(dict(mode=mode, size=size, delta=d, status="ok", param_bytes=params,
+                                 input_bytes=64 * hw * 4, grad_bytes=params, activation_bytes=act,
+                                 peak_bytes=params + act, total_bytes=2 * params + 64 * hw * 4 + act,
+                                 total_gib=0.0, overhead_tensors=act / (64 * hw * 4), seconds=secs))
+    s = bench.summarize(rows)
+    # affine in H*W: the fit is exact
+    want = 2 * 6_289_280 * 4 * 30 + 64 * 512 * 512 * 4 + 1000 * 512 * 512
+    assert abs(s["extrapolated"][("fused", 30)] - want) < 1e-6 * want
+    names = {t["name"]: t for t in s["targets"]}
+    assert names["fused runtime <= 1.40 x conventional"]["passed"]
+    assert names["fused overhead constant in delta"]["passed"]
+    over = names["fused overhead <= 5 tensor-equivalents"]
+    assert over["passed"] and abs(over["value"] - 1000 / 256) < 1e-9  # 1000 B/px over 256 B/px
+    ratio = names["fused <= 15 % of conventional at delta=30, 512^2"]
+    assert ratio["passed"] == (ratio["value"] <= 0.15)
