@@ -37,9 +37,9 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -154,7 +154,9 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
     """Measure one configuration in this process (use :func:`run_config` for a fresh one).
 
     The first step is measured with :func:`measure_step` (it doubles as the
-    warm-up), then ``repeats`` steps are timed with :func:`time_step`.
+    warm-up), then ``repeats`` steps are timed with :func:`time_step`;
+    ``seconds`` is the fastest of them (the least disturbed by other load on
+    the machine), ``seconds_all`` lists all.
     """
     import torch
 
@@ -176,7 +178,7 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
         status="ok", parameters=params, param_bytes=m.param_bytes, input_bytes=m.input_bytes,
         grad_bytes=m.grad_bytes, activation_bytes=m.activation_bytes, peak_bytes=m.peak_bytes,
         total_bytes=m.total_bytes, total_gib=m.total_bytes / GiB,
-        overhead_tensors=m.activation_bytes / tensor, seconds=statistics.median(times),
+        overhead_tensors=m.activation_bytes / tensor, seconds=min(times),
         seconds_all=" ".join(f"{t:.4f}" for t in times), message="",
     )
 
@@ -428,12 +430,17 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
         lines.append(f"{delta:>5} " + " ".join(vals) +
                      (f" {p['me_gb']:>5.2f} GiB {p['conventional_gb']:>6.2f} GiB " if p else f" {'-':>9} {'-':>10} ")
                      + " ".join(ratios) + (f" {p['ratio_percent']:>10.1f}%" if p else f" {'-':>11}"))
+    pred_parts = []
+    for m in s["modes"]:
+        vals = [predicted_total(m, ts, d) for d in s["deltas"]]
+        pred_parts.append(f"{m}: " + ", ".join(f"{v / GiB:.2f}" for v in vals))
+    lines.append(f"predictor (iunet_nb.predict) at {ts}^2, GiB per delta: " + "; ".join(pred_parts))
     if s["overhead_512"]:
         lines.append(f"activation overhead at {ts}^2 in input tensors: " + "; ".join(
             f"{m}: " + ", ".join(f"{s['overhead_512'][(m, d)]:.2f}" for d in s["deltas"] if (m, d) in s["overhead_512"])
             for m in me_modes))
     lines.append("")
-    lines.append("Runtime per training step (median, s) and ratio to conventional, beside the paper's "
+    lines.append("Runtime per training step (fastest timed step, s) and ratio to conventional, beside the paper's "
                  "(GPU, 512x512):")
     for size in s["sizes"]:
         for delta in s["deltas"]:
@@ -545,7 +552,10 @@ def _parameter_check(log: Callable[[str], None]) -> list[str]:
         return msgs
     for delta, expected in PAPER_PARAMETERS.items():
         ours = count_parameters(compute_layout(CHANNELS, [delta] * 5, 2))["total"]
-        ref = sum(p.numel() for p in build_model("iunets", delta).parameters())
+        with warnings.catch_warnings():
+            # iunets 0.1 calls torch.lu/lu_solve, which torch deprecates (UserWarning); not ours
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|iunets)\.")
+            ref = sum(p.numel() for p in build_model("iunets", delta).parameters())
         ok = abs(ref - ours) <= 0.01 * ours and abs(ref - expected) <= 0.01 * expected
         msgs.append(f"parameter check delta={delta}: iunets {ref:,}, iunet_nb {ours:,}, expected "
                     f"{expected:,} -> {'OK (within 1 %)' if ok else 'MISMATCH'}")

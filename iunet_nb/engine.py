@@ -348,9 +348,11 @@ class KernelStep(Step):
                  record: dict) -> list[Tensor | None]:
         (kernel,) = tensors
         if hasattr(self.module, "backward_parts"):
-            xs, dxs, dk = self.module.backward_parts(
-                [p.tensor for p in st.cur], [p.tensor for p in gst.cur], kernel.detach(),
-                kernel.requires_grad, [p.owned for p in st.cur], [p.owned for p in gst.cur])
+            ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
+            y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
+            st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early
+            xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), kernel.requires_grad,
+                                                     y_owned, dy_owned)
             st.cur = [Part(t, True) for t in xs]
             gst.cur = [Part(t, True) for t in dxs]
             return [dk]

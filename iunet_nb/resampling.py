@@ -291,12 +291,15 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             ys, dys = [torch.cat(ys, dim=1)], [torch.cat(dys, dim=1)]
             y_owned = dy_owned = None
         Qd = Q.to(ys[0].dtype).mT
+        coarse = ys[0].shape[2:]
         xbs = _blockwise_matmul(Qd, ys, s, y_owned)
         dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
-        coarse = ys[0].shape[2:]
         xs = [_from_blocks_joined(xbs, self.stride, coarse)]
+        # The caller hands over its lists: emptying them frees the coarse buffers early.
+        ys.clear()
         del xbs
         dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
+        dys.clear()
         dxs = [_from_blocks_joined(dxbs, self.stride, coarse)]
         return xs, dxs, dQ
 
@@ -315,8 +318,12 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         n, s = ys[0].shape[0], self.block_size
         coarse = [size // st for size, st in zip(ys[0].shape[2:], self.stride)]
         Qd = Q.to(ys[0].dtype)
-        xcs = _blockwise_matmul(Qd, [to_blocks(p, self.stride) for p in ys], 1, None)
-        dfbs = [to_blocks(p, self.stride) for p in dys]
+        xcs = []
+        while ys:  # reorder one part at a time, transform it in place, release the input part
+            xcs += _blockwise_matmul(Qd, [to_blocks(ys.pop(0), self.stride)], 1, [True])
+        dfbs = []
+        while dys:
+            dfbs.append(to_blocks(dys.pop(0), self.stride))
         dQ = _kernel_grad_parts(xcs, dfbs, 1, Q) if need else None
         xs = [xc.view(n, xc.shape[1] * s, *coarse) for xc in xcs]
         dxs = [d.view(n, d.shape[1] * s, *coarse) for d in _blockwise_matmul(Qd, dfbs, 1, [True] * len(dfbs))]
