@@ -28,13 +28,18 @@ __all__ = [
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-#: Pixels per tile (product of the spatial sizes of one slab).
-TILE_PIXELS = 1 << 14
+#: Elements per tile and sample (channels x pixels of one slab): 2 MiB of float32.
+TILE_ELEMENTS = 1 << 19
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def tile_bounds(size: int, plane: int, tile_pixels: int = TILE_PIXELS) -> list[tuple[int, int]]:
-    """Split ``range(size)`` into slabs of about ``tile_pixels / plane`` rows."""
-    rows = max(1, tile_pixels // max(plane, 1))
+def tile_bounds(size: int, plane: int, tile_elements: int = TILE_ELEMENTS) -> list[tuple[int, int]]:
+    """Split ``range(size)`` into slabs of about ``tile_elements / plane`` rows.
+
+    ``plane`` is the number of elements of one row (channels x remaining spatial sizes).
+    """
+    rows = max(1, tile_elements // max(plane, 1))
     n_tiles = max(1, math.ceil(size / rows))
     step = math.ceil(size / n_tiles)
     return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
@@ -52,7 +57,7 @@ def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
     return t
 
 
-def conv3_tiled(x: Tensor, weight: Tensor, tile_pixels: int = TILE_PIXELS,
+def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int = TILE_ELEMENTS,
                 out: Tensor | None = None) -> Tensor:
     """``F.conv{d}d(x, weight, padding=1)`` for a 3^dim kernel, computed slab by slab.
 
@@ -60,8 +65,8 @@ def conv3_tiled(x: Tensor, weight: Tensor, tile_pixels: int = TILE_PIXELS,
     full-size temporary) and ``out`` is returned.
     """
     dim = x.dim() - 2
-    plane = x[0, 0, 0].numel() if dim > 1 else 1
-    bounds = tile_bounds(x.shape[2], plane, tile_pixels)
+    plane = x.shape[1] * (x[0, 0, 0].numel() if dim > 1 else 1)
+    bounds = tile_bounds(x.shape[2], plane, tile_elements)
     conv = _CONV[dim]
     inner_pad = (0,) + (1,) * (dim - 1)
     if len(bounds) == 1:
@@ -79,23 +84,40 @@ def conv3_tiled(x: Tensor, weight: Tensor, tile_pixels: int = TILE_PIXELS,
     return out
 
 
-def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_pixels: int = TILE_PIXELS,
+def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int = TILE_ELEMENTS,
                           out: Tensor | None = None) -> Tensor:
     """Input gradient of :func:`conv3_tiled`: ``conv_transpose(dy, weight, padding=1)``.
 
-    With ``out`` given, the result is added to it (see :func:`conv3_tiled`).
+    With ``out`` given, the result is added to it slab by slab.
     """
     dim = dy.dim() - 2
-    flipped = weight.transpose(0, 1).flip(list(range(2, 2 + dim)))
-    return conv3_tiled(dy, flipped, tile_pixels, out=out)
+    plane = dy.shape[1] * (dy[0, 0, 0].numel() if dim > 1 else 1)
+    bounds = tile_bounds(dy.shape[2], plane, tile_elements)
+    conv_t = _CONV_T[dim]
+    if len(bounds) == 1:
+        y = conv_t(dy, weight, padding=1)
+        return y if out is None else out.add_(y)
+    # On a slab that carries its own one-row halo, the transposed convolution needs
+    # padding k - 1 - 0 = 2 along the tiled dimension to return exactly the slab's rows.
+    pad = (2,) + (1,) * (dim - 1)
+    accumulate = out is not None
+    if out is None:
+        out = dy.new_empty(dy.shape[0], weight.shape[1], *dy.shape[2:])
+    for lo, hi in bounds:
+        y = conv_t(_halo(dy, lo, hi), weight, padding=pad)
+        if accumulate:
+            out[:, :, lo:hi] += y
+        else:
+            out[:, :, lo:hi] = y
+    return out
 
 
 def conv3_weight_grad_tiled(x: Tensor, dy: Tensor, weight: Tensor,
-                            tile_pixels: int = TILE_PIXELS) -> Tensor:
+                            tile_elements: int = TILE_ELEMENTS) -> Tensor:
     """Weight gradient of :func:`conv3_tiled` for output gradient ``dy``, summed over slabs."""
     dim = x.dim() - 2
-    plane = x[0, 0, 0].numel() if dim > 1 else 1
-    bounds = tile_bounds(x.shape[2], plane, tile_pixels)
+    plane = x.shape[1] * (x[0, 0, 0].numel() if dim > 1 else 1)
+    bounds = tile_bounds(x.shape[2], plane, tile_elements)
     ones = (1,) * dim
     if len(bounds) == 1:
         pads, slabs = (1,) * dim, [(x, dy)]
