@@ -36,6 +36,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -146,6 +147,26 @@ def predicted_total(mode: str, size: int, delta: int, dtype: str = "float32") ->
     layout = compute_layout(CHANNELS, [delta] * len(CHANNELS), 2)
     pmode = "memcnn" if mode == "iunets" else mode
     return predict_step_memory(layout, (1, CHANNELS[0], size, size), dtype, pmode).total
+
+
+def _predicted(mode: str, size: int, delta: int, dtype: str = "float32"):
+    from .layout import compute_layout
+    from .predict import predict_step_memory
+
+    layout = compute_layout(CHANNELS, [delta] * len(CHANNELS), 2)
+    pmode = "memcnn" if mode == "iunets" else mode
+    return predict_step_memory(layout, (1, CHANNELS[0], size, size), dtype, pmode)
+
+
+def _peak_level(mode: str, size: int, delta: int) -> int | None:
+    """Level at which the predictor places the step peak (None if unknown)."""
+    where = _predicted(mode, size, delta).details.get("peak_at", "")
+    m = re.match(r"[A-Z](\d+)\.", where)
+    return int(m.group(1)) if m else None
+
+
+def _predicted_overhead(mode: str, size: int, delta: int) -> float:
+    return _predicted(mode, size, delta).overhead_tensors
 
 
 def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
@@ -279,7 +300,7 @@ def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
             mem_ratio[(mode, size, delta)] = r["total_bytes"] / conv["total_bytes"]
             if conv.get("seconds"):
                 run_ratio[(mode, size, delta)] = r["seconds"] / conv["seconds"]
-    extrap, act512, fits = {}, {}, {}
+    extrap, act512, fits, unreliable = {}, {}, {}, {}
     t512 = CHANNELS[0] * target_size * target_size * 4
     for mode in modes:
         for delta in deltas:
@@ -300,11 +321,44 @@ def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
             aa, bb = _fit_line(xs, [r["activation_bytes"] for _, r in pts])
             act512[(mode, delta)] = (aa + bb * target_size**2) / t512
             fits[(mode, delta)] = f"fit {pts[0][0]}/{pts[1][0]}"
+            # The fit assumes the step peaks at the same place at every size.  At small
+            # sizes the peak sits late in the backward (gradients, weight temporaries of
+            # the coarse levels), at 512^2 early (full-resolution activations): then the
+            # affine fit is not valid and the predictor's figure is the better estimate.
+            where = [_peak_level(mode, sz, delta) for sz in (pts[0][0], pts[1][0], target_size)]
+            if None not in where and len(set(where)) > 1:
+                unreliable[(mode, delta)] = (
+                    f"peak moves (level {where[0]} at {pts[0][0]}^2, {where[1]} at {pts[1][0]}^2, "
+                    f"{where[2]} at {target_size}^2)")
     summary = dict(sizes=sizes, deltas=deltas, modes=modes, cell=cell, memory_ratio=mem_ratio,
                    runtime_ratio=run_ratio, extrapolated=extrap, overhead_512=act512, fits=fits,
+                   unreliable=unreliable,
+                   predicted={(m, d): predicted_total(m, target_size, d) for m in modes for d in deltas},
+                   predicted_overhead={(m, d): _predicted_overhead(m, target_size, d)
+                                       for m in modes for d in deltas},
                    paper={p["delta"]: p for p in paper}, target_size=target_size)
     summary["targets"] = _targets(summary)
     return summary
+
+
+def estimate_512(s: dict, mode: str, delta: int) -> tuple[float | None, str]:
+    """Best estimate of the total at the target size and where it comes from: a measured row,
+    the affine fit, or (where the fit is not valid, see ``unreliable``) the predictor."""
+    fit = s["extrapolated"].get((mode, delta))
+    how = s["fits"].get((mode, delta))
+    if how == "measured":
+        return fit, "measured"
+    if fit is not None and (mode, delta) not in s["unreliable"]:
+        return fit, how
+    pred = s["predicted"].get((mode, delta))
+    return pred, "predictor"
+
+
+def _overhead_512(s: dict, mode: str, delta: int) -> tuple[float | None, str]:
+    how = s["fits"].get((mode, delta))
+    if how == "measured" or ((mode, delta) in s["overhead_512"] and (mode, delta) not in s["unreliable"]):
+        return s["overhead_512"][(mode, delta)], how
+    return s["predicted_overhead"].get((mode, delta)), "predictor"
 
 
 def _targets(s: dict) -> list[dict]:
@@ -314,32 +368,34 @@ def _targets(s: dict) -> list[dict]:
         return out
     big = max(sz for sz in sizes if ("fused", sz, deltas[0]) in cell)
     fused_over = [cell[("fused", big, d)]["overhead_tensors"] for d in deltas if ("fused", big, d) in cell]
-    o512 = [s["overhead_512"][("fused", d)] for d in deltas if ("fused", d) in s["overhead_512"]]
+    est = [(d,) + _overhead_512(s, "fused", d) for d in deltas]
+    est_txt = ", ".join(f"{v:.2f}{'p' if how == 'predictor' else ''}" for _, v, how in est if v is not None)
+    where = f"{big}^2" + ("" if big == s["target_size"] else " (largest measured size)")
     if len(fused_over) >= 2:
-        # constancy in delta, judged at the 512 x 512 extrapolation when available
-        vals, where = (o512, f"{s['target_size']}^2") if len(o512) >= 2 else (fused_over, f"{big}^2")
-        spread = (max(vals) - min(vals)) / (sum(vals) / len(vals))
+        spread = (max(fused_over) - min(fused_over)) / (sum(fused_over) / len(fused_over))
         out.append(dict(name="fused overhead constant in delta", value=spread,
                         limit=TARGETS["overhead_spread"], passed=spread <= TARGETS["overhead_spread"],
                         detail=f"(max-min)/mean of activation overhead over delta at {where}: "
-                               f"{', '.join(f'{v:.2f}' for v in vals)} tensors", unit="%"))
-    vals, where = (o512, f"{s['target_size']}^2") if o512 else (fused_over, f"{big}^2")
-    if vals:
-        worst = max(vals)
+                               f"{', '.join(f'{v:.2f}' for v in fused_over)} tensors", unit="%"))
+    if fused_over:
+        worst = max(fused_over)
         out.append(dict(name="fused overhead <= 5 tensor-equivalents", value=worst,
                         limit=TARGETS["overhead_tensors"], passed=worst <= TARGETS["overhead_tensors"],
-                        detail=f"worst over delta at {where} (measured at {big}^2: "
-                               f"{', '.join(f'{v:.2f}' for v in fused_over)})", unit="T"))
-    fr = []
+                        detail=f"worst over delta at {where}; estimate at {s['target_size']}^2 "
+                               f"('p' = predictor): {est_txt}", unit="T"))
+    fr, srcs = [], set()
     for d in deltas:
         p = s["paper"].get(d)
-        if p and ("fused", d) in s["extrapolated"]:
-            fr.append((d, s["extrapolated"][("fused", d)] / GiB / p["me_gb"]))
+        v, how = estimate_512(s, "fused", d)
+        if p and v is not None:
+            fr.append((d, v / GiB / p["me_gb"]))
+            srcs.add(how)
     if fr:
         worst = max(v for _, v in fr)
         out.append(dict(name="fused 512^2 total <= 0.85 x paper ME", value=worst,
                         limit=TARGETS["paper_fraction"], passed=worst <= TARGETS["paper_fraction"],
-                        detail="fused / paper ME per delta: " + ", ".join(f"d={d}: {v:.2f}" for d, v in fr),
+                        detail="fused / paper ME per delta: " + ", ".join(f"d={d}: {v:.2f}" for d, v in fr)
+                               + f" ({', '.join(sorted(srcs))})",
                         unit="x"))
     rr = [(d, s["runtime_ratio"][("fused", big, d)]) for d in deltas if ("fused", big, d) in s["runtime_ratio"]]
     if rr:
@@ -348,11 +404,12 @@ def _targets(s: dict) -> list[dict]:
                         limit=TARGETS["runtime_ratio"], passed=worst <= TARGETS["runtime_ratio"],
                         detail=f"at {big}^2: " + ", ".join(f"d={d}: {v:.2f}" for d, v in rr), unit="x"))
     dmax = max(deltas)
-    if ("fused", dmax) in s["extrapolated"] and ("conventional", dmax) in s["extrapolated"]:
-        v = s["extrapolated"][("fused", dmax)] / s["extrapolated"][("conventional", dmax)]
+    (fv, fhow), (cv, chow) = estimate_512(s, "fused", dmax), estimate_512(s, "conventional", dmax)
+    if fv is not None and cv is not None and ("conventional", dmax) in s["predicted"]:
+        v = fv / cv
         out.append(dict(name=f"fused <= 15 % of conventional at delta={dmax}, {s['target_size']}^2",
                         value=v, limit=TARGETS["memory_ratio_512"], passed=v <= TARGETS["memory_ratio_512"],
-                        detail=f"({s['fits'].get(('fused', dmax))}; the paper's target is delta=30)",
+                        detail=f"(fused: {fhow}, conventional: {chow}; the paper's target is delta=30)",
                         unit="%"))
     for t in out:
         t["gap"] = t["value"] - t["limit"]
@@ -408,37 +465,45 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
                  "activation bytes (step peak - gradients) / bytes of one 64xHxW float32 input tensor")
     lines.append("")
     ts = s["target_size"]
-    lines.append(f"Extrapolation to {ts}x{ts} (total = a + b*H*W from the two largest sizes) beside "
-                 "the paper's Table 1 (GPU; its 'GB' read as GiB)")
+    lines.append(f"Estimate at {ts}x{ts}: a + b*H*W fitted through the two largest sizes ('fit'; '*' = not "
+                 "valid, the peak moves to another level) and the predictor ('pred'), GiB, beside the "
+                 "paper's Table 1 (GPU; its 'GB' read as GiB)")
     me_modes = [m for m in s["modes"] if m in ME_MODES]
-    hdr = f"{'delta':>5} " + " ".join(f"{m:>14}" for m in s["modes"]) + \
-          f" {'paper ME':>9} {'paper conv':>10} " + " ".join(f"{m + '/conv':>14}" for m in me_modes) + \
+    hdr = f"{'delta':>5} " + " ".join(f"{m[:15]:>15}" for m in s["modes"]) + \
+          f" {'paper ME':>9} {'paper conv':>10} " + " ".join(f"{m + '/conv':>12}" for m in me_modes) + \
           f" {'paper ratio':>11}"
     lines.append(hdr)
+    lines.append(f"{'':>5} " + " ".join(f"{'fit / pred':>15}" for _ in s["modes"]))
     lines.append("-" * len(hdr))
     for delta in s["deltas"]:
         p = s["paper"].get(delta)
         vals = []
         for m in s["modes"]:
             v = s["extrapolated"].get((m, delta))
-            vals.append(f"{v / GiB:>10.2f} GiB" if v is not None else f"{'-':>14}")
-        conv = s["extrapolated"].get(("conventional", delta))
+            pr = s["predicted"].get((m, delta))
+            star = "*" if (m, delta) in s["unreliable"] else ("=" if s["fits"].get((m, delta)) == "measured" else " ")
+            fit_s = f"{v / GiB:.2f}{star}" if v is not None else "-"
+            vals.append(f"{fit_s + ' / ' + (f'{pr / GiB:.2f}' if pr else '-'):>15}")
+        conv, _ = estimate_512(s, "conventional", delta)
         ratios = []
         for m in me_modes:
-            v = s["extrapolated"].get((m, delta))
-            ratios.append(f"{100 * v / conv:>13.1f}%" if v is not None and conv else f"{'-':>14}")
+            v, _ = estimate_512(s, m, delta)
+            ratios.append(f"{100 * v / conv:>11.1f}%" if v is not None and conv else f"{'-':>12}")
         lines.append(f"{delta:>5} " + " ".join(vals) +
                      (f" {p['me_gb']:>5.2f} GiB {p['conventional_gb']:>6.2f} GiB " if p else f" {'-':>9} {'-':>10} ")
                      + " ".join(ratios) + (f" {p['ratio_percent']:>10.1f}%" if p else f" {'-':>11}"))
-    pred_parts = []
-    for m in s["modes"]:
-        vals = [predicted_total(m, ts, d) for d in s["deltas"]]
-        pred_parts.append(f"{m}: " + ", ".join(f"{v / GiB:.2f}" for v in vals))
-    lines.append(f"predictor (iunet_nb.predict) at {ts}^2, GiB per delta: " + "; ".join(pred_parts))
+    lines.append("ratios use the best estimate: a measured row ('='), else the fit where valid, else the "
+                 "predictor")
+    for (m, d), why in sorted(s["unreliable"].items()):
+        if m in ("conventional", "fused"):
+            lines.append(f"  * {m} delta={d}: {why}")
     if s["overhead_512"]:
-        lines.append(f"activation overhead at {ts}^2 in input tensors: " + "; ".join(
-            f"{m}: " + ", ".join(f"{s['overhead_512'][(m, d)]:.2f}" for d in s["deltas"] if (m, d) in s["overhead_512"])
-            for m in me_modes))
+        parts = []
+        for m in me_modes:
+            vals = [_overhead_512(s, m, d) for d in s["deltas"]]
+            parts.append(f"{m}: " + ", ".join(f"{v:.2f}{'p' if how == 'predictor' else ''}" for v, how in vals
+                                               if v is not None))
+        lines.append(f"activation overhead at {ts}^2 in input tensors ('p' = predictor): " + "; ".join(parts))
     lines.append("")
     lines.append("Runtime per training step (fastest timed step, s) and ratio to conventional, beside the paper's "
                  "(GPU, 512x512):")
@@ -483,9 +548,9 @@ def plot_results(rows: Sequence[dict], path: str | Path, summary: dict | None = 
                          label=f"{m} {size}²")
     ts = s["target_size"]
     for m in s["modes"]:
-        pts = [(d, s["extrapolated"][(m, d)] / GiB) for d in s["deltas"] if (m, d) in s["extrapolated"]]
+        pts = [(d, estimate_512(s, m, d)[0] / GiB) for d in s["deltas"] if estimate_512(s, m, d)[0]]
         if pts:
-            ax1.plot(*zip(*pts), "s", ms=6, mfc="none", color=colors[m], label=f"{m} {ts}² (extrap.)")
+            ax1.plot(*zip(*pts), "s", ms=6, mfc="none", color=colors[m], label=f"{m} {ts}² (estimate)")
     pd = sorted(s["paper"])
     ax1.plot(pd, [s["paper"][d]["me_gb"] for d in pd], "k*", ms=10, label="paper ME (512², GPU)")
     ax1.plot(pd, [s["paper"][d]["conventional_gb"] for d in pd], "kx", ms=9, label="paper conv. (512², GPU)")

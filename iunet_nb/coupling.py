@@ -19,7 +19,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .tiled import conv3, conv3_tiled, conv3_transpose_tiled, conv3_weight_grad_tiled
+from .tiled import (
+    conv3,
+    conv3_slab,
+    conv3_tiled,
+    conv3_transpose_slab_add_,
+    conv3_transpose_tiled,
+    conv3_weight_grad_slab,
+    conv3_weight_grad_tiled,
+    tile_bounds,
+)
 
 __all__ = [
     "AdditiveCoupling",
@@ -195,6 +204,69 @@ class StandardCouplingFunction(nn.Sequential):
         dw = conv3_weight_grad_tiled(v, da, conv.weight)
         dv = conv3_transpose_tiled(da, conv.weight, out=grad_v)
         return (None if grad_v is not None else dv), [dw, dgamma, dbeta]
+
+
+    @torch.no_grad()
+    def recompute_and_backward_slabs(self, v: Tensor, grad: Tensor, target: Tensor,
+                                     grad_v: Tensor | None = None) -> tuple[Tensor | None, list[Tensor]]:
+        """:meth:`recompute_and_backward` computed slab by slab, for the largest activations.
+
+        Nothing of size ``(N, out, *S)`` is allocated: a first pass over slabs of
+        the first spatial dimension computes GroupNorm's statistics (and the
+        sums its backward needs), a second pass recomputes each slab of the
+        convolution and finishes subtraction and back-propagation on it.  This
+        costs one extra convolution per coupling, so the engine uses it only at
+        the finest level, where the activations set the peak.
+        """
+        conv, act, norm = self[0], self[1], self[2]
+        v, grad = v.contiguous(), grad.contiguous()
+        slope = act.negative_slope
+        W = conv.weight
+        n, c = grad.shape[0], grad.shape[1]
+        count = grad[0].numel()
+        plane = c * (grad[0, 0, 0].numel() if grad.dim() > 3 else 1)
+        bounds = tile_bounds(grad.shape[2], plane)
+        acc = torch.float64
+        sum_a = torch.zeros(n, dtype=acc, device=v.device)
+        sum_aa = torch.zeros(n, dtype=acc, device=v.device)
+        s2 = torch.zeros(n, c, dtype=acc, device=v.device)
+        for lo, hi in bounds:
+            a = torch.nn.functional.leaky_relu_(conv3_slab(v, W, lo, hi), slope)
+            a64 = a.reshape(n, c, -1).to(acc)
+            sum_a += a64.sum((1, 2))
+            sum_aa += a64.square().sum((1, 2))
+            s2 += torch.einsum("ncl,ncl->nc", grad[:, :, lo:hi].reshape(n, c, -1).to(acc), a64)
+            del a, a64
+        mean64 = sum_a / count
+        var64 = (sum_aa / count - mean64.square()).clamp_min(0)
+        rstd64 = (var64 + norm.eps).rsqrt()
+        s1 = grad.reshape(n, c, -1).sum(-1).to(acc)
+        gx = rstd64.view(n, 1) * (s2 - mean64.view(n, 1) * s1)
+        w64 = norm.weight.to(acc).view(1, c)
+        A = (w64 * s1).sum(1) / count
+        B = (w64 * gx).sum(1) / count
+        dt = v.dtype
+        shape = (n,) + (1,) * (grad.dim() - 1)
+        mean, rstd = mean64.to(dt).view(shape), rstd64.to(dt).view(shape)
+        gamma = norm.weight.view((1, c) + (1,) * (grad.dim() - 2))
+        beta = norm.bias.view_as(gamma)
+        scale = rstd * gamma
+        coef_a = (-(rstd64 * rstd64) * B).to(dt).view(shape)
+        shift = (rstd64 * A).to(dt).view(shape)
+        slope_t, one = grad.new_tensor(slope), grad.new_tensor(1.0)
+        dv = grad_v if grad_v is not None else v.new_zeros(v.shape)
+        dw = torch.zeros_like(W)
+        for lo, hi in bounds:
+            a = torch.nn.functional.leaky_relu_(conv3_slab(v, W, lo, hi), slope)
+            negative = a.lt(0)
+            a.sub_(mean)
+            target[:, :, lo:hi].sub_(a * scale + beta)
+            a.mul_(coef_a).addcmul_(grad[:, :, lo:hi], scale).sub_(shift)
+            a.mul_(torch.where(negative, slope_t, one))
+            dw += conv3_weight_grad_slab(v, a, W, lo, hi)
+            conv3_transpose_slab_add_(a, W, lo, hi, dv)
+            del a, negative
+        return (None if grad_v is not None else dv), [dw, gx.sum(0).to(dt), s1.sum(0).to(dt)]
 
 
 _SLICE_ELEMENTS = 1 << 16

@@ -187,9 +187,12 @@ def _params(module: nn.Module) -> list[Tensor]:
 class CouplingStep(Step):
     """Fused step for :class:`iunet_nb.coupling.AdditiveCoupling` ``(u, v) -> (v, u + f(v))``."""
 
-    def __init__(self, module: nn.Module, preserve_rng_state: bool = True) -> None:
+    def __init__(self, module: nn.Module, preserve_rng_state: bool = True, slabs: bool = False) -> None:
         self.module = module
         self.preserve_rng_state = preserve_rng_state
+        # At the finest level, recompute in slabs (one extra convolution, no
+        # activation-sized buffer): that level sets the memory peak.
+        self.slabs = slabs
 
     def tensors(self) -> list[Tensor]:
         return _params(self.module.f)
@@ -230,7 +233,10 @@ class CouplingStep(Step):
                 u = full(y2)  # a new tensor
             grad_v = dy1[0].tensor if len(dy1) == 1 and dy1[0].owned else None
             # With an owned gradient buffer, dL/dv accumulates straight into it.
-            dv, pgrads = m.f.recompute_and_backward(v.tensor, dy2_full.tensor, u.tensor, grad_v)
+            run = m.f.recompute_and_backward
+            if self.slabs and hasattr(m.f, "recompute_and_backward_slabs"):
+                run = m.f.recompute_and_backward_slabs
+            dv, pgrads = run(v.tensor, dy2_full.tensor, u.tensor, grad_v)
             if dv is None:
                 dv_part = dy1[0]
             else:
@@ -395,9 +401,19 @@ class ConcatStep(Step):
                  record: dict) -> list[Tensor | None]:
         for s in (st, gst):
             c = num_channels(s.cur)
-            s.stack.append(narrow(s.cur, 0, self.kept))
+            # The skip part waits on the stack while the coarser levels are processed:
+            # give it storage of its own, so the rest of its buffer can be freed then.
+            s.stack.append([_compact(p) for p in narrow(s.cur, 0, self.kept)])
             s.cur = narrow(s.cur, self.kept, c - self.kept)
         return []
+
+
+def _compact(part: Part) -> Part:
+    """``part`` itself, or a copy of it if it is a view into a larger buffer."""
+    t = part.tensor
+    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return Part(t.clone(), True)
+    return part
 
 
 def run_forward(steps: Sequence[Step], x: Tensor, tensors: Sequence[Tensor],

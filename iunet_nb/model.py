@@ -415,18 +415,18 @@ class iUNet(nn.Module):
     def _steps(self) -> list[eng.Step]:
         steps: list[eng.Step] = []
 
-        def add(module: nn.Module) -> None:
+        def add(module: nn.Module, level: int = -1) -> None:
             if isinstance(module, (OrthogonalChannelMixing, InvertibleDownsampling, InvertibleUpsampling)):
                 steps.append(eng.KernelStep(module))
             elif isinstance(module, AdditiveCoupling):
-                steps.append(eng.CouplingStep(module, self.preserve_rng_state))
+                steps.append(eng.CouplingStep(module, self.preserve_rng_state, slabs=(level == 0)))
             else:
                 steps.append(eng.InvertibleModuleStep(module, self.preserve_rng_state))
 
         last = self.num_levels - 1
         for i in range(self.num_levels):
             for m in self.encoder_modules[i]:
-                add(m)
+                add(m, i)
             if i < last:
                 steps.append(eng.SplitStep(self.skipped_channels[i]))
                 add(self.downsampling_layers[i])
@@ -435,7 +435,7 @@ class iUNet(nn.Module):
                 add(self.upsampling_layers[i])
                 steps.append(eng.ConcatStep(self.skipped_channels[i]))
             for m in self.decoder_modules[i]:
-                add(m)
+                add(m, i)
         return steps
 
     def _step_tensors(self, steps: list[eng.Step]) -> list[Tensor]:

@@ -153,3 +153,33 @@ def conv3(x: Tensor, weight: Tensor) -> Tensor:
     if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and x.dtype == weight.dtype:
         return _Conv3Tiled.apply(x, weight)
     return _CONV[x.dim() - 2](x, weight, padding=1)
+
+
+def conv3_slab(x: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows ``lo:hi`` (first spatial dim) of ``F.conv{d}d(x, weight, padding=1)``."""
+    dim = x.dim() - 2
+    return _CONV[dim](_halo(x, lo, hi), weight, padding=(0,) + (1,) * (dim - 1))
+
+
+def conv3_transpose_slab_add_(dy_slab: Tensor, weight: Tensor, lo: int, hi: int, out: Tensor) -> None:
+    """Add the transposed convolution of rows ``lo:hi`` of an output gradient to ``out``.
+
+    A slab of output rows reaches input rows ``lo-1 .. hi``; by linearity the
+    input gradient is the sum of these slab contributions.
+    """
+    dim = dy_slab.dim() - 2
+    y = _CONV_T[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))  # rows lo-1 .. hi
+    size = out.shape[2]
+    first, last = lo - 1, hi + 1
+    y = y[:, :, (1 if first < 0 else 0): y.shape[2] - (1 if last > size else 0)]
+    out[:, :, max(first, 0):min(last, size)] += y
+
+
+def conv3_weight_grad_slab(x: Tensor, dy_slab: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
+    """Weight gradient contributed by rows ``lo:hi`` of the output gradient."""
+    dim = x.dim() - 2
+    ones = (1,) * dim
+    _, g, _ = torch.ops.aten.convolution_backward(
+        dy_slab, _halo(x, lo, hi), weight, None, ones, (0,) + (1,) * (dim - 1), ones, False,
+        (0,) * dim, 1, [False, True, False])
+    return g
