@@ -467,6 +467,7 @@ class FusedInvertibleFunction(torch.autograd.Function):
                 for i, g in zip(range(sl.start, sl.stop), step_grads):
                     if g is not None:
                         grads[i] = g.to(tensors[i].dtype)
+        st.cur = []  # the rebuilt input is not needed any more: free it before joining dx
         dx = full(gst.cur).tensor.to(ctx.x_meta[0])
         ctx.records = None
         return (None, dx, *grads)
