@@ -50,6 +50,12 @@ __all__ = [
 ]
 
 
+#: Finest-level couplings whose f(v) is at least this large are recomputed slab by
+#: slab (one extra convolution, no activation-sized buffer).  Below it, the saving is
+#: smaller than the weight-sized temporaries of the coarse levels and not worth the time.
+SLAB_MIN_BYTES = 8 << 20
+
+
 @dataclass
 class Part:
     """A channel slice of an activation; ``owned`` if the engine may modify it in place."""
@@ -234,7 +240,8 @@ class CouplingStep(Step):
             grad_v = dy1[0].tensor if len(dy1) == 1 and dy1[0].owned else None
             # With an owned gradient buffer, dL/dv accumulates straight into it.
             run = m.f.recompute_and_backward
-            if self.slabs and hasattr(m.f, "recompute_and_backward_slabs"):
+            if (self.slabs and hasattr(m.f, "recompute_and_backward_slabs")
+                    and u.tensor.numel() * u.tensor.element_size() >= SLAB_MIN_BYTES):
                 run = m.f.recompute_and_backward_slabs
             dv, pgrads = run(v.tensor, dy2_full.tensor, u.tensor, grad_v)
             if dv is None:

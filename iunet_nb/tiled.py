@@ -34,11 +34,13 @@ TILE_ELEMENTS = 1 << 19
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def tile_bounds(size: int, plane: int, tile_elements: int = TILE_ELEMENTS) -> list[tuple[int, int]]:
+def tile_bounds(size: int, plane: int, tile_elements: int | None = None) -> list[tuple[int, int]]:
     """Split ``range(size)`` into slabs of about ``tile_elements / plane`` rows.
 
     ``plane`` is the number of elements of one row (channels x remaining spatial sizes).
     """
+    if tile_elements is None:
+        tile_elements = TILE_ELEMENTS  # read at call time, so tests can shrink it
     rows = max(1, tile_elements // max(plane, 1))
     n_tiles = max(1, math.ceil(size / rows))
     step = math.ceil(size / n_tiles)
@@ -57,7 +59,7 @@ def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
     return t
 
 
-def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int = TILE_ELEMENTS,
+def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int | None = None,
                 out: Tensor | None = None) -> Tensor:
     """``F.conv{d}d(x, weight, padding=1)`` for a 3^dim kernel, computed slab by slab.
 
@@ -84,7 +86,7 @@ def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int = TILE_ELEMENTS,
     return out
 
 
-def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int = TILE_ELEMENTS,
+def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int | None = None,
                           out: Tensor | None = None) -> Tensor:
     """Input gradient of :func:`conv3_tiled`: ``conv_transpose(dy, weight, padding=1)``.
 
@@ -113,7 +115,7 @@ def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int = TILE_
 
 
 def conv3_weight_grad_tiled(x: Tensor, dy: Tensor, weight: Tensor,
-                            tile_elements: int = TILE_ELEMENTS) -> Tensor:
+                            tile_elements: int | None = None) -> Tensor:
     """Weight gradient of :func:`conv3_tiled` for output gradient ``dy``, summed over slabs."""
     dim = x.dim() - 2
     plane = x.shape[1] * (x[0, 0, 0].numel() if dim > 1 else 1)

@@ -261,3 +261,27 @@ def test_engine_output_is_not_an_input_alias() -> None:
     assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     buf = io.BytesIO()
     torch.save(y.detach(), buf)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_slab_recompute_and_tiled_convolutions_match_autograd(dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Force the slab-wise recomputation and many convolution tiles on a small model."""
+    from iunet_nb import engine, tiled
+
+    monkeypatch.setattr(engine, "SLAB_MIN_BYTES", 0)
+    monkeypatch.setattr(tiled, "TILE_ELEMENTS", 24)
+    torch.manual_seed(dim)
+    model = iUNet(channels=(6, 3 * 2 ** dim), architecture=(3, 1), dim=dim, verbose=0).double()
+    _randomize(model, seed=dim)
+    x = torch.randn((2, 6) + (7,) * dim, dtype=torch.float64)
+    _compare(model, x, "fused")
+    # and the tiled convolutions themselves against torch's
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dim]
+    w = torch.randn((4, 3) + (3,) * dim, dtype=torch.float64, requires_grad=True)
+    xi = torch.randn((2, 3) + (9,) * dim, dtype=torch.float64, requires_grad=True)
+    g = torch.randn((2, 4) + (9,) * dim, dtype=torch.float64)
+    conv(xi, w, padding=1).backward(g)
+    assert len(tiled.tile_bounds(9, 4 * 9 ** (dim - 1))) > 1
+    assert torch.allclose(tiled.conv3_tiled(xi.detach(), w.detach()), conv(xi, w, padding=1), atol=1e-12)
+    assert torch.allclose(tiled.conv3_transpose_tiled(g, w.detach()), xi.grad, atol=1e-12)
+    assert torch.allclose(tiled.conv3_weight_grad_tiled(xi.detach(), g, w.detach()), w.grad, atol=1e-10)
