@@ -49,8 +49,9 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Jupyter refuses to run as root without --allow-root (CI containers run as root).
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 table: $(STAMP)
 	$(PY) -m iunet_nb.bench table1

@@ -13,7 +13,9 @@ stores the constants in ``iunet_nb/predict.py`` (between ``# BEGIN CONSTANTS``
 and ``# END CONSTANTS``).
 
     python benchmarks/calibrate_predictor.py --csv data/results/table1-latest.csv
-    python benchmarks/calibrate_predictor.py --measure --sizes 64 128 --deltas 5 10 20 30 --write
+    python benchmarks/calibrate_predictor.py --measure --measure-sizes 64 128 --deltas 5 10 20 30 --write
+    python benchmarks/calibrate_predictor.py --measure --modes fused --measure-sizes 64 128 256 \
+        --deltas 5 20 --csv data/results/table1-<512 run>.csv --write   # fresh engine + a 512^2 row
 
 Re-run it after any change to the engines (the fused engine's constants move
 when its memory layout changes).
@@ -92,7 +94,10 @@ def main() -> int:
     ap.add_argument("--csv", nargs="*", default=None,
                     help="table1 CSV(s) or .jsonl files of `_one --json` rows (default: data/results/table1-latest.csv)")
     ap.add_argument("--measure", action="store_true", help="measure the grid now (subprocess per config)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512],
+                    help="sizes used for the fit (rows of other sizes are ignored)")
+    ap.add_argument("--measure-sizes", type=int, nargs="+", default=[64, 128],
+                    help="sizes measured with --measure")
     ap.add_argument("--deltas", type=int, nargs="+", default=[5, 10, 20, 30])
     ap.add_argument("--modes", nargs="+", default=list(P.MODES), choices=P.MODES)
     ap.add_argument("--write", action="store_true", help="store the fitted constants in predict.py")
@@ -102,15 +107,23 @@ def main() -> int:
 
     rows: list[dict] = []
     if args.measure:
+        import json
+
         from tqdm import tqdm
 
-        for size, delta, mode in tqdm([(s, d, m) for s in args.sizes for d in args.deltas for m in args.modes]):
+        saved = REPO / "data" / "results" / f"calibration-{dt.datetime.now():%Y%m%d-%H%M%S}.jsonl"
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        print(f"measured rows go to {saved}")
+
+        for size, delta, mode in tqdm([(s, d, m) for s in args.measure_sizes for d in args.deltas for m in args.modes]):
             r = bench.run_config(mode, size, delta, repeats=0)
             if r["status"] == "ok":
                 rows.append(r)
+                with open(saved, "a") as f:  # keep the measurements: --csv <file>.jsonl reuses them
+                    f.write(json.dumps(r) + "\n")
             else:
                 print(f"failed: {mode} {size} {delta}: {r.get('message')}")
-    else:
+    if args.csv is not None or not args.measure:
         paths = args.csv or [str(REPO / "data" / "results" / "table1-latest.csv")]
         for p in paths:
             if p.endswith(".jsonl"):  # rows as printed by `python -m iunet_nb.bench _one --json`

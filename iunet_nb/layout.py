@@ -584,7 +584,7 @@ def format_layout(layout: Layout) -> str:
 def _coupling_parameters(c: int, index: int, dim: int, depth: int) -> int:
     """Parameters of one additive coupling layer on ``c`` channels.
 
-    Even ``index`` (within its side): ``a = ceil(c/2)``, ``b = floor(c/2)``;
+    Even ``index`` (encoder ``j``, decoder ``blocks + j``): ``a = ceil(c/2)``, ``b = floor(c/2)``;
     odd: the other way round.  ``f: b -> a`` channels is ``depth`` times
     (conv ``3**dim`` kernel, no bias -> LeakyReLU -> GroupNorm(1, a) with
     affine weight and bias).
@@ -631,8 +631,10 @@ def count_parameters(layout: Layout, depth: int = 1,
     levels = []
     for lv in layout.levels:
         c = lv.channels
-        coupling = 2 * sum(_coupling_parameters(c, j, layout.dim, depth)
-                           for j in range(lv.blocks))
+        # The decoder continues the encoder's numbering (module_index = blocks + j),
+        # so that the zero-initialised couplings of a level cancel for odd c too.
+        coupling = sum(_coupling_parameters(c, j, layout.dim, depth)
+                       for j in range(2 * lv.blocks))
         if not learnable_channel_mixing or channel_mixing_freq == 0:
             n_mix = 0
         elif channel_mixing_freq == -1:

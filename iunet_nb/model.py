@@ -147,7 +147,8 @@ class iUNet(nn.Module):
         create_module_fn: ``fn(channels, **coordinates, **module_kwargs)``
             returning an invertible module (``forward`` and ``inverse``);
             coordinates are ``dim``, ``LR`` ('L' or 'R'), ``level``,
-            ``module_index`` and ``architecture``.
+            ``module_index`` (``j`` on the encoder side, ``architecture[level] + j``
+            on the decoder side) and ``architecture``.
         module_kwargs: extra keyword arguments of ``create_module_fn``
             (for the standard module: ``depth``, alias ``block_depth``).
         learnable_resampling, resampling_stride, resampling_method,
@@ -299,7 +300,10 @@ class iUNet(nn.Module):
                 dec.append(mixing(c))
             for j in range(lv.blocks):
                 enc.append(coupling(c, "L", i, j))
-                dec.append(coupling(c, "R", i, j))
+                # The decoder continues the numbering: with odd c the zero-initialised
+                # couplings are channel rotations by ceil(c/2) and floor(c/2), and only
+                # alternating them across both sides makes the level start as the identity.
+                dec.append(coupling(c, "R", i, lv.blocks + j))
                 if channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
                     enc.append(mixing(c))
                     dec.append(mixing(c))
