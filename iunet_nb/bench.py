@@ -724,6 +724,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default data/results)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--no-plot", action="store_true")
+    r = sub.add_parser("report", help="print the report of a table1 CSV again (predictions refreshed)")
+    r.add_argument("csv", nargs="+", help="table1 CSV file(s), e.g. data/results/table1-latest.csv")
+    r.add_argument("--plot", default=None, help="also write the plot to this PNG")
     o = sub.add_parser("_one", help="(internal) measure one configuration, print JSON")
     o.add_argument("--json", action="store_true")
     o.add_argument("--mode", required=True, choices=ALL_MODES)
@@ -742,6 +745,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = measure_config(args.mode, args.size, args.delta, dtype=args.dtype, device=args.device,
                              threads=args.threads, repeats=args.repeats)
         print(json.dumps(row))
+        return 0
+    if args.command == "report":
+        rows = [row for path in args.csv for row in read_results(path)]
+        for row in rows:  # predictions with the current constants of iunet_nb.predict
+            if row.get("status") == "ok":
+                row["predicted_total_bytes"] = predicted_total(row["mode"], row["size"], row["delta"],
+                                                               row.get("dtype") or "float32")
+                row["prediction_error"] = row["predicted_total_bytes"] / row["total_bytes"] - 1
+        print(format_report(rows))
+        if args.plot:
+            plot_results(rows, args.plot)
         return 0
     run = run_table1(args.sizes, args.deltas, args.modes, device=args.device, dtype=args.dtype,
                      threads=args.threads, repeats=args.repeats, max_gb=args.max_gb, out=args.out,
