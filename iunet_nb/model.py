@@ -468,38 +468,10 @@ class iUNet(nn.Module):
         return eng.FusedInvertibleFunction.apply(steps, x, *tensors)
 
     def _plain_body(self, x: Tensor) -> Tensor:
-        skips: list[Tensor] = []
-        last = self.num_levels - 1
-        for i in range(self.num_levels):
-            for m in self.encoder_modules[i]:
-                x = m(x)
-            if i < last:
-                k = self.skipped_channels[i]
-                skips.append(x[:, :k])
-                x = self.downsampling_layers[i](x[:, k:])
-        for i in range(last, -1, -1):
-            if i < last:
-                x = torch.cat([skips.pop(), self.upsampling_layers[i](x)], dim=1)
-            for m in self.decoder_modules[i]:
-                x = m(x)
-        return x
+        return self._decode(self._encode(x))
 
     def _plain_body_inverse(self, y: Tensor) -> Tensor:
-        skips: list[Tensor] = []
-        last = self.num_levels - 1
-        for i in range(self.num_levels):
-            for m in reversed(self.decoder_modules[i]):
-                y = m.inverse(y)
-            if i < last:
-                k = self.skipped_channels[i]
-                skips.append(y[:, :k])
-                y = self.upsampling_layers[i].inverse(y[:, k:])
-        for i in range(last, -1, -1):
-            if i < last:
-                y = torch.cat([skips.pop(), self.downsampling_layers[i].inverse(y)], dim=1)
-            for m in reversed(self.encoder_modules[i]):
-                y = m.inverse(y)
-        return y
+        return self.encoder_inverse(self.decoder_inverse(y))
 
     def _memcnn_body(self, x: Tensor) -> Tensor:
         from ._memcnn import import_memcnn
@@ -608,6 +580,9 @@ class iUNet(nn.Module):
         self._check_input(x)
         if use_padding:
             x, _ = self._pad(x)
+        return self._encode(x)
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, ...]:
         codes: list[Tensor] = []
         last = self.num_levels - 1
         for i in range(self.num_levels):
@@ -641,6 +616,9 @@ class iUNet(nn.Module):
             codes = tuple(codes[0])
         codes_l = list(codes)
         self._check_codes(codes_l)
+        return self._decode(codes_l)
+
+    def _decode(self, codes_l: Sequence[Tensor]) -> Tensor:
         x = codes_l[-1]
         for i in range(self.num_levels - 1, -1, -1):
             if i < self.num_levels - 1:

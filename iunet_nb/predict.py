@@ -538,6 +538,11 @@ def max_batch_size(
         shape[0] = b
         return predict_step_memory(model_or_layout, shape, dtype, mode, **kwargs).total <= budget_bytes
 
+    return largest_fitting(fits)
+
+
+def largest_fitting(fits: Any) -> int:
+    """Largest ``n >= 1`` with ``fits(n)`` for a monotone predicate (0 if ``fits(1)`` fails)."""
     if not fits(1):
         return 0
     lo, hi = 1, 2

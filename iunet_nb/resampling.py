@@ -3,8 +3,13 @@
 Downsampling by a stride ``(s_1, ..., s_d)`` cuts every channel into
 non-overlapping blocks of ``s = s_1 * ... * s_d`` pixels and applies an
 orthogonal ``s x s`` matrix to each block, turning ``C`` fine channels into
-``C * s`` coarse channels. Because the matrix is orthogonal, the inverse
-(upsampling) is the transposed convolution with the same weight.
+``C * s`` coarse channels: a grouped convolution with kernel size = stride =
+``(s_1, ..., s_d)`` and an orthogonal kernel.  Because the matrix is
+orthogonal, the inverse (upsampling) is the transposed convolution with the
+same kernel.  Both are computed as a block reordering plus one batched matrix
+product (no im2col buffers, which the CPU convolution allocates here); the
+memory-efficient engine uses :meth:`InvertibleDownsampling.backward_parts`,
+which rebuilds the input and computes all gradients without storing anything.
 
 Channel ordering: for fine channel ``c`` and block offset ``k`` (the row-major
 index of the position inside the stride block)::

@@ -428,17 +428,10 @@ def _search_max_batch(predict: Predictor, layout: Layout, spatial: tuple,
                       channels0: int, dtype: str, mode: str, budget: int,
                       **kw: Any) -> int:
     """Largest ``N`` with predicted total <= budget (0 if even N=1 fails)."""
-    def fits(n: int) -> bool:
-        return predict(layout, (n, channels0) + spatial, dtype, mode,
-                       **kw).total <= budget
+    from .predict import largest_fitting
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
-        if hi > 2 ** 40:
-            return lo
+    return largest_fitting(
+        lambda n: predict(layout, (n, channels0) + spatial, dtype, mode, **kw).total <= budget)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
