@@ -531,13 +531,12 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
 def plot_results(rows: Sequence[dict], path: str | Path, summary: dict | None = None) -> Path:
     """PNG: total memory vs delta per mode and size (+512^2 extrapolation, paper markers);
     runtime ratio vs delta (+paper)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # The Figure API draws without pyplot, so no backend is switched (a notebook keeps its own).
+    from matplotlib.figure import Figure
 
     s = summary or summarize(rows)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig = Figure(figsize=(12, 4.8))
+    ax1, ax2 = fig.subplots(1, 2)
     colors = {m: f"C{i}" for i, m in enumerate(ALL_MODES)}
     styles = ["-", "--", "-.", ":"]
     for k, size in enumerate(s["sizes"]):
@@ -579,7 +578,6 @@ def plot_results(rows: Sequence[dict], path: str | Path, summary: dict | None = 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
