@@ -20,7 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from .tiled import (
+    ChannelParts,
     conv3,
+    conv3_halo,
+    conv3_transpose_slab_rows,
+    conv3_weight_grad_halo,
     conv3_slab,
     conv3_tiled,
     conv3_transpose_slab_add_,
@@ -207,66 +211,82 @@ class StandardCouplingFunction(nn.Sequential):
 
 
     @torch.no_grad()
-    def recompute_and_backward_slabs(self, v: Tensor, grad: Tensor, target: Tensor,
-                                     grad_v: Tensor | None = None) -> tuple[Tensor | None, list[Tensor]]:
+    def recompute_and_backward_slabs(self, v: Tensor | list[Tensor], grad: Tensor | list[Tensor],
+                                     target: Tensor | list[Tensor],
+                                     grad_v: Tensor | list[Tensor] | None = None
+                                     ) -> tuple[Tensor | None, list[Tensor]]:
         """:meth:`recompute_and_backward` computed slab by slab, for the largest activations.
 
         Nothing of size ``(N, out, *S)`` is allocated: a first pass over slabs of
         the first spatial dimension computes GroupNorm's statistics (and the
         sums its backward needs), a second pass recomputes each slab of the
         convolution and finishes subtraction and back-propagation on it.  This
-        costs one extra convolution per coupling, so the engine uses it only at
-        the finest level, where the activations set the peak.
+        costs one extra convolution per coupling, so the engine uses it only for
+        large activations (``iunet_nb.engine.SLAB_MIN_BYTES``).  ``v``, ``grad``,
+        ``target`` and ``grad_v`` may be given as lists of channel parts (the
+        engine's representation), which are read and updated in place.
         """
         conv, act, norm = self[0], self[1], self[2]
-        v, grad = v.contiguous(), grad.contiguous()
+        vp, gp, tp = ChannelParts(v), ChannelParts(grad), ChannelParts(target)
         slope = act.negative_slope
         W = conv.weight
-        n, c = grad.shape[0], grad.shape[1]
-        count = grad[0].numel()
-        plane = c * (grad[0, 0, 0].numel() if grad.dim() > 3 else 1)
-        bounds = tile_bounds(grad.shape[2], plane)
+        n, c = gp.shape[0], gp.shape[1]
+        size = gp.shape[2]
+        count = c
+        for d in gp.shape[2:]:
+            count *= d
+        plane = count // size
+        bounds = tile_bounds(size, plane)
+        first = gp.parts[0]
         acc = torch.float64
-        sum_a = torch.zeros(n, dtype=acc, device=v.device)
-        sum_aa = torch.zeros(n, dtype=acc, device=v.device)
-        s2 = torch.zeros(n, c, dtype=acc, device=v.device)
+        sum_a = torch.zeros(n, dtype=acc, device=first.device)
+        sum_aa = torch.zeros(n, dtype=acc, device=first.device)
+        s2 = torch.zeros(n, c, dtype=acc, device=first.device)
         for lo, hi in bounds:
-            a = torch.nn.functional.leaky_relu_(conv3_slab(v, W, lo, hi), slope)
+            a = torch.nn.functional.leaky_relu_(conv3_halo(vp.halo(lo, hi), W), slope)
             a64 = a.reshape(n, c, -1).to(acc)
             sum_a += a64.sum((1, 2))
             sum_aa += a64.square().sum((1, 2))
-            s2 += torch.einsum("ncl,ncl->nc", grad[:, :, lo:hi].reshape(n, c, -1).to(acc), a64)
+            s2 += torch.einsum("ncl,ncl->nc", gp.rows(lo, hi).reshape(n, c, -1).to(acc), a64)
             del a, a64
         mean64 = sum_a / count
         var64 = (sum_aa / count - mean64.square()).clamp_min(0)
         rstd64 = (var64 + norm.eps).rsqrt()
-        s1 = grad.reshape(n, c, -1).sum(-1).to(acc)
+        s1 = gp.channel_sums().to(acc)
         gx = rstd64.view(n, 1) * (s2 - mean64.view(n, 1) * s1)
         w64 = norm.weight.to(acc).view(1, c)
         A = (w64 * s1).sum(1) / count
         B = (w64 * gx).sum(1) / count
-        dt = v.dtype
-        shape = (n,) + (1,) * (grad.dim() - 1)
+        dt = first.dtype
+        ndim = len(gp.shape)
+        shape = (n,) + (1,) * (ndim - 1)
         mean, rstd = mean64.to(dt).view(shape), rstd64.to(dt).view(shape)
-        gamma = norm.weight.view((1, c) + (1,) * (grad.dim() - 2))
+        gamma = norm.weight.view((1, c) + (1,) * (ndim - 2))
         beta = norm.bias.view_as(gamma)
         scale = rstd * gamma
         coef_a = (-(rstd64 * rstd64) * B).to(dt).view(shape)
         shift = (rstd64 * A).to(dt).view(shape)
-        slope_t, one = grad.new_tensor(slope), grad.new_tensor(1.0)
-        dv = grad_v if grad_v is not None else v.new_zeros(v.shape)
+        slope_t, one = first.new_tensor(slope), first.new_tensor(1.0)
+        if grad_v is None:
+            dv: Tensor | None = first.new_zeros(vp.shape)
+            dvp = ChannelParts(dv)
+        else:
+            dv, dvp = None, ChannelParts(grad_v)
         dw = torch.zeros_like(W)
         for lo, hi in bounds:
-            a = torch.nn.functional.leaky_relu_(conv3_slab(v, W, lo, hi), slope)
+            halo = vp.halo(lo, hi)
+            a = torch.nn.functional.leaky_relu_(conv3_halo(halo, W), slope)
             negative = a.lt(0)
             a.sub_(mean)
-            target[:, :, lo:hi].sub_(a * scale + beta)
-            a.mul_(coef_a).addcmul_(grad[:, :, lo:hi], scale).sub_(shift)
+            tp.add_rows_(lo, hi, a * scale + beta, alpha=-1.0)
+            a.mul_(coef_a).addcmul_(gp.rows(lo, hi), scale).sub_(shift)
             a.mul_(torch.where(negative, slope_t, one))
-            dw += conv3_weight_grad_slab(v, a, W, lo, hi)
-            conv3_transpose_slab_add_(a, W, lo, hi, dv)
-            del a, negative
-        return (None if grad_v is not None else dv), [dw, gx.sum(0).to(dt), s1.sum(0).to(dt)]
+            dw += conv3_weight_grad_halo(halo, a, W)
+            del halo
+            r0, r1, rows = conv3_transpose_slab_rows(a, W, lo, hi, size)
+            dvp.add_rows_(r0, r1, rows)
+            del a, negative, rows
+        return dv, [dw, gx.sum(0).to(dt), s1.sum(0).to(dt)]
 
 
 _SLICE_ELEMENTS = 1 << 16

@@ -50,9 +50,10 @@ __all__ = [
 ]
 
 
-#: Finest-level couplings whose f(v) is at least this large are recomputed slab by
-#: slab (one extra convolution, no activation-sized buffer).  Below it, the saving is
-#: smaller than the weight-sized temporaries of the coarse levels and not worth the time.
+#: Couplings whose f(v) is at least this large are recomputed slab by slab (one extra
+#: convolution, no activation-sized buffer), and the finest level's downsampling hands
+#: back its input in parts.  Below it, the saving is smaller than the weight-sized
+#: temporaries of the coarse levels and not worth the time.
 SLAB_MIN_BYTES = 8 << 20
 
 
@@ -131,8 +132,11 @@ class private_buffers:
     buffers are put back untouched on exit.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, split_output: bool = False) -> None:
         self.module = module
+        # At the finest level, a downsampling's backward may hand back its fine
+        # tensors in parts (the slab-wise couplings there read parts directly).
+        self.split_output = split_output
 
     def __enter__(self) -> "private_buffers":
         self._saved: list[tuple[dict, str, Tensor]] = []
@@ -196,8 +200,8 @@ class CouplingStep(Step):
     def __init__(self, module: nn.Module, preserve_rng_state: bool = True, slabs: bool = False) -> None:
         self.module = module
         self.preserve_rng_state = preserve_rng_state
-        # At the finest level, recompute in slabs (one extra convolution, no
-        # activation-sized buffer): that level sets the memory peak.
+        # Recompute large activations in slabs (see SLAB_MIN_BYTES): one extra
+        # convolution, no activation-sized buffer.
         self.slabs = slabs
 
     def tensors(self) -> list[Tensor]:
@@ -226,24 +230,24 @@ class CouplingStep(Step):
         r = c - s
         y1, y2 = narrow(st.cur, 0, r), narrow(st.cur, r, s)
         dy1, dy2 = narrow(gst.cur, 0, r), narrow(gst.cur, r, s)
-        v = full(y1)
         params = list(tensors)
         wanted = [p for p in params if p.requires_grad]
-        dy2_full = full(dy2)
         fused = getattr(m.f, "can_fuse_backward", None)
-        if fused is not None and fused(v.tensor) and all(p.requires_grad for p in params) \
+        if fused is not None and fused(y1[0].tensor) and all(p.requires_grad for p in params) \
                 and len(params) == 3:
+            u_bytes = sum(p.tensor.numel() * p.tensor.element_size() for p in y2)
+            if (self.slabs and hasattr(m.f, "recompute_and_backward_slabs")
+                    and u_bytes >= SLAB_MIN_BYTES):
+                return self._backward_slabs(st, gst, y1, y2, dy1, dy2)
+            v = full(y1)
+            dy2_full = full(dy2)
             if len(y2) == 1:
                 u = y2[0] if y2[0].owned else Part(y2[0].tensor.clone(), True)
             else:
                 u = full(y2)  # a new tensor
             grad_v = dy1[0].tensor if len(dy1) == 1 and dy1[0].owned else None
             # With an owned gradient buffer, dL/dv accumulates straight into it.
-            run = m.f.recompute_and_backward
-            if (self.slabs and hasattr(m.f, "recompute_and_backward_slabs")
-                    and u.tensor.numel() * u.tensor.element_size() >= SLAB_MIN_BYTES):
-                run = m.f.recompute_and_backward_slabs
-            dv, pgrads = run(v.tensor, dy2_full.tensor, u.tensor, grad_v)
+            dv, pgrads = m.f.recompute_and_backward(v.tensor, dy2_full.tensor, u.tensor, grad_v)
             if dv is None:
                 dv_part = dy1[0]
             else:
@@ -253,6 +257,8 @@ class CouplingStep(Step):
             st.cur = [u, v]
             gst.cur = [dy2_full, dv_part]
             return list(pgrads)
+        v = full(y1)
+        dy2_full = full(dy2)
         # Buffers are restored only after the gradient: BatchNorm's backward reads them.
         with _RecomputeContext(m.f, record, self.preserve_rng_state):
             with torch.enable_grad():
@@ -289,9 +295,31 @@ class CouplingStep(Step):
         return [next(it) if p.requires_grad else None for p in params]
 
 
+    def _backward_slabs(self, st: State, gst: State, y1: Parts, y2: Parts, dy1: Parts,
+                        dy2: Parts) -> list[Tensor | None]:
+        """The coupling's backward slab by slab, on the channel parts as they are (no joins)."""
+        u = [_owned_copy(p) for p in y2]
+        grad_v = [p.tensor for p in dy1] if all(p.owned for p in dy1) else None
+        dv, pgrads = self.module.f.recompute_and_backward_slabs(
+            [p.tensor for p in y1], [p.tensor for p in dy2], [p.tensor for p in u], grad_v)
+        if dv is None:
+            dv_parts = dy1
+        else:
+            for piece, target in zip(dy1, _split_like(dv, dy1)):
+                target.add_(piece.tensor)
+            dv_parts = [Part(dv, True)]
+        st.cur = u + y1
+        gst.cur = dy2 + dv_parts
+        return list(pgrads)
+
+
 def _alias(t: Tensor) -> Tensor:
     """A detached tensor on ``t``'s memory with a version counter of its own."""
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+def _owned_copy(p: Part) -> Part:
+    return p if p.owned else Part(p.tensor.clone(), True)
 
 
 def _split_like(t: Tensor, parts: Parts) -> list[Tensor]:
@@ -344,8 +372,11 @@ class KernelStep(Step):
     Because the map is orthogonal, the input gradient is ``inverse(dy)``.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, split_output: bool = False) -> None:
         self.module = module
+        # At the finest level, a downsampling's backward may hand back its fine
+        # tensors in parts (the slab-wise couplings there read parts directly).
+        self.split_output = split_output
 
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
         (kernel,) = tensors
@@ -364,8 +395,12 @@ class KernelStep(Step):
             ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
             y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
             st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early
+            kwargs = {}
+            if self.split_output:
+                fine_bytes = sum(t.numel() * t.element_size() for t in ys)
+                kwargs["join"] = fine_bytes < SLAB_MIN_BYTES
             xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), kernel.requires_grad,
-                                                     y_owned, dy_owned)
+                                                     y_owned, dy_owned, **kwargs)
             st.cur = [Part(t, True) for t in xs]
             gst.cur = [Part(t, True) for t in dxs]
             return [dk]

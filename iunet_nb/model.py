@@ -421,9 +421,10 @@ class iUNet(nn.Module):
 
         def add(module: nn.Module, level: int = -1) -> None:
             if isinstance(module, (OrthogonalChannelMixing, InvertibleDownsampling, InvertibleUpsampling)):
-                steps.append(eng.KernelStep(module))
+                split = level == 0 and isinstance(module, InvertibleDownsampling)
+                steps.append(eng.KernelStep(module, split_output=split))
             elif isinstance(module, AdditiveCoupling):
-                steps.append(eng.CouplingStep(module, self.preserve_rng_state, slabs=(level == 0)))
+                steps.append(eng.CouplingStep(module, self.preserve_rng_state, slabs=True))
             else:
                 steps.append(eng.InvertibleModuleStep(module, self.preserve_rng_state))
 
@@ -433,7 +434,7 @@ class iUNet(nn.Module):
                 add(m, i)
             if i < last:
                 steps.append(eng.SplitStep(self.skipped_channels[i]))
-                add(self.downsampling_layers[i])
+                add(self.downsampling_layers[i], i)
         for i in range(last, -1, -1):
             if i < last:
                 add(self.upsampling_layers[i])

@@ -283,7 +283,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         return x, dx, dQ
 
     def _down_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
-                             y_owned: list[bool] | None, dy_owned: list[bool] | None
+                             y_owned: list[bool] | None, dy_owned: list[bool] | None,
+                             join: bool = True
                              ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """:meth:`_down_backward` on channel parts of the coarse tensors.
 
@@ -299,14 +300,29 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         coarse = ys[0].shape[2:]
         xbs = _blockwise_matmul(Qd, ys, s, y_owned)
         dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
-        xs = [_from_blocks_joined(xbs, self.stride, coarse)]
         # The caller hands over its lists: emptying them frees the coarse buffers early.
         ys.clear()
-        del xbs
+        xs = self._reorder(xbs, coarse, join)
         dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
         dys.clear()
-        dxs = [_from_blocks_joined(dxbs, self.stride, coarse)]
+        dxs = self._reorder(dxbs, coarse, join)
         return xs, dxs, dQ
+
+    def _reorder(self, blocks: list[Tensor], coarse: Sequence[int], join: bool) -> list[Tensor]:
+        """Block tensors back to fine parts; consumes ``blocks``.
+
+        ``join``: one new tensor (the coarse buffers live until it is complete).
+        Otherwise one fine part per coarse part, each coarse buffer released as
+        soon as its part is done, which lowers the peak by half a fine tensor.
+        """
+        if join:
+            out = [_from_blocks_joined(blocks, self.stride, coarse)]
+            blocks.clear()
+            return out
+        out = []
+        while blocks:
+            out.append(from_blocks(blocks.pop(0), self.stride, coarse))
+        return out
 
     def _up_backward(self, y: Tensor, dy: Tensor, Q: Tensor,
                      need_kernel_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -498,10 +514,14 @@ class InvertibleDownsampling(_InvertibleResampling):
 
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
-                       dy_owned: list[bool] | None = None
+                       dy_owned: list[bool] | None = None, join: bool = True
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """:meth:`backward_step` with ``y``/``dy`` as channel parts; owned parts are reused."""
-        return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned, dy_owned)
+        """:meth:`backward_step` with ``y``/``dy`` as channel parts; owned parts are reused.
+
+        ``join=False`` returns the fine tensors as parts (see :meth:`_reorder`).
+        """
+        return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
+                                         dy_owned, join)
 
 
 class InvertibleUpsampling(_InvertibleResampling):

@@ -185,3 +185,73 @@ def conv3_weight_grad_slab(x: Tensor, dy_slab: Tensor, weight: Tensor, lo: int, 
         dy_slab, _halo(x, lo, hi), weight, None, ones, (0,) + (1,) * (dim - 1), ones, False,
         (0,) * dim, 1, [False, True, False])
     return g
+
+
+class ChannelParts:
+    """A ``(N, C, *S)`` tensor held as channel parts ``(N, C_k, *S)`` (concatenated along dim 1).
+
+    The memory-efficient engine keeps activations in parts to avoid copies;
+    the slab-wise computations only ever need a slab of rows of the whole
+    tensor, which this class assembles (a small copy) or updates in place.
+    """
+
+    def __init__(self, parts: Tensor | list[Tensor]) -> None:
+        self.parts = [parts] if isinstance(parts, Tensor) else list(parts)
+        first = self.parts[0]
+        self.shape = (first.shape[0], sum(p.shape[1] for p in self.parts), *first.shape[2:])
+
+    def rows(self, lo: int, hi: int) -> Tensor:
+        """Rows ``lo:hi`` of the first spatial dimension, all channels."""
+        pieces = [p[:, :, lo:hi] for p in self.parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def halo(self, lo: int, hi: int) -> Tensor:
+        """Rows ``lo-1 .. hi``, zero-padded at the borders (see :func:`conv3_slab`)."""
+        size = self.shape[2]
+        t = self.rows(max(lo - 1, 0), min(hi + 1, size))
+        top, bottom = (1 if lo == 0 else 0), (1 if hi == size else 0)
+        if top or bottom:
+            t = F.pad(t, [0, 0] * (len(self.shape) - 3) + [top, bottom])
+        return t
+
+    def _split(self, value: Tensor) -> list[Tensor]:
+        out, c0 = [], 0
+        for p in self.parts:
+            out.append(value[:, c0:c0 + p.shape[1]])
+            c0 += p.shape[1]
+        return out
+
+    def add_rows_(self, lo: int, hi: int, value: Tensor, alpha: float = 1.0) -> None:
+        """``self[:, :, lo:hi] += alpha * value`` in place, part by part."""
+        for p, v in zip(self.parts, self._split(value)):
+            p[:, :, lo:hi].add_(v, alpha=alpha)
+
+    def channel_sums(self) -> Tensor:
+        """``(N, C)`` sums over all spatial positions."""
+        return torch.cat([p.reshape(p.shape[0], p.shape[1], -1).sum(-1) for p in self.parts], dim=1)
+
+
+def conv3_halo(halo: Tensor, weight: Tensor) -> Tensor:
+    """The rows of a 3^dim convolution (padding 1) computed from a slab with its halo."""
+    dim = halo.dim() - 2
+    return _CONV[dim](halo, weight, padding=(0,) + (1,) * (dim - 1))
+
+
+def conv3_weight_grad_halo(halo: Tensor, dy_slab: Tensor, weight: Tensor) -> Tensor:
+    """Weight gradient contributed by a slab of output rows, from the input slab with its halo."""
+    dim = halo.dim() - 2
+    ones = (1,) * dim
+    _, g, _ = torch.ops.aten.convolution_backward(
+        dy_slab, halo, weight, None, ones, (0,) + (1,) * (dim - 1), ones, False,
+        (0,) * dim, 1, [False, True, False])
+    return g
+
+
+def conv3_transpose_slab_rows(dy_slab: Tensor, weight: Tensor, lo: int, hi: int,
+                              size: int) -> tuple[int, int, Tensor]:
+    """Input-gradient contribution of output rows ``lo:hi``: ``(first_row, end_row, rows)``."""
+    dim = dy_slab.dim() - 2
+    y = _CONV_T[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))  # rows lo-1 .. hi
+    first, last = lo - 1, hi + 1
+    y = y[:, :, (1 if first < 0 else 0): y.shape[2] - (1 if last > size else 0)]
+    return max(first, 0), min(last, size), y
