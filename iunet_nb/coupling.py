@@ -25,11 +25,8 @@ from .tiled import (
     conv3_halo,
     conv3_transpose_slab_rows,
     conv3_weight_grad_halo,
-    conv3_slab,
     conv3_tiled,
-    conv3_transpose_slab_add_,
     conv3_transpose_tiled,
-    conv3_weight_grad_slab,
     conv3_weight_grad_tiled,
     tile_bounds,
 )

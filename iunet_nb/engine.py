@@ -241,10 +241,7 @@ class CouplingStep(Step):
                 return self._backward_slabs(st, gst, y1, y2, dy1, dy2)
             v = full(y1)
             dy2_full = full(dy2)
-            if len(y2) == 1:
-                u = y2[0] if y2[0].owned else Part(y2[0].tensor.clone(), True)
-            else:
-                u = full(y2)  # a new tensor
+            u = _owned_copy(y2[0]) if len(y2) == 1 else full(y2)  # full(): a new tensor
             grad_v = dy1[0].tensor if len(dy1) == 1 and dy1[0].owned else None
             # With an owned gradient buffer, dL/dv accumulates straight into it.
             dv, pgrads = m.f.recompute_and_backward(v.tensor, dy2_full.tensor, u.tensor, grad_v)
@@ -368,8 +365,11 @@ class InvertibleModuleStep(Step):
 class KernelStep(Step):
     """An orthogonal linear step (resampling or channel mixing) with a precomputed kernel.
 
-    The module must provide ``forward(x, kernel=...)`` and ``inverse(y, kernel=...)``.
-    Because the map is orthogonal, the input gradient is ``inverse(dy)``.
+    The module must provide ``forward(x, kernel=...)`` and
+    ``backward_parts(ys, dys, kernel, need_kernel_grad, y_owned, dy_owned)``, which
+    rebuilds the input and its gradient from channel parts (the map is orthogonal,
+    so the input gradient is the inverse applied to ``dy``); ``forward_parts`` is
+    used when present.
     """
 
     def __init__(self, module: nn.Module, split_output: bool = False) -> None:
@@ -391,24 +391,17 @@ class KernelStep(Step):
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
         (kernel,) = tensors
-        if hasattr(self.module, "backward_parts"):
-            ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
-            y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
-            st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early
-            kwargs = {}
-            if self.split_output:
-                fine_bytes = sum(t.numel() * t.element_size() for t in ys)
-                kwargs["join"] = fine_bytes < SLAB_MIN_BYTES
-            xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), kernel.requires_grad,
-                                                     y_owned, dy_owned, **kwargs)
-            st.cur = [Part(t, True) for t in xs]
-            gst.cur = [Part(t, True) for t in dxs]
-            return [dk]
-        y, dy = full(st.cur), full(gst.cur)
-        x, dx, dk = self.module.backward_step(y.tensor, dy.tensor, kernel.detach(),
-                                              kernel.requires_grad)
-        st.cur = [Part(x, True)]
-        gst.cur = [Part(dx.to(dy.tensor.dtype), True)]
+        ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
+        y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
+        st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early
+        kwargs = {}
+        if self.split_output:
+            fine_bytes = sum(t.numel() * t.element_size() for t in ys)
+            kwargs["join"] = fine_bytes < SLAB_MIN_BYTES
+        xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), kernel.requires_grad,
+                                                 y_owned, dy_owned, **kwargs)
+        st.cur = [Part(t, True) for t in xs]
+        gst.cur = [Part(t, True) for t in dxs]
         return [dk]
 
 

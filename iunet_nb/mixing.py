@@ -103,15 +103,6 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         # autocast the kernel is float32; the product runs in the data's dtype.
         return torch.matmul(Q.to(x.dtype), x.reshape(x.shape[0], c, -1)).view(x.shape)
 
-    def backward_step(self, y: Tensor, dy: Tensor, kernel: Tensor, need_kernel_grad: bool = True
-                      ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Memory-efficient backward: from ``y = Q x`` and ``dL/dy`` to ``(x, dL/dx, dL/dQ)``.
-
-        ``x = Q^T y``, ``dL/dx = Q^T dL/dy``, ``dL/dQ = sum_n dy_n x_n^T``.
-        """
-        (x,), (dx,), dQ = self.backward_parts([y], [dy], kernel, need_kernel_grad)
-        return x, dx, dQ
-
     def forward_parts(self, parts: list[Tensor], kernel: Tensor,
                       owned: list[bool] | None = None) -> list[Tensor]:
         """``Q @ cat(parts, dim=1)`` without building the concatenation.
@@ -126,8 +117,9 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
                        need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
                        dy_owned: list[bool] | None = None
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """:meth:`backward_step` for ``y`` and ``dy`` given as channel parts.
+        """Memory-efficient backward from ``y = Q x`` and ``dL/dy``, both as channel parts.
 
+        ``x = Q^T y``, ``dL/dx = Q^T dL/dy``, ``dL/dQ = sum_n dy_n x_n^T``.
         Returns ``(x_parts, dx_parts, dQ)``; parts that may be overwritten are
         reused in place (see :meth:`forward_parts`).
         """

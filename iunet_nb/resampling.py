@@ -272,21 +272,14 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         return from_blocks(blocks, self.stride, coarse)
 
 
-    def _down_backward(self, y: Tensor, dy: Tensor, Q: Tensor,
-                       need_kernel_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """For ``y = down(x)``: rebuild ``x``; return ``(x, dL/dx, dL/dQ)``.
-
-        ``y``, ``dy``: coarse ``(N, C*s, *S)``.  Uses ``dL/dx = down^T(dy) = up(dy)``
-        (orthogonal) and ``dL/dQ = sum_n dy_b x_b^T`` per channel.
-        """
-        (x,), (dx,), dQ = self._down_backward_parts([y], [dy], Q, need_kernel_grad, None, None)
-        return x, dx, dQ
-
     def _down_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
                              y_owned: list[bool] | None, dy_owned: list[bool] | None,
                              join: bool = True
                              ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """:meth:`_down_backward` on channel parts of the coarse tensors.
+        """For ``y = down(x)`` (coarse parts): rebuild ``x`` and return ``(x, dL/dx, dL/dQ)``.
+
+        Uses ``dL/dx = down^T(dy) = up(dy)`` (orthogonal) and
+        ``dL/dQ = sum_n dy_b x_b^T`` per channel.
 
         Every part must hold whole blocks (a multiple of ``s`` channels); parts
         that may be overwritten are transformed in place before the block
@@ -324,18 +317,9 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             out.append(from_blocks(blocks.pop(0), self.stride, coarse))
         return out
 
-    def _up_backward(self, y: Tensor, dy: Tensor, Q: Tensor,
-                     need_kernel_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """For ``y = up(x)``: rebuild ``x``; return ``(x, dL/dx, dL/dQ)``.
-
-        ``y``, ``dy``: fine ``(N, C, *S)``; ``x``: coarse ``(N, C*s, *S/stride)``.
-        """
-        (x,), (dx,), dQ = self._up_backward_parts([y], [dy], Q, need_kernel_grad)
-        return x, dx, dQ
-
     def _up_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool
                            ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """:meth:`_up_backward` on channel parts of the fine tensors (any split)."""
+        """For ``y = up(x)`` (fine parts, any split): rebuild the coarse ``x``; return ``(x, dL/dx, dL/dQ)``."""
         n, s = ys[0].shape[0], self.block_size
         coarse = [size // st for size, st in zip(ys[0].shape[2:], self.stride)]
         Qd = Q.to(ys[0].dtype)
@@ -388,14 +372,6 @@ def _kernel_grad_parts(a_parts: list[Tensor], b_parts: list[Tensor], group: int,
         a4 = a.reshape(a.shape[0], c, b.shape[2], -1).to(b.dtype)
         grads.append(torch.matmul(a4, b.mT).sum(0))
     g = torch.cat(grads, dim=0)
-    if Q.shape[0] == 1 and g.shape[0] != 1:
-        g = g.sum(0, keepdim=True)
-    return g.to(Q.dtype)
-
-
-def _kernel_grad(a: Tensor, b: Tensor, Q: Tensor) -> Tensor:
-    """``sum_n a_n b_n^T`` over the batch (and over channels for a shared kernel), in Q's dtype."""
-    g = torch.matmul(a, b.mT).sum(0)  # (C, s, s)
     if Q.shape[0] == 1 and g.shape[0] != 1:
         g = g.sum(0, keepdim=True)
     return g.to(Q.dtype)
@@ -507,16 +483,12 @@ class InvertibleDownsampling(_InvertibleResampling):
         """Exact inverse: ``(N, C*s, *S) -> (N, C, *S*stride)`` (transposed block transform)."""
         return self._up(y, kernel)
 
-    def backward_step(self, y: Tensor, dy: Tensor, kernel: Tensor,
-                      need_kernel_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Memory-efficient backward: from output ``y`` and ``dL/dy`` to ``(x, dL/dx, dL/dkernel)``."""
-        return self._down_backward(y, dy, kernel, need_kernel_grad)
-
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
                        dy_owned: list[bool] | None = None, join: bool = True
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """:meth:`backward_step` with ``y``/``dy`` as channel parts; owned parts are reused.
+        """Memory-efficient backward from the output ``y = down(x)`` and ``dL/dy``, given as
+        channel parts: returns ``(x parts, dL/dx parts, dL/dkernel)``; owned parts are reused.
 
         ``join=False`` returns the fine tensors as parts (see :meth:`_reorder`).
         """
@@ -576,14 +548,10 @@ class InvertibleUpsampling(_InvertibleResampling):
         """Exact inverse: ``(N, C, *S) -> (N, C*s, *S/stride)`` (block transform)."""
         return self._down(x, kernel)
 
-    def backward_step(self, y: Tensor, dy: Tensor, kernel: Tensor,
-                      need_kernel_grad: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Memory-efficient backward: from output ``y`` and ``dL/dy`` to ``(x, dL/dx, dL/dkernel)``."""
-        return self._up_backward(y, dy, kernel, need_kernel_grad)
-
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
                        dy_owned: list[bool] | None = None
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """:meth:`backward_step` with ``y``/``dy`` as channel parts of the fine tensors."""
+        """Memory-efficient backward from the output ``y = up(x)`` and ``dL/dy``, given as
+        channel parts of the fine tensors: returns ``(x parts, dL/dx parts, dL/dkernel)``."""
         return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad)

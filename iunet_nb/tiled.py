@@ -13,6 +13,7 @@ as the untiled ``F.conv{1,2,3}d(x, weight, padding=1)`` and its gradients.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ __all__ = [
     "conv3_tiled",
     "conv3_transpose_tiled",
     "conv3_weight_grad_tiled",
+    "ChannelParts",
+    "conv3_halo",
+    "conv3_weight_grad_halo",
+    "conv3_transpose_slab_rows",
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -49,14 +54,32 @@ def tile_bounds(size: int, plane: int, tile_elements: int | None = None) -> list
 
 def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
     """Rows ``lo-1 .. hi`` of ``x`` along dim 2, zero-padded at the borders."""
-    size = x.shape[2]
-    a, b = max(lo - 1, 0), min(hi + 1, size)
-    t = x[:, :, a:b]
-    top, bottom = (1 if lo == 0 else 0), (1 if hi == size else 0)
-    if top or bottom:
-        pad = [0, 0] * (x.dim() - 3) + [top, bottom]
-        t = F.pad(t, pad)
-    return t
+    return ChannelParts(x).halo(lo, hi)
+
+
+def _bounds(x: Tensor, tile_elements: int | None) -> list[tuple[int, int]]:
+    """Slabs of ``x`` along its first spatial dimension (see :func:`tile_bounds`)."""
+    plane = x.shape[1] * (x[0, 0, 0].numel() if x.dim() > 3 else 1)
+    return tile_bounds(x.shape[2], plane, tile_elements)
+
+
+def _slabwise(x: Tensor, out_channels: int, whole: Any, slab: Any,
+              tile_elements: int | None, out: Tensor | None) -> Tensor:
+    """``whole(x)`` computed as ``slab(halo)`` per slab of rows; added into ``out`` if given."""
+    bounds = _bounds(x, tile_elements)
+    if len(bounds) == 1:
+        y = whole(x)
+        return y if out is None else out.add_(y)
+    accumulate = out is not None
+    if out is None:
+        out = x.new_empty(x.shape[0], out_channels, *x.shape[2:])
+    for lo, hi in bounds:
+        y = slab(_halo(x, lo, hi))
+        if accumulate:
+            out[:, :, lo:hi] += y
+        else:
+            out[:, :, lo:hi] = y
+    return out
 
 
 def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int | None = None,
@@ -66,24 +89,9 @@ def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int | None = None,
     With ``out`` given, the result is *added* to ``out`` (slab by slab, so no
     full-size temporary) and ``out`` is returned.
     """
-    dim = x.dim() - 2
-    plane = x.shape[1] * (x[0, 0, 0].numel() if dim > 1 else 1)
-    bounds = tile_bounds(x.shape[2], plane, tile_elements)
-    conv = _CONV[dim]
-    inner_pad = (0,) + (1,) * (dim - 1)
-    if len(bounds) == 1:
-        y = conv(x, weight, padding=1)
-        return y if out is None else out.add_(y)
-    accumulate = out is not None
-    if out is None:
-        out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
-    for lo, hi in bounds:
-        y = conv(_halo(x, lo, hi), weight, padding=inner_pad)
-        if accumulate:
-            out[:, :, lo:hi] += y
-        else:
-            out[:, :, lo:hi] = y
-    return out
+    conv = _CONV[x.dim() - 2]
+    return _slabwise(x, weight.shape[0], lambda t: conv(t, weight, padding=1),
+                     lambda h: conv3_halo(h, weight), tile_elements, out)
 
 
 def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int | None = None,
@@ -93,43 +101,23 @@ def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int | None 
     With ``out`` given, the result is added to it slab by slab.
     """
     dim = dy.dim() - 2
-    plane = dy.shape[1] * (dy[0, 0, 0].numel() if dim > 1 else 1)
-    bounds = tile_bounds(dy.shape[2], plane, tile_elements)
     conv_t = _CONV_T[dim]
-    if len(bounds) == 1:
-        y = conv_t(dy, weight, padding=1)
-        return y if out is None else out.add_(y)
     # On a slab that carries its own one-row halo, the transposed convolution needs
     # padding k - 1 - 0 = 2 along the tiled dimension to return exactly the slab's rows.
     pad = (2,) + (1,) * (dim - 1)
-    accumulate = out is not None
-    if out is None:
-        out = dy.new_empty(dy.shape[0], weight.shape[1], *dy.shape[2:])
-    for lo, hi in bounds:
-        y = conv_t(_halo(dy, lo, hi), weight, padding=pad)
-        if accumulate:
-            out[:, :, lo:hi] += y
-        else:
-            out[:, :, lo:hi] = y
-    return out
+    return _slabwise(dy, weight.shape[1], lambda t: conv_t(t, weight, padding=1),
+                     lambda h: conv_t(h, weight, padding=pad), tile_elements, out)
 
 
 def conv3_weight_grad_tiled(x: Tensor, dy: Tensor, weight: Tensor,
                             tile_elements: int | None = None) -> Tensor:
     """Weight gradient of :func:`conv3_tiled` for output gradient ``dy``, summed over slabs."""
-    dim = x.dim() - 2
-    plane = x.shape[1] * (x[0, 0, 0].numel() if dim > 1 else 1)
-    bounds = tile_bounds(x.shape[2], plane, tile_elements)
-    ones = (1,) * dim
+    bounds = _bounds(x, tile_elements)
     if len(bounds) == 1:
-        pads, slabs = (1,) * dim, [(x, dy)]
-    else:
-        pads = (0,) + (1,) * (dim - 1)
-        slabs = [(_halo(x, lo, hi), dy[:, :, lo:hi]) for lo, hi in bounds]
+        return _weight_grad(x, dy, weight, padding_first=1)
     grad = None
-    for xt, dyt in slabs:
-        _, g, _ = torch.ops.aten.convolution_backward(
-            dyt, xt, weight, None, ones, pads, ones, False, (0,) * dim, 1, [False, True, False])
+    for lo, hi in bounds:
+        g = conv3_weight_grad_halo(_halo(x, lo, hi), dy[:, :, lo:hi], weight)
         grad = g if grad is None else grad.add_(g)
     return grad
 
@@ -157,36 +145,6 @@ def conv3(x: Tensor, weight: Tensor) -> Tensor:
     return _CONV[x.dim() - 2](x, weight, padding=1)
 
 
-def conv3_slab(x: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
-    """Rows ``lo:hi`` (first spatial dim) of ``F.conv{d}d(x, weight, padding=1)``."""
-    dim = x.dim() - 2
-    return _CONV[dim](_halo(x, lo, hi), weight, padding=(0,) + (1,) * (dim - 1))
-
-
-def conv3_transpose_slab_add_(dy_slab: Tensor, weight: Tensor, lo: int, hi: int, out: Tensor) -> None:
-    """Add the transposed convolution of rows ``lo:hi`` of an output gradient to ``out``.
-
-    A slab of output rows reaches input rows ``lo-1 .. hi``; by linearity the
-    input gradient is the sum of these slab contributions.
-    """
-    dim = dy_slab.dim() - 2
-    y = _CONV_T[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))  # rows lo-1 .. hi
-    size = out.shape[2]
-    first, last = lo - 1, hi + 1
-    y = y[:, :, (1 if first < 0 else 0): y.shape[2] - (1 if last > size else 0)]
-    out[:, :, max(first, 0):min(last, size)] += y
-
-
-def conv3_weight_grad_slab(x: Tensor, dy_slab: Tensor, weight: Tensor, lo: int, hi: int) -> Tensor:
-    """Weight gradient contributed by rows ``lo:hi`` of the output gradient."""
-    dim = x.dim() - 2
-    ones = (1,) * dim
-    _, g, _ = torch.ops.aten.convolution_backward(
-        dy_slab, _halo(x, lo, hi), weight, None, ones, (0,) + (1,) * (dim - 1), ones, False,
-        (0,) * dim, 1, [False, True, False])
-    return g
-
-
 class ChannelParts:
     """A ``(N, C, *S)`` tensor held as channel parts ``(N, C_k, *S)`` (concatenated along dim 1).
 
@@ -206,7 +164,7 @@ class ChannelParts:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def halo(self, lo: int, hi: int) -> Tensor:
-        """Rows ``lo-1 .. hi``, zero-padded at the borders (see :func:`conv3_slab`)."""
+        """Rows ``lo-1 .. hi``, zero-padded at the borders: the input a slab of a padded 3^dim convolution reads."""
         size = self.shape[2]
         t = self.rows(max(lo - 1, 0), min(hi + 1, size))
         top, bottom = (1 if lo == 0 else 0), (1 if hi == size else 0)
@@ -239,10 +197,15 @@ def conv3_halo(halo: Tensor, weight: Tensor) -> Tensor:
 
 def conv3_weight_grad_halo(halo: Tensor, dy_slab: Tensor, weight: Tensor) -> Tensor:
     """Weight gradient contributed by a slab of output rows, from the input slab with its halo."""
-    dim = halo.dim() - 2
+    return _weight_grad(halo, dy_slab, weight, padding_first=0)
+
+
+def _weight_grad(x: Tensor, dy: Tensor, weight: Tensor, padding_first: int) -> Tensor:
+    """Weight gradient of a 3^dim convolution with padding ``padding_first`` along dim 2, 1 elsewhere."""
+    dim = x.dim() - 2
     ones = (1,) * dim
     _, g, _ = torch.ops.aten.convolution_backward(
-        dy_slab, halo, weight, None, ones, (0,) + (1,) * (dim - 1), ones, False,
+        dy, x, weight, None, ones, (padding_first,) + (1,) * (dim - 1), ones, False,
         (0,) * dim, 1, [False, True, False])
     return g
 

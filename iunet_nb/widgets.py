@@ -432,13 +432,6 @@ def _search_max_batch(predict: Predictor, layout: Layout, spatial: tuple,
 
     return largest_fitting(
         lambda n: predict(layout, (n, channels0) + spatial, dtype, mode, **kw).total <= budget)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def explore(config: Union[ExplorerConfig, Mapping[str, Any], None] = None,
