@@ -34,7 +34,6 @@ import argparse
 import csv
 import datetime as _dt
 import json
-import math
 import os
 import re
 import shutil

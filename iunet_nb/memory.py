@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -49,6 +48,9 @@ __all__ = [
     "time_step",
     "peak_rss_of",
     "default_loss",
+    "predict_step_memory",
+    "max_batch_size",
+    "MemoryPrediction",
 ]
 
 GiB = 1024**3

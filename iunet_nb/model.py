@@ -497,7 +497,6 @@ class iUNet(nn.Module):
         # hand: never hand it the caller's tensor, give it a copy (freed at once).
         first = True
         skips: list[Tensor] = []
-        last = self.num_levels - 1
 
         def apply(module: nn.Module, *inputs: Tensor) -> Any:
             nonlocal first

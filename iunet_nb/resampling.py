@@ -30,7 +30,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .orthogonal import METHODS, OrthogonalBaseMixin, orthogonal_matrix
