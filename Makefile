@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install --no-deps memcnn==1.5.2 iunets==0.1
-	$(PIP) install -e '.[test,notebooks]'
+	$(PIP) install -e '.[test,notebooks,apps]'
 	@if [ -x /usr/bin/chromium ]; then \
 	    echo "chromium: /usr/bin/chromium present"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

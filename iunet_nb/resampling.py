@@ -322,9 +322,11 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         n, s = ys[0].shape[0], self.block_size
         coarse = [size // st for size, st in zip(ys[0].shape[2:], self.stride)]
         Qd = Q.to(ys[0].dtype)
-        xcs = []
+        xcs, offset = [], 0
         while ys:  # reorder one part at a time, transform it in place, release the input part
-            xcs += _blockwise_matmul(Qd, [to_blocks(ys.pop(0), self.stride)], 1, [True])
+            part = to_blocks(ys.pop(0), self.stride)
+            xcs += _blockwise_matmul(Qd, [part], 1, [True], first_channel=offset)
+            offset += part.shape[1]
         dfbs = []
         while dys:
             dfbs.append(to_blocks(dys.pop(0), self.stride))
@@ -338,15 +340,17 @@ _SLICE = 8192  # pixels per slice of an in-place block product
 
 
 def _blockwise_matmul(M: Tensor, parts: list[Tensor], group: int,
-                      owned: list[bool] | None) -> list[Tensor]:
+                      owned: list[bool] | None, first_channel: int = 0) -> list[Tensor]:
     """Apply the per-channel matrices ``M`` (C or 1, s, s) to channel parts.
 
     ``group`` = channels per fine channel in ``parts`` (``s`` for coarse
     ``(N, C*s, *S)`` tensors, 1 for ``(N, C, s, L)`` block tensors).  Returns
     ``(N, C_part, s, L)`` block tensors; owned parts are overwritten.
+    ``first_channel``: the fine channel at which ``parts[0]`` starts (the index
+    into ``M`` when the parts are handed over one at a time).
     """
     out = []
-    start = 0
+    start = first_channel
     s = M.shape[-1]
     for k, p in enumerate(parts):
         c = p.shape[1] // group
@@ -364,9 +368,14 @@ def _blockwise_matmul(M: Tensor, parts: list[Tensor], group: int,
 
 
 def _kernel_grad_parts(a_parts: list[Tensor], b_parts: list[Tensor], group: int, Q: Tensor) -> Tensor:
-    """``sum_n a_b b_b^T`` per fine channel, parts concatenated over channels, in Q's dtype."""
+    """``sum_n a_b b_b^T`` per fine channel, parts concatenated over channels, in Q's dtype.
+
+    ``b_parts`` are block tensors ``(N, c, s, L)``; ``a_parts`` hold the same fine
+    channels (``group`` channels per fine channel) but may be cut at other
+    channels: both lists are cut at the union of their boundaries (views only).
+    """
     grads = []
-    for a, b in zip(a_parts, b_parts):
+    for a, b in _aligned_pieces(a_parts, group, b_parts, 1):
         c = b.shape[1]
         a4 = a.reshape(a.shape[0], c, b.shape[2], -1).to(b.dtype)
         grads.append(torch.matmul(a4, b.mT).sum(0))
@@ -374,6 +383,42 @@ def _kernel_grad_parts(a_parts: list[Tensor], b_parts: list[Tensor], group: int,
     if Q.shape[0] == 1 and g.shape[0] != 1:
         g = g.sum(0, keepdim=True)
     return g.to(Q.dtype)
+
+
+def _aligned_pieces(a_parts: list[Tensor], a_group: int, b_parts: list[Tensor], b_group: int
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """Pairs of views covering the same fine channels of two differently cut part lists.
+
+    A part of ``x_parts`` holds ``x.shape[1] // x_group`` fine channels; the
+    pieces are cut at every boundary of either list (no copies).
+    """
+    def bounds(parts: list[Tensor], group: int) -> list[int]:
+        out, total = [], 0
+        for p in parts:
+            total += p.shape[1] // group
+            out.append(total)
+        return out
+
+    a_bounds, b_bounds = bounds(a_parts, a_group), bounds(b_parts, b_group)
+    if a_bounds != b_bounds and a_bounds[-1] != b_bounds[-1]:
+        raise ValueError(f"channel parts cover {a_bounds[-1]} and {b_bounds[-1]} channels")
+    cuts = sorted(set(a_bounds) | set(b_bounds))
+
+    def pieces(parts: list[Tensor], part_bounds: list[int], group: int) -> list[Tensor]:
+        out, lo, k, part_lo = [], 0, 0, 0
+        for hi in cuts:
+            while part_bounds[k] <= lo:
+                part_lo = part_bounds[k]
+                k += 1
+            p = parts[k]
+            if lo == part_lo and hi == part_bounds[k]:
+                out.append(p)
+            else:
+                out.append(p.narrow(1, (lo - part_lo) * group, (hi - lo) * group))
+            lo = hi
+        return out
+
+    return list(zip(pieces(a_parts, a_bounds, a_group), pieces(b_parts, b_bounds, b_group)))
 
 
 def to_blocks(x: Tensor, stride: tuple[int, ...]) -> Tensor:
