@@ -17,8 +17,13 @@ Contract (MUST):
   that averaging over processes gives the loss of the global batch.
 - ``evaluate(model, loader)`` returns ``{metric name: float}`` on the loader's
   data, computed under ``torch.no_grad()``.
+- ``loss`` runs the forward pass by calling ``model(...)`` (under
+  :mod:`iunet_nb.train` that is the ``DistributedDataParallel`` wrapper, which
+  synchronises gradients only for calls of its ``forward``).
 CAN: ``add_arguments(parser)`` adds task options (with defaults that run on a
-laptop CPU in minutes).
+laptop CPU in minutes).  The loop's option ``opts.engine`` (``'fused'``,
+``'memcnn'`` or ``'conventional'``) is meant for the iUNets a task builds:
+``iUNet(..., **engine_kwargs(opts.engine))``.
 """
 from __future__ import annotations
 
@@ -29,7 +34,20 @@ from typing import Callable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Task"]
+__all__ = ["Task", "ENGINES", "engine_kwargs"]
+
+#: values of the loop's ``--engine`` option
+ENGINES = ("fused", "memcnn", "conventional")
+
+
+def engine_kwargs(engine: str) -> dict:
+    """iUNet keyword arguments for ``engine``: ``'fused'``/``'memcnn'`` (memory-efficient backward,
+    ``me_backend=engine``) or ``'conventional'`` (plain autograd, ``disable_custom_gradient=True``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got engine={engine!r}")
+    if engine == "conventional":
+        return {"disable_custom_gradient": True}
+    return {"me_backend": engine}
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
