@@ -46,6 +46,7 @@ __all__ = [
     "StepMeasurement",
     "measure_step",
     "time_step",
+    "optimizer_state_bytes",
     "peak_rss_of",
     "default_loss",
     "predict_step_memory",
@@ -78,6 +79,9 @@ class StepMeasurement:
             includes the profiler's overhead; see :func:`time_step`).
         device: device the step ran on, e.g. ``'cpu'`` or ``'cuda:0'``.
         meter: ``'cpu-profiler'`` or ``'cuda'``.
+        state_bytes: bytes of optimizer state created by the step (e.g. Adam's
+            moments on its first step; 0 without an optimizer); included in
+            ``peak_bytes`` and left out of ``activation_bytes``.
     """
 
     peak_bytes: int
@@ -89,6 +93,7 @@ class StepMeasurement:
     seconds: float
     device: str
     meter: str
+    state_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -147,23 +152,41 @@ def _parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(model.parameters())
 
 
-def _run_step(model: nn.Module, x: torch.Tensor, loss_fn: Optional[LossFn]) -> None:
-    """Forward, loss, backward; the output and the loss are released on return."""
+def _run_step(model: nn.Module, x: torch.Tensor, loss_fn: Optional[LossFn],
+              optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Forward, loss, backward (and ``optimizer.step()``); output and loss released on return."""
     y = model(x)
     loss = (loss_fn or default_loss)(y)
     loss.backward()
     del y, loss
+    if optimizer is not None:
+        optimizer.step()
 
 
-def _prepare(
-    model: nn.Module, x: torch.Tensor, device: Optional[Union[str, torch.device]]
-) -> tuple[torch.Tensor, torch.device]:
-    """Move model (in place) and input to ``device`` (default: ``x.device``)."""
-    dev = torch.device(device) if device is not None else x.device
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    model.to(dev)
-    return x.to(dev), dev
+def _check_device(x: torch.Tensor, device: Optional[Union[str, torch.device]]) -> torch.device:
+    """The device to measure on (default: ``x.device``); a ``ValueError`` naming ``device``
+    if there is no meter for it.  Touches nothing."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    try:
+        dev = torch.device(device) if device is not None else x.device
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device: use 'cpu' or 'cuda' ({err})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device={str(dev)!r}: there is a memory meter only for 'cpu' (the allocator's "
+            f"events through the profiler) and 'cuda'"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(dev)!r} but CUDA is not available: use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _devices_of(model: nn.Module) -> list[tuple[torch.Tensor, torch.device]]:
+    return [(t, t.device) for t in list(model.parameters()) + list(model.buffers())]
 
 
 def _profiler_running_total(prof: torch.profiler.profile) -> tuple[int, int]:
@@ -188,6 +211,7 @@ def measure_step(
     *,
     device: Optional[Union[str, torch.device]] = None,
     set_grads_to_none: bool = True,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> StepMeasurement:
     """Measure the memory and time of one training step.
 
@@ -200,21 +224,52 @@ def measure_step(
     On CPU the allocator's running total is reconstructed from the profiler's
     raw memory events; on CUDA the caching allocator's statistics are used.
     The gradients stay in the parameters' ``.grad`` afterwards.
+
+    ``optimizer`` (optional): a ``torch.optim.Optimizer`` whose ``step()``
+    follows the backward inside the measured step, so that the peak includes
+    the update and any state the optimizer creates (Adam's moments on its
+    first step); the gradients are kept.  For an update applied during
+    the backward (:mod:`iunet_nb.optim_in_backward`) nothing is needed here.
+
+    The device is checked before anything is touched: for a device without a
+    meter (e.g. ``'meta'``) a ``ValueError`` is raised and the model is left
+    where it was.  If the step fails after the model was moved, it is moved
+    back to its original devices before the error propagates.
     """
-    x, dev = _prepare(model, x, device)
+    dev = _check_device(x, device)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    origin = _devices_of(model)
+    try:
+        return _measure(model, x.to(dev), dev, loss_fn, set_grads_to_none, optimizer)
+    except BaseException:
+        if any(t.device != d for t, d in origin):
+            for t, d in origin:  # undo model.to(dev), tensor by tensor
+                if t.device != d:
+                    t.data = t.data.to(d)
+        raise
+
+
+def _measure(model: nn.Module, x: torch.Tensor, dev: torch.device, loss_fn: Optional[LossFn],
+             set_grads_to_none: bool, optimizer: Optional[torch.optim.Optimizer]
+             ) -> StepMeasurement:
+    model.to(dev)
     params = _parameters(model)
     if set_grads_to_none:
         for p in params:
             p.grad = None
     had_grad = {id(p) for p in params if p.grad is not None}
     param_bytes = sum(p.nbytes for p in params)
+    state_before = optimizer_state_bytes(optimizer)
 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         start = time.perf_counter()
-        _run_step(model, x, loss_fn)
+        _run_step(model, x, loss_fn, optimizer)
         torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(dev) - base
@@ -224,7 +279,7 @@ def measure_step(
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
             start = time.perf_counter()
-            _run_step(model, x, loss_fn)
+            _run_step(model, x, loss_fn, optimizer)
             seconds = time.perf_counter() - start
         peak, end = _profiler_running_total(prof)
         meter = "cpu-profiler"
@@ -234,16 +289,35 @@ def measure_step(
     grad_bytes = sum(
         p.grad.nbytes for p in params if p.grad is not None and id(p) not in had_grad
     )
+    state_bytes = optimizer_state_bytes(optimizer) - state_before
     return StepMeasurement(
         peak_bytes=peak,
         param_bytes=param_bytes,
         grad_bytes=grad_bytes,
-        activation_bytes=peak - grad_bytes,
+        activation_bytes=peak - grad_bytes - state_bytes,
+        state_bytes=state_bytes,
         end_bytes=end,
         input_bytes=x.nbytes,
         seconds=seconds,
         device=str(dev),
         meter=meter,
+    )
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of the tensors in an optimizer's state (0 for ``None``).
+
+    Accepts a ``torch.optim.Optimizer`` or anything with an ``optimizers``
+    attribute holding several (e.g. :class:`iunet_nb.optim_in_backward.OptimizerInBackward`).
+    """
+    if optimizer is None:
+        return 0
+    opts = getattr(optimizer, "optimizers", None)
+    if opts is not None:
+        return sum(optimizer_state_bytes(o) for o in (opts.values() if hasattr(opts, "values") else opts))
+    return sum(
+        v.nbytes for state in optimizer.state.values() for v in state.values()
+        if isinstance(v, torch.Tensor)
     )
 
 
@@ -253,12 +327,14 @@ def time_step(
     loss_fn: Optional[LossFn] = None,
     repeats: int = 3,
     warmup: int = 1,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> list[float]:
     """Wall times in seconds of ``repeats`` training steps, without profiler.
 
     ``warmup`` untimed steps run first; gradients are set to ``None`` before
     every step.  On CUDA the device is synchronised around each step.  The
-    caller chooses the thread count (``torch.set_num_threads``).
+    caller chooses the thread count (``torch.set_num_threads``).  With
+    ``optimizer``, its ``step()`` is part of every timed step.
     """
     cuda = x.device.type == "cuda"
     params = _parameters(model)
@@ -269,7 +345,7 @@ def time_step(
         if cuda:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
-        _run_step(model, x, loss_fn)
+        _run_step(model, x, loss_fn, optimizer)
         if cuda:
             torch.cuda.synchronize(x.device)
         if i >= warmup:

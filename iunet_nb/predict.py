@@ -112,8 +112,51 @@ def dtype_size(dtype: Any) -> int:
     """Bytes per element of ``dtype`` ('float32', torch.float16, ...)."""
     name = str(dtype).replace("torch.", "")
     if name not in _DTYPE_SIZES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPE_SIZES))}")
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating-point type the predictor knows; use one of "
+            f"{sorted(set(_DTYPE_SIZES))}"
+        )
     return _DTYPE_SIZES[name]
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (Python, NumPy), not a bool or a float."""
+    return not isinstance(v, bool) and hasattr(type(v), "__index__")
+
+
+def _check_shape(input_shape: Any, dim: int) -> list[int]:
+    """``input_shape`` as a list of ints, or a ``ValueError`` naming it."""
+    try:
+        shape = list(input_shape)
+    except TypeError:
+        raise ValueError(
+            f"input_shape must be a sequence (N, C, *spatial), got {input_shape!r}"
+        ) from None
+    if len(shape) != dim + 2:
+        raise ValueError(
+            f"input_shape must be (N, C, *spatial) with {dim} spatial dimensions, "
+            f"got {tuple(shape)}"
+        )
+    if not all(_is_int(v) for v in shape):
+        raise ValueError(f"input_shape must hold integers, got {tuple(shape)}")
+    shape = [int(v) for v in shape]
+    if shape[0] < 0:
+        raise ValueError(f"input_shape: batch size N must be >= 0, got {shape[0]}")
+    if min(shape[1:]) < 1:
+        raise ValueError(
+            f"input_shape: channels and spatial sizes must be >= 1, got {tuple(shape)}"
+        )
+    return shape
+
+
+def _check_options(depth: Any, channel_mixing_freq: Any) -> None:
+    if not _is_int(depth) or int(depth) < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    if not _is_int(channel_mixing_freq) or int(channel_mixing_freq) < -1:
+        raise ValueError(
+            f"channel_mixing_freq must be an integer >= -1 (-1: once per level, 0: never, "
+            f"k: after every k-th coupling), got {channel_mixing_freq!r}"
+        )
 
 
 def _fmt_bytes(n: float) -> str:
@@ -456,20 +499,17 @@ def predict_step_memory(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
+    _check_options(depth, channel_mixing_freq)
+    if constants is not None and not isinstance(constants, dict):
+        raise ValueError(f"constants must be a dict of {CONSTANT_NAMES[_kind(mode)]} or None, "
+                         f"got {constants!r}")
     layout, opts = layout_of(model_or_layout)
     depth = opts.get("depth", depth)
     learnable_resampling = opts.get("learnable_resampling", learnable_resampling)
     if hasattr(model_or_layout, "_layout"):
         channel_mixing_freq = _mixing_freq_of(model_or_layout, channel_mixing_freq)
-    shape = [int(s) for s in input_shape]
-    if len(shape) != layout.dim + 2:
-        raise ValueError(
-            f"input_shape must be (N, C, *spatial) with {layout.dim} spatial dimensions, "
-            f"got {tuple(input_shape)}"
-        )
+    shape = _check_shape(input_shape, layout.dim)
     n, c = shape[0], shape[1]
-    if n < 0:
-        raise ValueError(f"batch size must be >= 0, got {n}")
     if c != layout.channels[0]:
         raise ValueError(f"input has {c} channels but the model expects {layout.channels[0]}")
     esize = dtype_size(dtype)
@@ -532,7 +572,14 @@ def max_batch_size(
 
     ``input_shape`` is ``(N, C, *spatial)``; its ``N`` is ignored.
     """
-    shape = list(input_shape)
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) \
+            or not math.isfinite(budget_bytes) or budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be a finite number >= 0, got {budget_bytes!r}")
+    layout, _ = layout_of(model_or_layout)
+    shape = _check_shape(input_shape, layout.dim)
+    dtype_size(dtype)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
 
     def fits(b: int) -> bool:
         shape[0] = b

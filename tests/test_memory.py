@@ -179,3 +179,44 @@ def test_meter_agrees_with_fresh_process_peak_rss() -> None:
     meter = int(proc.stdout.split()[-1])
     assert 200 * 2**20 < meter < 400 * 2**20
     assert abs(rss - meter) <= 0.10 * meter, (rss, meter)
+
+
+@pytest.mark.parametrize("device", ["meta", "not-a-device", "cuda:99" if not torch.cuda.is_available() else "meta"])
+def test_bad_device_is_a_clear_error_and_leaves_the_model_alone(device: str) -> None:
+    model = _mlp()
+    before = {n: (p.device, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="device="):
+        measure_step(model, torch.randn(4, 32), device=device)
+    for n, p in model.named_parameters():
+        dev, ptr, value = before[n]
+        assert p.device == dev and p.data_ptr() == ptr
+        assert torch.equal(p.detach(), value)
+        assert p.grad is None
+
+
+def test_failing_step_leaves_the_model_where_it_was() -> None:
+    model = _mlp()
+    with pytest.raises(RuntimeError):  # wrong input width: the forward fails inside the step
+        measure_step(model, torch.randn(4, 31))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with pytest.raises(TypeError, match="optimizer must be"):
+        measure_step(model, torch.randn(4, 32), optimizer="sgd")
+
+
+def test_optimizer_step_and_its_state_are_measured() -> None:
+    from iunet_nb.memory import optimizer_state_bytes
+
+    model = _mlp()
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    x = torch.randn(16, 32)
+    plain = measure_step(model, x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    m = measure_step(model, x, optimizer=opt)
+    # the step updated the parameters and created Adam's two moments (+ step counters)
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    assert 2 * param_bytes <= m.state_bytes == optimizer_state_bytes(opt) <= 2 * param_bytes + 1024
+    assert m.peak_bytes >= plain.grad_bytes + m.state_bytes
+    assert m.activation_bytes == m.peak_bytes - m.grad_bytes - m.state_bytes
+    again = measure_step(model, x, optimizer=opt)  # the state exists now: not counted again
+    assert again.state_bytes == 0

@@ -143,3 +143,44 @@ def test_predictor_within_15_percent_at_64(mode):
 @pytest.mark.parametrize("mode", ["conventional", "fused", "memcnn"])
 def test_predictor_within_15_percent_at_128(mode):
     _check_against_meter(mode, 128, 5)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 64, -64, 64), "spatial sizes must be >= 1"),
+    ((1, 64, 0, 64), "spatial sizes must be >= 1"),
+    ((-1, 64, 64, 64), "batch size N must be >= 0"),
+    ((1, 64, 64.5, 64), "must hold integers"),
+    ((1, 64, 64), "2 spatial dimensions"),
+    (64, "must be a sequence"),
+])
+def test_bad_input_shape_is_a_clear_error(shape, match):
+    with pytest.raises(ValueError, match=match) as err:
+        predict_step_memory(table1_layout(5), shape)
+    assert "input_shape" in str(err.value)
+
+
+def test_bad_arguments_are_clear_errors():
+    layout = table1_layout(5)
+    shape = (1, 64, 64, 64)
+    with pytest.raises(ValueError, match="dtype='int64'"):
+        predict_step_memory(layout, shape, "int64")
+    with pytest.raises(ValueError, match="dtype=torch.uint8"):
+        predict_step_memory(layout, shape, torch.uint8)
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        predict_step_memory(layout, shape, depth=0)
+    with pytest.raises(ValueError, match="channel_mixing_freq"):
+        predict_step_memory(layout, shape, channel_mixing_freq=-2)
+    for budget in (-1, float("nan"), "1GiB"):
+        with pytest.raises(ValueError, match="budget_bytes must be"):
+            max_batch_size(layout, shape, "float32", "fused", budget)
+    with pytest.raises(ValueError, match="spatial sizes must be >= 1"):
+        max_batch_size(layout, (1, 64, -8, 64), "float32", "fused", 2**30)
+    with pytest.raises(ValueError, match="dtype="):
+        max_batch_size(layout, shape, "int8", "fused", 2**30)
+    # an empty batch is valid: nothing but the weights
+    empty = predict_step_memory(layout, (0, 64, 64, 64))
+    assert empty.activations == 0 and empty.total == 2 * empty.parameters
+    # every prediction is non-negative
+    for mode in MODES:
+        p = predict_step_memory(layout, (1, 64, 1, 1), mode=mode)
+        assert min(p.parameters, p.gradients, p.activations, p.input, p.total) >= 0
