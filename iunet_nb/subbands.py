@@ -20,6 +20,7 @@ __all__ = [
     "within_block_energy_fraction",
     "highfreq_energy_fraction",
     "distance_up_to_signed_permutation",
+    "subband_mosaic",
 ]
 
 
@@ -119,3 +120,20 @@ def distance_up_to_signed_permutation(Q: Tensor, R: Tensor) -> float:
         return math.inf
     signs = torch.sign(dots[torch.arange(Q.shape[0]), match])
     return (signs[:, None] * Q[match] - R).abs().max().item()
+
+
+def subband_mosaic(coarse: Tensor, stride: Sequence[int] = (2, 2), channel: int = 0) -> Tensor:
+    """The sub-bands of fine channel ``channel`` of a 2D downsampling, tiled into one image.
+
+    ``coarse``: ``(N, C*s, h, w)`` with ``s = stride[0] * stride[1]``; returns
+    ``(stride[0]*h, stride[1]*w)`` for the first batch element, sub-band ``r``
+    in tile ``(r // stride[1], r % stride[1])`` (for 2x2 Haar: average top
+    left, details elsewhere).  Same size as the input image, so it can be shown
+    beside it on one colour scale (the talk's Figure 4).
+    """
+    if coarse.dim() != 4 or len(stride) != 2:
+        raise ValueError(f"need a 2D coarse tensor (N, C, h, w) and a 2D stride, got {tuple(coarse.shape)}, {stride}")
+    rows, cols = stride
+    bands = subbands(coarse, rows * cols, channel)[0]  # (s, h, w)
+    h, w = bands.shape[-2:]
+    return bands.reshape(rows, cols, h, w).permute(0, 2, 1, 3).reshape(rows * h, cols * w)

@@ -3,7 +3,16 @@
 :func:`optimise` minimises any scalar closure over a list of parameters and
 returns the loss history; :func:`train` is the supervised special case
 (``model(input)`` against ``target``) the notebooks use.  Both show a
-``tqdm.auto`` bar (a widget in Jupyter, text elsewhere) with the current loss.
+progress bar with the current loss (:func:`iunet_nb.notebook_utils.progress`: a
+text line updated in place in Jupyter, whose final state survives papermill).
+
+The loop is the one a reader would write::
+
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(step)
+        loss.backward()
+        opt.step()
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ def optimise(loss_fn: Callable[[int], Tensor], params: Iterable[Tensor], steps: 
         steps: number of optimiser steps (>= 1).
         lr: learning rate.
         optimizer: ``'adam'`` or ``'sgd'``.
-        progress: show a ``tqdm.auto`` progress bar.
+        progress: show a progress bar (:func:`iunet_nb.notebook_utils.progress`).
         desc: label of the progress bar.
 
     Returns:
@@ -42,10 +51,10 @@ def optimise(loss_fn: Callable[[int], Tensor], params: Iterable[Tensor], steps: 
     if not params:
         raise ValueError("params is empty: nothing to optimise")
     opt = _OPTIMISERS[optimizer](params, lr=lr)
-    from tqdm.auto import tqdm
+    from .notebook_utils import progress as progress_bar
 
     history: list[float] = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
+    bar = progress_bar(range(steps), desc=desc, enable=progress)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(step)

@@ -51,3 +51,19 @@ def test_load_photograph():
     assert full.shape[-1] == full.shape[-2] >= 256
     with pytest.raises(ValueError):
         load_photograph(32, name="lena.png")
+
+
+def test_wiener_filter_is_the_best_linear_denoiser_and_matches_its_expected_error():
+    from iunet_nb.data import denoising_batch, wiener_denoise, wiener_mse
+
+    gen = torch.Generator().manual_seed(0)
+    noisy, clean = denoising_batch(32, 32, noise_std=0.5, correlation_length=3.0, generator=gen)
+    mse = (wiener_denoise(noisy, 0.5, 3.0) - clean).square().mean().item()
+    assert mse == pytest.approx(wiener_mse(32, 0.5, 3.0), rel=0.1)
+    assert mse < 0.1 * 0.25  # far better than doing nothing (sigma^2)
+    # mis-specified filters (wrong noise level or correlation length) are worse
+    for sigma, length in ((0.35, 3.0), (0.7, 3.0), (0.5, 2.4), (0.5, 3.75)):
+        assert (wiener_denoise(noisy, sigma, length) - clean).square().mean().item() > mse
+    with pytest.raises(ValueError, match="noise_std"):
+        wiener_denoise(noisy, 0.0)
+    assert wiener_denoise(noisy, 0.5, 3.0).shape == noisy.shape

@@ -74,3 +74,30 @@ def test_quiet_native_stderr_silences_fd2_and_restores_it(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stderr == "visible\n"
+
+
+def test_progress_outside_jupyter_is_a_plain_bar_and_can_be_disabled(capsys):
+    from iunet_nb.notebook_utils import in_jupyter_kernel, progress
+
+    assert not in_jupyter_kernel()
+    assert list(progress(range(3), desc="x", enable=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    assert list(progress(range(3), desc="steps")) == [0, 1, 2]
+    assert "steps" in capsys.readouterr().err
+
+
+def test_display_line_keeps_only_the_last_line(monkeypatch):
+    import iunet_nb.notebook_utils as nu
+
+    shown = []
+
+    class Handle:
+        def update(self, data, raw):
+            shown.append(data["text/plain"])
+
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: Handle())
+    line = nu._DisplayLine()
+    line.write("\rsteps:  50%| 1/2")
+    line.write("\rsteps: 100%| 2/2\n")
+    line.write("\n")
+    assert shown == ["steps:  50%| 1/2", "steps: 100%| 2/2"]

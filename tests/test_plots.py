@@ -48,3 +48,42 @@ def test_units_and_style():
         to_unit(1, "MB")
     use_notebook_style(dpi=72)
     assert plt.rcParams["figure.dpi"] == 72
+
+
+def test_style_is_at_least_100_dpi_and_antialiased():
+    use_notebook_style()
+    assert plt.rcParams["figure.dpi"] >= 100 and plt.rcParams["savefig.dpi"] >= 100
+    assert plt.rcParams["image.interpolation"] == "antialiased"
+    with pytest.raises(ValueError, match="dpi"):
+        use_notebook_style(dpi=0)
+
+
+def test_show_images_shares_one_colour_scale_by_default():
+    fig = show_images([torch.zeros(4, 4), torch.ones(4, 4) * 3], ["a", "b"], colorbar_label="value (a.u.)")
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 2
+    assert all(im.norm.vmin == 0 and im.norm.vmax == 3 for im in images)
+    assert len(fig.axes) == 3  # two images and one shared colour bar
+    assert all(im.get_interpolation() == "antialiased" for im in images)
+
+
+def test_show_images_log_scale_and_per_image_ranges():
+    from matplotlib.colors import LogNorm
+
+    fig = show_images([torch.rand(4, 4) + 1e-3, torch.rand(4, 4) * 100], log=True, colorbar_label="|value|")
+    norms = [im.norm for ax in fig.axes for im in ax.get_images()]
+    assert all(isinstance(n, LogNorm) for n in norms)
+    assert norms[0].vmin == pytest.approx(norms[0].vmax * 1e-4)
+    fig = show_images([torch.zeros(4, 4), torch.ones(4, 4)], share_range=False, colorbar_label="v")
+    ranges = {(im.norm.vmin, im.norm.vmax) for ax in fig.axes for im in ax.get_images()}
+    assert len(ranges) == 2
+    with pytest.raises(ValueError, match="titles"):
+        show_images([torch.zeros(4, 4)], ["a", "b"])
+
+
+def test_legend_outside_hides_no_data():
+    ax = plot_curves([1, 2], {"a": [1, 2]}, "x (1)", "y (1)", legend="outside")
+    ax.figure.canvas.draw()
+    legend_box = ax.get_legend().get_window_extent()
+    axes_box = ax.get_window_extent()
+    assert legend_box.x0 >= axes_box.x1

@@ -89,3 +89,14 @@ def test_random_coupling_stack_is_reproducible_and_keeps_rng():
 def test_invertible_sequential_rejects_non_invertible_blocks():
     with pytest.raises(TypeError, match="inverse"):
         InvertibleSequential(torch.nn.ReLU())
+
+
+def test_subband_mosaic_tiles_the_bands_in_order():
+    from iunet_nb.subbands import subband_mosaic
+
+    coarse = torch.arange(4.0).reshape(1, 4, 1, 1).expand(1, 4, 3, 5)
+    mosaic = subband_mosaic(coarse)
+    assert mosaic.shape == (6, 10)
+    assert mosaic[0, 0] == 0 and mosaic[0, 5] == 1 and mosaic[3, 0] == 2 and mosaic[3, 5] == 3
+    with pytest.raises(ValueError, match="2D"):
+        subband_mosaic(torch.zeros(1, 8, 2, 2, 2))
