@@ -1,0 +1,564 @@
+"""The one training loop: ``python -m iunet_nb.train TASK [--options]``.
+
+A *task* (``ct``, ``segmentation3d``, ``flow``; see :mod:`iunet_nb.apps`)
+supplies data, model, loss and metrics; this module supplies everything else:
+
+- one process or many: under ``torchrun`` (``WORLD_SIZE`` > 1 in the
+  environment) the loop joins the process group (NCCL on CUDA, gloo on CPU),
+  wraps the model in ``DistributedDataParallel`` and splits every global batch
+  of ``--batch-size`` samples over the processes with a ``DistributedSampler``,
+  so that one step sees the same samples, whatever the number of processes;
+- a checkpoint written atomically at the end of every epoch (temporary file,
+  then ``os.replace``), loadable with ``torch.load(..., weights_only=True)``:
+  model, optimiser, epoch, step, options, metrics and the random states of
+  every process (as tensors);
+- ``--resume`` continues *exactly*: the same random streams and the same next
+  batch as the run that was interrupted;
+- ``metrics.csv`` (one row per epoch: train loss, the task's validation
+  metrics, seconds) and a ``tqdm`` bar, on rank 0 only.
+
+Python API (what the notebooks call)::
+
+    from iunet_nb.train import train
+    run = train("ct", epochs=3, batch_size=8, arch="iunet", progress=False)
+    run.history[-1]["psnr"], run.model
+
+Command line::
+
+    python -m iunet_nb.train ct --epochs 3 --out runs/ct
+    torchrun --nproc_per_node=2 -m iunet_nb.train ct --epochs 3 --out runs/ct
+    python -m iunet_nb.train ct --epochs 5 --out runs/ct --resume    # two more epochs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from .apps import TASK_MODULES, get_task
+from .apps.task import ENGINES, Task
+from .notebook_utils import seed_everything
+
+__all__ = ["train", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
+           "CHECKPOINT_NAME", "METRICS_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.csv"
+_FORMAT = "iunet_nb.train/1"
+#: options that may change between a run and its resumption (they do not change what is computed)
+_MAY_CHANGE_ON_RESUME = ("epochs", "out", "resume", "workers", "progress", "device", "threads")
+#: environment variable for the tests: the process SIGKILLs itself before this global step
+_KILL_ENV = "IUNET_NB_TRAIN_KILL_AT_STEP"
+
+
+@dataclass
+class Run:
+    """What :func:`train` returns.
+
+    Attributes:
+        task: the task's name.
+        model: the trained model (not wrapped in ``DistributedDataParallel``), on the run's device.
+        history: one dict per epoch: ``epoch``, ``step``, ``train_loss``, the task's metrics, ``seconds``.
+        options: the options of the run (a plain dict).
+        out: the output folder (``checkpoint.pt``, ``metrics.csv``), or ``None`` if nothing was written.
+    """
+
+    task: str
+    model: nn.Module
+    history: list[dict[str, float]]
+    options: dict[str, Any]
+    out: Path | None
+
+
+# ---------------------------------------------------------------------------------------------- options
+def _positive_int(text: Any) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: Any) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: Any) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _device_name(text: Any) -> str:
+    text = str(text)
+    if text in ("auto", "cpu") or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+
+
+def build_parser(task: Task) -> argparse.ArgumentParser:
+    """The command-line parser: the loop's options, then the task's (``task.add_arguments``)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m iunet_nb.train {task.name}", description=task.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    loop = parser.add_argument_group("training loop")
+    loop.add_argument("--epochs", type=_positive_int, default=2, help="total number of epochs")
+    loop.add_argument("--batch-size", type=_positive_int, default=8,
+                      help="global batch size: split evenly over the processes")
+    loop.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    loop.add_argument("--seed", type=_non_negative_int, default=0,
+                      help="seed of the data, the initialisation and every random stream")
+    loop.add_argument("--device", type=_device_name, default="auto",
+                      help="auto (cuda if available), cpu, cuda or cuda:N; under torchrun cuda means "
+                           "cuda:LOCAL_RANK")
+    loop.add_argument("--engine", choices=ENGINES, default="fused",
+                      help="backward of the iUNets: memory-efficient (fused, memcnn) or conventional")
+    loop.add_argument("--out", default=None,
+                      help="folder for checkpoint.pt and metrics.csv (default: runs/TASK)")
+    loop.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                      help="continue from CHECKPOINT; without a value: OUT/checkpoint.pt if it exists "
+                           "(else start afresh)")
+    loop.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
+    loop.add_argument("--threads", type=_non_negative_int, default=0,
+                      help="torch.set_num_threads per process (0: leave the default)")
+    loop.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="progress bar and one line per epoch (rank 0)")
+    before = {a.dest for a in parser._actions}
+    task.add_arguments(parser)
+    parser.set_defaults(_task_options=sorted({a.dest for a in parser._actions} - before))
+    return parser
+
+
+def parse_options(task: Task, argv: Sequence[str] = (), **options: Any) -> argparse.Namespace:
+    """Parse ``argv`` as the command line would, then apply keyword ``options``.
+
+    Keyword options use the attribute names (``batch_size=8``, not ``--batch-size``) and are
+    checked like the command line (types, choices); unknown names are a ``TypeError`` that lists
+    the valid ones.
+    """
+    parser = build_parser(task)
+    opts = parser.parse_args(list(argv))
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help",)}
+    unknown = sorted(set(options) - set(actions))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for task {task.name!r}; valid options: "
+                        f"{sorted(actions)}")
+    for name, value in options.items():
+        setattr(opts, name, _coerce(actions[name], name, value))
+    return opts
+
+
+def _coerce(action: argparse.Action, name: str, value: Any) -> Any:
+    """``value`` checked and converted as argparse would convert a command-line string."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise TypeError(f"option {name} must be True or False, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    items = list(value) if many and isinstance(value, (list, tuple)) else [value]
+    if many and not isinstance(value, (list, tuple)):
+        raise TypeError(f"option {name} takes a list, got {value!r}")
+    converted = []
+    for item in items:
+        if isinstance(item, bool):
+            raise TypeError(f"option {name} got a bool ({item!r}); expected {action.metavar or name}")
+        try:
+            item = action.type(item) if action.type is not None else item
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise ValueError(f"option {name}: {err}") from None
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"option {name} must be one of {list(action.choices)}, got {item!r}")
+        converted.append(item)
+    if isinstance(action.nargs, int) and len(converted) != action.nargs:
+        raise ValueError(f"option {name} takes {action.nargs} values, got {len(converted)}")
+    return converted if many else converted[0]
+
+
+def _options_dict(opts: argparse.Namespace) -> dict[str, Any]:
+    """The options as JSON-like primitives (tuples -> lists, paths -> str), for checkpoints."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return str(v)
+    return {k: plain(v) for k, v in sorted(vars(opts).items()) if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@dataclass
+class _Processes:
+    rank: int
+    world: int
+    local_rank: int
+    owns_group: bool  # we initialised the process group, so we tear it down
+
+
+def _join_processes(device_type: str) -> _Processes:
+    """Join the process group torchrun prepared (``WORLD_SIZE`` > 1), or run alone."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return _Processes(dist.get_rank(), dist.get_world_size(), local_rank, False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Processes(0, 1, 0, False)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return _Processes(dist.get_rank(), dist.get_world_size(), local_rank, True)
+
+
+def _resolve_device(name: str, local_rank: int, world: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available here; use --device auto or cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
+        device = torch.device(name)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- random states
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    """Every random stream of this process, as tensors (``weights_only``-loadable)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor(gauss, dtype=torch.float64),
+        "python": torch.tensor([version, *internal], dtype=torch.int64),
+        "python_gauss": torch.tensor(math.nan if py_gauss is None else py_gauss, dtype=torch.float64),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss = (int(v) for v in state["numpy_pos"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state["numpy_gauss"])))
+    version, *internal = (int(v) for v in state["python"])
+    gauss = float(state["python_gauss"])
+    random.setstate((version, tuple(internal), None if math.isnan(gauss) else gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _derived_seed(*numbers: int) -> int:
+    """A 63-bit seed derived from ``numbers`` (independent streams per process and epoch)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: seed NumPy (torch and ``random`` are seeded by the DataLoader)."""
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _write_atomically(path: Path, write: Any) -> None:
+    """``write(file)`` into a temporary file next to ``path``, flushed to disk, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _metrics_csv(history: list[dict[str, float]]) -> bytes:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return text.getvalue().encode()
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint of this loop with ``torch.load(..., weights_only=True)`` (on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by iunet_nb.train "
+                         f"(format {_FORMAT!r})")
+    return ckpt
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, task: Task, opts: argparse.Namespace) -> None:
+    """Clear errors when a checkpoint belongs to another task or to other options."""
+    if ckpt["task"] != task.name:
+        raise ValueError(f"checkpoint {str(path)!r} was written by task {ckpt['task']!r}, not "
+                         f"{task.name!r}; use another --out or --resume path")
+    old, new = ckpt["options"], _options_dict(opts)
+    diffs = [k for k in sorted(set(old) | set(new))
+             if k not in _MAY_CHANGE_ON_RESUME and old.get(k) != new.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in diffs)
+        raise ValueError(f"checkpoint {str(path)!r} was trained with other options ({detail}). "
+                         f"Resume with the same options (only {', '.join(_MAY_CHANGE_ON_RESUME)} may "
+                         "change), or start afresh in another --out folder")
+    if ckpt["epoch"] > opts.epochs:
+        raise ValueError(f"checkpoint {str(path)!r} has already trained {ckpt['epoch']} epochs; "
+                         f"--epochs {opts.epochs} is fewer (pass --epochs >= {ckpt['epoch']})")
+
+
+def _load_model_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {str(path)!r} holds another model than {type(model).__name__} "
+                         f"built from these options: {str(err).splitlines()[0]} ...") from None
+
+
+def _checkpoint_path(opts: argparse.Namespace, out: Path | None) -> Path | None:
+    """The checkpoint to resume from, or None to start afresh."""
+    if opts.resume is None:
+        return None
+    if opts.resume != "auto":
+        return Path(opts.resume)
+    if out is None:
+        raise ValueError("resume='auto' needs an output folder (out=...) to look for checkpoint.pt in")
+    path = out / CHECKPOINT_NAME
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def _mean_over_processes(total: float, count: int, device: torch.device, world: int) -> float:
+    if world > 1:
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / max(count, 1)
+
+
+def _loaders(task: Task, opts: argparse.Namespace, procs: _Processes, device: torch.device
+             ) -> tuple[DataLoader, DistributedSampler, DataLoader]:
+    if opts.batch_size % procs.world:
+        raise ValueError(f"--batch-size {opts.batch_size} (global) must be divisible by the number of "
+                         f"processes ({procs.world}); e.g. --batch-size "
+                         f"{max(procs.world, opts.batch_size // procs.world * procs.world)}")
+    seed_everything(opts.seed)
+    train_set, val_set = task.datasets(opts)
+    per_process = opts.batch_size // procs.world
+    if len(train_set) < opts.batch_size:
+        raise ValueError(f"--batch-size {opts.batch_size} exceeds the {len(train_set)} training samples "
+                         f"of task {task.name!r}")
+    # drop_last in both: every step sees a full global batch, the same samples for any world size.
+    sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True,
+                                 seed=opts.seed, drop_last=True)
+    common = dict(num_workers=opts.workers, pin_memory=device.type == "cuda",
+                  worker_init_fn=_seed_worker if opts.workers else None)
+    train_loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True, **common)
+    val_loader = DataLoader(val_set, batch_size=per_process, shuffle=False, **common)
+    return train_loader, sampler, val_loader
+
+
+def _train_epoch(task: Task, wrapped: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                 device: torch.device, step: int, bar: Any) -> tuple[float, int, int]:
+    """One pass over ``loader``; returns (sum of the batch losses, number of batches, global step)."""
+    kill_at = int(os.environ.get(_KILL_ENV, "-1"))
+    total, count = 0.0, 0
+    for batch in loader:
+        if step == kill_at:  # tests: die like a killed job, without any clean-up
+            os.kill(os.getpid(), signal.SIGKILL)
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(wrapped, batch)
+        if loss.dim() != 0:
+            raise ValueError(f"task {task.name!r}: loss must be a scalar, got shape {tuple(loss.shape)}")
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"task {task.name!r}: the training loss is {value} at step {step}; "
+                                     "try a smaller --lr")
+        total, count, step = total + value, count + 1, step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    return total, count, step
+
+
+def _evaluate(task: Task, model: nn.Module, loader: DataLoader, procs: _Processes) -> dict[str, float]:
+    """The task's metrics, computed on rank 0 and shared with every process."""
+    metrics: list[Any] = [None]
+    if procs.rank == 0:
+        model.eval()
+        with torch.no_grad():
+            metrics[0] = {k: float(v) for k, v in task.evaluate(model, loader).items()}
+        model.train()
+    if procs.world > 1:
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
+
+
+def run_training(task: Task, opts: argparse.Namespace) -> Run:
+    """Train ``task`` with parsed options ``opts`` (see :func:`train`)."""
+    from tqdm.auto import tqdm
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    wanted = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    procs = _join_processes("cuda" if wanted.startswith("cuda") else "cpu")
+    try:
+        device = _resolve_device(opts.device, procs.local_rank, procs.world)
+        out = Path(opts.out) if opts.out is not None else None
+        resume_from = _checkpoint_path(opts, out)
+        ckpt = load_checkpoint(resume_from) if resume_from is not None else None
+        if ckpt is not None:
+            _check_resumable(ckpt, resume_from, task, opts)
+        train_loader, sampler, val_loader = _loaders(task, opts, procs, device)
+
+        seed_everything(opts.seed)  # the same initialisation in every process
+        model = task.model(opts).to(device)
+        if ckpt is not None:
+            _load_model_state(model, ckpt["model"], resume_from)
+        wrapped = model
+        if procs.world > 1:
+            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                              else None)
+        optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt["world_size"] == procs.world:
+                _set_rng_state(ckpt["rng"][procs.rank], device)
+            else:
+                warnings.warn(f"checkpoint written by {ckpt['world_size']} processes, resumed by "
+                              f"{procs.world}: the random streams restart from --seed", stacklevel=2)
+                seed_everything(_derived_seed(opts.seed, ckpt["epoch"], procs.rank))
+        else:
+            seed_everything(_derived_seed(opts.seed, procs.rank))  # one stream per process
+        epoch, step = (ckpt["epoch"], ckpt["step"]) if ckpt is not None else (0, 0)
+        history = [dict(row) for row in ckpt["history"]] if ckpt is not None else []
+        if out is not None and procs.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+
+        show = opts.progress and procs.rank == 0
+        bar = tqdm(total=(opts.epochs - epoch) * len(train_loader), desc=task.name, disable=not show,
+                   leave=True)
+        while epoch < opts.epochs:
+            start = time.perf_counter()
+            sampler.set_epoch(epoch)
+            wrapped.train()
+            total, count, step = _train_epoch(task, wrapped, optimizer, train_loader, device, step, bar)
+            train_loss = _mean_over_processes(total, count, device, procs.world)
+            metrics = _evaluate(task, model, val_loader, procs)
+            epoch += 1
+            row = {"epoch": epoch, "step": step, "train_loss": train_loss, **metrics,
+                   "seconds": time.perf_counter() - start}
+            history.append(row)
+            if show:
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in row.items()))
+            _save(out, task, model, optimizer, epoch, step, opts, history, procs, device)
+        bar.close()
+        return Run(task.name, model, history, _options_dict(opts), out)
+    finally:
+        if procs.owns_group:
+            dist.destroy_process_group()
+
+
+def _save(out: Path | None, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+          step: int, opts: argparse.Namespace, history: list[dict], procs: _Processes,
+          device: torch.device) -> None:
+    """Checkpoint (every process's random state gathered) and metrics CSV, written by rank 0."""
+    if out is None:
+        return
+    states: list[Any] = [None] * procs.world
+    if procs.world > 1:
+        dist.all_gather_object(states, _rng_state(device))
+    else:
+        states[0] = _rng_state(device)
+    if procs.rank == 0:
+        ckpt = {"format": _FORMAT, "task": task.name, "model_class": type(model).__name__,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                "sampler_epoch": epoch, "world_size": procs.world, "rng": states,
+                "options": _options_dict(opts), "history": history}
+        _write_atomically(out / CHECKPOINT_NAME, lambda f: torch.save(ckpt, f))
+        _write_atomically(out / METRICS_NAME, lambda f: f.write(_metrics_csv(history)))
+    if procs.world > 1:
+        dist.barrier()
+
+
+def train(task: str | Task, argv: Sequence[str] = (), **options: Any) -> Run:
+    """Train a task in this process (or in each process of a ``torchrun`` job); return a :class:`Run`.
+
+    Args:
+        task: a task name (one of ``iunet_nb.apps.TASK_MODULES``) or a :class:`~iunet_nb.apps.task.Task`.
+        argv: command-line style options, parsed first (e.g. ``["--epochs", "3"]``).
+        **options: options by attribute name, e.g. ``epochs=3, batch_size=8, lr=1e-3, seed=0,
+            device='auto', engine='fused', out='runs/ct', resume='auto', progress=False`` and the
+            task's own. Unlike the command line, nothing is written unless ``out`` is given.
+
+    Returns:
+        The trained model and the per-epoch history (also in ``OUT/metrics.csv``).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a task name {sorted(TASK_MODULES)} or a Task, got {task!r}")
+    return run_training(task, parse_options(task, argv, **options))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m iunet_nb.train TASK [--options]``; ``--help`` after TASK lists its options."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = (f"usage: python -m iunet_nb.train TASK [--options]   (TASK: {', '.join(TASK_MODULES)}; "
+             "python -m iunet_nb.train TASK --help lists the options)")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in TASK_MODULES:
+        print(f"{usage}\nerror: unknown task {name!r}", file=sys.stderr)
+        return 2
+    task = get_task(name)
+    opts = build_parser(task).parse_args(argv[1:])
+    if opts.out is None:
+        opts.out = str(Path("runs") / name)
+    try:
+        run_training(task, opts)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"python -m iunet_nb.train {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
