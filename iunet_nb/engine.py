@@ -30,6 +30,7 @@ incoming gradient).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -465,6 +466,18 @@ def run_forward(steps: Sequence[Step], x: Tensor, tensors: Sequence[Tensor],
     return out.tensor if out.owned else out.tensor.clone()
 
 
+#: ``id(tensor) -> (weakref to tensor, callback)``: leaf tensors whose gradient the fused
+#: backward hands to ``callback(tensor, grad)`` as soon as its step is back-propagated, instead
+#: of returning it with all the others at the end (autograd then sees no gradient for it).
+#: Used by :mod:`iunet_nb.optim_in_backward`, so that all gradients never exist at once.
+EARLY_GRADIENTS: dict[int, tuple["weakref.ref[Tensor]", Any]] = {}
+
+
+def _early_callback(t: Tensor) -> Any:
+    entry = EARLY_GRADIENTS.get(id(t))
+    return entry[1] if entry is not None and entry[0]() is t else None
+
+
 class FusedInvertibleFunction(torch.autograd.Function):
     """Autograd function over a chain of invertible steps that stores only its output.
 
@@ -501,7 +514,12 @@ class FusedInvertibleFunction(torch.autograd.Function):
                 step_grads = step.backward(st, gst, tensors[sl], record)
                 for i, g in zip(range(sl.start, sl.stop), step_grads):
                     if g is not None:
-                        grads[i] = g.to(tensors[i].dtype)
+                        g = g.to(tensors[i].dtype)
+                        early = _early_callback(tensors[i]) if EARLY_GRADIENTS else None
+                        if early is None:
+                            grads[i] = g
+                        else:  # handed over now (e.g. an optimizer step), not at the end
+                            early(tensors[i], g)
         st.cur = []  # the rebuilt input is not needed any more: free it before joining dx
         dx = full(gst.cur).tensor.to(ctx.x_meta[0])
         ctx.records = None
