@@ -540,6 +540,10 @@ class iUNet(nn.Module):
             # Keep the full output reachable so that inverse(forward(x)) stays exact
             # even though the returned tensor is cropped.
             y._iunet_full_output = (y_full, y._version, padding)
+        elif any(padding):
+            # The output keeps the padded size; remember the padding so that
+            # inverse(forward(x)) returns x at its own size.
+            y._iunet_input_padding = (y._version, padding)
         return y
 
     def inverse(self, y: Tensor) -> Tensor:
@@ -552,11 +556,17 @@ class iUNet(nn.Module):
         result is only approximate -- the error is largest at the border but,
         through the receptive field, reaches the interior too.  Use
         ``revert_input_padding=False`` when exact inverses of stored outputs matter.
+        With ``revert_input_padding=False`` the output keeps the padded size; the
+        inverse of an output of :meth:`forward` is cropped back to the input's
+        size, that of any other padded-size tensor is returned at the padded size.
         """
         self._check_input(y, "y")
         full_info = getattr(y, "_iunet_full_output", None)
+        pad_info = getattr(y, "_iunet_input_padding", None)
         if full_info is not None and full_info[1] == y._version:
             y_full, _, padding = full_info
+        elif pad_info is not None and pad_info[0] == y._version:
+            y_full, padding = y, pad_info[1]
         else:
             y_full, padding = self._pad(y)
             if any(padding) and not self.revert_input_padding:
