@@ -287,8 +287,12 @@ class Layout:
         relative_errors: ``|achieved - requested| / requested`` for levels
             ``1 .. L-1``, i.e. ``relative_errors[k]`` belongs to level
             ``k + 1`` (level 0 is never adjusted).  Length ``L - 1``.
-        mean_relative_error: Mean of the relative errors over the levels
-            that were changed (0.0 if nothing was changed).
+        mean_relative_error: Mean of ``relative_errors`` over all levels
+            ``1 .. L-1`` (the reference package's "Average relative error";
+            0.0 if nothing was changed or there is one level).
+        clamped: ``(level i, wanted sent_i, sent_i)`` for every level whose
+            rounded request could not be sent (it would have kept or sent zero
+            channels) and was clamped to the nearest achievable count.
     """
 
     dim: int
@@ -300,6 +304,7 @@ class Layout:
     adjusted: bool
     relative_errors: tuple[float, ...]
     mean_relative_error: float
+    clamped: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def num_levels(self) -> int:
@@ -336,9 +341,9 @@ class Layout:
 
         The first lines follow the reference ``iunets`` wording (wrapped at
         ``width`` characters without breaking inside a channels or stride
-        value), then ``Average relative error: x.xxxx`` (the mean over the
-        levels that were changed) and a line with the relative error of
-        every level ``>= 1``.
+        value), then ``Average relative error: x.xxxx`` (the mean over all
+        levels ``>= 1``), a line with the relative error of every level
+        ``>= 1`` and, if a level was clamped, a line saying which and why.
         """
         if not self.adjusted:
             return None
@@ -356,9 +361,18 @@ class Layout:
         per_level = ", ".join(
             f"level {k + 1}: {e:.4f}" for k, e in enumerate(self.relative_errors)
         )
-        return (f"{wrapped}\n"
+        text = (f"{wrapped}\n"
                 f"Average relative error: {self.mean_relative_error:.4f}\n"
                 f"Relative error per level: {per_level}")
+        for i, wanted, sent in self.clamped:
+            c = self.channels[i]
+            why = (f"at most {c - 1} of its {c} channels (it keeps >= 1 for "
+                   f"the skip connection)" if wanted > sent else
+                   "at least 1 channel")
+            note = (f"Level {i} must send {why}, not {wanted}: "
+                    f"channels[{i + 1}] clamped to {self.channels[i + 1]}.")
+            text += "\n" + textwrap.fill(note, width=width)
+        return text
 
     def text(self) -> str:
         """The layout diagram as printed by ``iUNet.print_layout()``."""
@@ -387,7 +401,8 @@ def minimal_channels(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
 
 def _build_layout(dim: int, requested: tuple[int, ...],
                   achieved: Sequence[int], architecture: tuple[int, ...],
-                  strides: list[tuple[int, ...]]) -> Layout:
+                  strides: list[tuple[int, ...]],
+                  clamped: tuple[tuple[int, int, int], ...] = ()) -> Layout:
     L = len(achieved)
     levels = []
     for i in range(L):
@@ -400,9 +415,7 @@ def _build_layout(dim: int, requested: tuple[int, ...],
             levels.append(LevelLayout(i, achieved[i], architecture[i],
                                       achieved[i], 0, None, None))
     errors = tuple(abs(a - r) / r for a, r in zip(achieved[1:], requested[1:]))
-    changed = [e for e, a, r in zip(errors, achieved[1:], requested[1:])
-               if a != r]
-    mean = sum(changed) / len(changed) if changed else 0.0
+    mean = sum(errors) / len(errors) if errors else 0.0
     return Layout(
         dim=dim,
         requested=tuple(requested),
@@ -413,6 +426,7 @@ def _build_layout(dim: int, requested: tuple[int, ...],
         adjusted=tuple(achieved) != tuple(requested),
         relative_errors=errors,
         mean_relative_error=mean,
+        clamped=tuple(clamped),
     )
 
 
@@ -423,18 +437,20 @@ def compute_layout(channels: Sequence[int], architecture: Sequence[int],
     Level 0 always gets ``channels[0]``.  Going down level by level, the
     number of sent channels is ``sent_i = round_half_up(channels[i+1] / m_i)``
     (with ``m_i = prod(strides[i])``), computed from the *achieved* channels
-    of level ``i``, and the achieved ``channels[i+1] = m_i * sent_i``.  If
-    that differs from the request, ``layout.adjusted`` is True and
-    :meth:`Layout.adjustment_message` explains the change.
+    of level ``i``, and clamped to ``1 <= sent_i <= achieved[i] - 1`` (every
+    non-bottom level keeps >= 1 channel for the skip connection and sends
+    >= 1): the achieved ``channels[i+1] = m_i * sent_i`` is the nearest
+    achievable count.  If that differs from the request, ``layout.adjusted``
+    is True and :meth:`Layout.adjustment_message` explains the change (and
+    names the levels that were clamped).
 
     Raises:
         ValueError: if ``channels``/``architecture`` are empty, of different
             lengths or contain non-positive entries; if ``dim`` is not 1, 2
             or 3; for invalid strides (see :func:`normalize_strides`); and
-            if no rounding can fix the request: ``channels[i+1] < m_i`` (level
-            ``i`` would send zero channels) or ``sent_i >= channels[i]``
-            (level ``i`` would keep zero channels).  The message names the
-            smallest channels that would work.
+            if no layout exists at all: ``channels[0] == 1`` with more than
+            one level (level 0 cannot keep one channel and send one).  The
+            message names the smallest channels that would work.
     """
     dim = _check_dim(dim)
     requested = _positive_int_tuple(channels, "channels")
@@ -450,45 +466,26 @@ def compute_layout(channels: Sequence[int], architecture: Sequence[int],
     strides = normalize_strides(resampling_stride, dim, L - 1)
     smallest = minimal_channels(strides)
 
+    if L > 1 and requested[0] < 2:
+        raise ValueError(
+            f"Cannot build an iUNet with channels={requested!r}: level 0 has "
+            f"{requested[0]} channel, but every level above the bottom must "
+            f"keep >= 1 channel for the skip connection and send >= 1 to the "
+            f"downsampling, so channels[0] must be at least 2. The smallest "
+            f"channels that would work are channels={smallest!r}."
+        )
     achieved = [requested[0]]
+    clamped = []
     for i in range(L - 1):
         m = _prod(strides[i])
-        target = requested[i + 1]
-        if target < m:
-            raise ValueError(
-                f"Cannot build an iUNet with channels={requested!r} and "
-                f"resampling_stride={strides!r}: channels[{i + 1}]={target} "
-                f"would mean sending zero channels from level {i}, since the "
-                f"downsampling with stride {strides[i]} multiplies the sent "
-                f"channels by {m}. channels[{i + 1}] must be a multiple of {m} "
-                f"and at least {m}. The smallest channels that would work "
-                f"are channels={smallest!r}."
-            )
-        sent = _round_half_up(target, m)
-        if sent >= achieved[i]:
-            hi = m * (achieved[i] - 1)
-            if hi == m:
-                fix = (f"with {achieved[i]} channels at level {i}, "
-                       f"channels[{i + 1}] must be exactly {m}")
-            elif hi > m:
-                fix = (f"with {achieved[i]} channels at level {i}, "
-                       f"channels[{i + 1}] must be a multiple of {m} between "
-                       f"{m} and {hi}")
-            else:
-                fix = (f"level {i} has only {achieved[i]} channel, but every "
-                       f"level above the bottom needs at least 2")
-            raise ValueError(
-                f"Cannot build an iUNet with channels={requested!r} and "
-                f"resampling_stride={strides!r}: channels[{i + 1}]={target} "
-                f"would mean sending {sent} of the {achieved[i]} channels of "
-                f"level {i} (stride {strides[i]} multiplies them by {m}), "
-                f"keeping zero channels for the skip connection. Every level "
-                f"must keep >= 1 and send >= 1 channel; {fix}. The smallest "
-                f"channels that would work are channels={smallest!r}."
-            )
+        wanted = _round_half_up(requested[i + 1], m)
+        # Keep >= 1 and send >= 1 channel: the nearest achievable count.
+        sent = min(max(wanted, 1), achieved[i] - 1)
+        if sent != wanted:
+            clamped.append((i, wanted, sent))
         achieved.append(m * sent)
 
-    return _build_layout(dim, requested, achieved, arch, strides)
+    return _build_layout(dim, requested, achieved, arch, strides, tuple(clamped))
 
 
 def channels_from_slice_mode(in_channels: int, architecture: Sequence[int],

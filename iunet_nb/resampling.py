@@ -28,21 +28,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .orthogonal import METHODS, OrthogonalBaseMixin, orthogonal_matrix
+from .orthogonal import METHODS, OrthogonalBaseMixin, orthogonal_matrix, reorthogonalize_
 
 __all__ = [
     "INITS",
+    "INIT_ALIASES",
+    "dct_matrix",
     "haar_matrix",
     "InvertibleDownsampling",
     "InvertibleUpsampling",
 ]
 
-#: Valid values of the ``init`` argument.
+#: Valid names of the ``init`` argument (besides a user-given orthogonal matrix).
 INITS: tuple[str, ...] = ("haar", "pixel_shuffle", "random")
+
+#: Other accepted names: ``'squeeze'`` (the reference package's name) is pixel shuffle.
+INIT_ALIASES: dict[str, str] = {"squeeze": "pixel_shuffle"}
+
+#: Largest ``max |M^T M - I|`` accepted for a user-given init matrix (it is then
+#: polished to float64 precision), loose enough for float32-rounded matrices.
+INIT_ORTHOGONALITY_TOL: float = 1e-5
 
 
 
@@ -103,36 +114,64 @@ def check_input(x: Tensor, dim: int, channels: int, name: str = "input") -> None
         )
 
 
-def haar_matrix(stride: int | Sequence[int], dim: int | None = None) -> Tensor:
-    """Orthogonal Haar matrix for a stride block, in float64.
+def dct_matrix(n: int) -> Tensor:
+    """Orthonormal DCT-II matrix of size ``n``, in float64, shape ``(n, n)``.
 
-    The Kronecker product over spatial dims of the 1D Haar matrix
-    ``[[1, 1], [1, -1]] / sqrt(2)`` (stride 2) or ``[[1]]`` (stride 1). Rows are the
-    Haar filters (row 0 is the average), columns the row-major block offsets.
+    ``D[k, j] = c_k cos(pi k (2 j + 1) / (2 n))`` with ``c_0 = 1 / sqrt(n)`` and
+    ``c_k = sqrt(2 / n)`` otherwise: row 0 is the (scaled) mean, row ``k`` the
+    cosine of frequency ``k / 2`` cycles per block; every row ``k >= 1`` sums to zero.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    D = torch.cos(math.pi * k * (2 * j + 1) / (2 * n)) * math.sqrt(2.0 / n)
+    D[0] = 1.0 / math.sqrt(n)
+    return D
+
+
+def _haar_1d(s: int) -> Tensor:
+    """The 1D factor of :func:`haar_matrix` for one stride entry ``s``."""
+    if s == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if s == 2:
+        # The DCT-II of size 2 is the Haar matrix; the closed form keeps the
+        # classic values bit for bit.
+        return torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2.0)
+    return dct_matrix(s)
+
+
+def haar_matrix(stride: int | Sequence[int], dim: int | None = None) -> Tensor:
+    """Orthogonal Haar-type matrix for a stride block, in float64 (``init='haar'``).
+
+    The Kronecker product over the spatial dims of one orthonormal basis of
+    ``R^{s_i}`` per stride entry ``s_i``:
+
+    * ``s_i = 1``: ``[[1]]``;
+    * ``s_i = 2``: the Haar matrix ``[[1, 1], [1, -1]] / sqrt(2)``;
+    * ``s_i >= 3``: the orthonormal DCT-II basis (:func:`dct_matrix`), which is
+      the generalisation of the 2-point Haar matrix used here: for ``s = 2`` the
+      DCT-II *is* the Haar matrix, its first row is the local mean
+      (``1 / sqrt(s)`` each) and every other row is a zero-sum detail filter,
+      ordered from low to high frequency.  (It is not the multi-level Haar
+      wavelet for ``s = 4, 8, ...``; pass such a matrix as ``init`` if wanted.)
+
+    Rows are the filters (row 0 is the average of the whole block, scaled by
+    ``sqrt(s)``), columns the row-major block offsets.
 
     Args:
-        stride: int or tuple of ints; each entry 1 or 2.
+        stride: int or tuple of ints >= 1.
         dim: number of spatial dims (default: ``len(stride)``, or 1 for an int).
 
     Returns:
         Tensor of shape ``(s, s)``, ``s = prod(stride)``.
-
-    Raises:
-        ValueError: a stride entry other than 1 or 2.
     """
     if dim is None:
         dim = 1 if isinstance(stride, int) else len(stride)
     stride = normalize_stride(stride, dim)
-    if any(s > 2 for s in stride):
-        raise ValueError(
-            f"init='haar' needs strides of 1 or 2 in every dim, got stride {stride}; "
-            "use init='pixel_shuffle' or init='random' for larger strides"
-        )
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2.0)
-    h1 = torch.ones(1, 1, dtype=torch.float64)
-    out = h1
+    out = torch.ones(1, 1, dtype=torch.float64)
     for s in stride:
-        out = torch.kron(out, h2 if s == 2 else h1)
+        out = torch.kron(out, _haar_1d(s))
     return out
 
 
@@ -154,16 +193,65 @@ def random_special_orthogonal(
     return Q
 
 
-def _init_matrix(init: str, stride: tuple[int, ...], batch: int) -> Tensor:
-    """Initial kernel of shape ``(batch, s, s)`` in float64."""
+def _user_matrix(init: Tensor | np.ndarray, stride: tuple[int, ...], batch: int) -> Tensor:
+    """A user-given orthogonal init matrix as a ``(batch, s, s)`` float64 tensor.
+
+    Accepts ``(s, s)`` (one matrix for every channel) or ``(batch, s, s)`` /
+    ``(1, s, s)``; checks that it is real, finite and orthogonal within
+    :data:`INIT_ORTHOGONALITY_TOL`, then polishes it to float64 precision.
+    """
     s = math.prod(stride)
-    if init == "haar":
+    M = torch.from_numpy(np.asarray(init)) if isinstance(init, np.ndarray) else init.detach()
+    if M.is_complex() or M.dtype == torch.bool:
+        raise ValueError(f"init: a user-given matrix must be real, got dtype {M.dtype}")
+    M = M.to(device="cpu", dtype=torch.float64)
+    if M.dim() == 2:
+        M = M.unsqueeze(0)
+    if M.dim() != 3 or M.shape[-2:] != (s, s) or M.shape[0] not in (1, batch):
+        per_channel = f" or ({batch}, {s}, {s}) (one per channel)" if batch > 1 else ""
+        raise ValueError(
+            f"init: a user-given matrix for stride {stride} must have shape ({s}, {s}){per_channel}, "
+            f"s = prod(stride) = {s}; got shape {tuple(init.shape)}"
+        )
+    if not torch.isfinite(M).all():
+        raise ValueError("init: the user-given matrix contains NaN or infinite entries")
+    eye = torch.eye(s, dtype=torch.float64)
+    err = (M.mT @ M - eye).abs().max().item()
+    if err > INIT_ORTHOGONALITY_TOL:
+        raise ValueError(
+            f"init: the user-given matrix is not orthogonal: max |M^T M - I| = {err:.3g} > "
+            f"{INIT_ORTHOGONALITY_TOL:g}; rows must be orthonormal filters (e.g. from "
+            "torch.linalg.qr or iunet_nb.resampling.haar_matrix)"
+        )
+    return reorthogonalize_(M.expand(batch, s, s).clone())
+
+
+def _init_matrix(init: str | Tensor | np.ndarray, stride: tuple[int, ...], batch: int) -> Tensor:
+    """Initial kernel of shape ``(batch, s, s)`` in float64 (see :class:`InvertibleDownsampling`)."""
+    if isinstance(init, (Tensor, np.ndarray)):
+        return _user_matrix(init, stride, batch)
+    s = math.prod(stride)
+    name = _init_name(init)
+    if name == "haar":
         return haar_matrix(stride).expand(batch, s, s).clone()
-    if init == "pixel_shuffle":
+    if name == "pixel_shuffle":
         return torch.eye(s, dtype=torch.float64).expand(batch, s, s).clone()
-    if init == "random":
-        return random_special_orthogonal(batch, s)
-    raise ValueError(f"unknown init {init!r}; valid inits are {', '.join(repr(i) for i in INITS)}")
+    return random_special_orthogonal(batch, s)
+
+
+def _init_name(init: Any) -> str:
+    """The canonical name of a string init (aliases resolved), or ``'matrix'``."""
+    if isinstance(init, (Tensor, np.ndarray)):
+        return "matrix"
+    if isinstance(init, str) and init in INIT_ALIASES:
+        return INIT_ALIASES[init]
+    if isinstance(init, str) and init in INITS:
+        return init
+    valid = ", ".join(repr(i) for i in INITS + tuple(INIT_ALIASES))
+    raise ValueError(
+        f"unknown init {init!r}; valid inits are {valid}, or an orthogonal (s, s) matrix "
+        "(torch.Tensor or numpy.ndarray, s = prod(stride))"
+    )
 
 
 # ------------------------------------------------------------------------- modules
@@ -180,7 +268,7 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         stride: int | Sequence[int],
         dim: int,
         method: str,
-        init: str,
+        init: str | Tensor | np.ndarray,
         learnable: bool,
         shared: bool,
         device: torch.device | str | None,
@@ -189,17 +277,14 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         super().__init__()
         _check_dim(dim)
         _check_method(method)
-        if init not in INITS:
-            raise ValueError(
-                f"unknown init {init!r}; valid inits are {', '.join(repr(i) for i in INITS)}"
-            )
         self.dim = dim
         self.stride = normalize_stride(stride, dim)
         self.block_size = math.prod(self.stride)
         self.fine_channels = fine_channels
         self.coarse_channels = fine_channels * self.block_size
         self.method = method
-        self.init = init
+        #: The init's canonical name: ``'haar'``, ``'pixel_shuffle'``, ``'random'`` or ``'matrix'``.
+        self.init = _init_name(init)
         self.learnable = bool(learnable)
         self.shared = bool(shared)
         s = self.block_size
@@ -481,8 +566,13 @@ class InvertibleDownsampling(_InvertibleResampling):
         stride: int or tuple of ``dim`` ints >= 1 (anisotropic strides allowed).
         dim: number of spatial dims, 1, 2 or 3.
         method: orthogonal parametrisation, one of ``'exp'``, ``'cayley'``, ``'householder'``.
-        init: ``'haar'`` (strides 1/2 only), ``'pixel_shuffle'`` (identity, i.e.
-            pixel unshuffle) or ``'random'`` (random special orthogonal per channel).
+        init: ``'haar'`` (Haar for stride 2, its DCT-II generalisation for
+            larger strides, see :func:`haar_matrix`), ``'pixel_shuffle'`` (alias
+            ``'squeeze'``: identity, i.e. pixel unshuffle), ``'random'`` (random
+            special orthogonal per channel), or a user-given orthogonal matrix
+            (``torch.Tensor`` or ``numpy.ndarray``) of shape ``(s, s)`` or
+            ``(C, s, s)`` whose row ``r`` is the filter of output channel
+            ``c * s + r`` over the row-major block offsets (as :func:`haar_matrix`).
         learnable: if False, the kernel is the fixed buffer ``base``.
         shared: one kernel ``(1, s, s)`` for all channels instead of ``(C, s, s)``.
         device, dtype: factory arguments as in ``torch.nn`` layers. The init is
@@ -502,7 +592,7 @@ class InvertibleDownsampling(_InvertibleResampling):
         stride: int | Sequence[int] = 2,
         dim: int = 2,
         method: str = "cayley",
-        init: str = "haar",
+        init: str | Tensor | np.ndarray = "haar",
         learnable: bool = True,
         shared: bool = False,
         device: torch.device | str | None = None,
@@ -560,7 +650,7 @@ class InvertibleUpsampling(_InvertibleResampling):
         stride: int | Sequence[int] = 2,
         dim: int = 2,
         method: str = "cayley",
-        init: str = "haar",
+        init: str | Tensor | np.ndarray = "haar",
         learnable: bool = True,
         shared: bool = False,
         device: torch.device | str | None = None,

@@ -124,12 +124,14 @@ def test_relative_errors_and_mean():
     assert round(layout.mean_relative_error, 4) == 0.0545
 
 
-def test_mean_only_over_changed_levels():
-    # level 1 exact (16), level 2 changed 35 -> 32
+def test_mean_over_all_levels_as_in_the_reference_docs():
+    # level 1 exact (16), level 2 changed 35 -> 32: the mean runs over levels 1..L-1,
+    # as the reference documentation's "Average relative error: 0.1527" (tested in
+    # tests/test_original_docs.py) shows.
     layout = L.compute_layout((7, 16, 35), (1, 1, 1), 3, 2)
     assert layout.channels == (7, 16, 32)
     assert layout.relative_errors == pytest.approx((0.0, 3 / 35))
-    assert layout.mean_relative_error == pytest.approx(3 / 35)
+    assert layout.mean_relative_error == pytest.approx(3 / 70)
 
 
 @pytest.mark.parametrize("width", range(74, 85))
@@ -206,36 +208,54 @@ def test_single_level_layout():
 # Errors
 # --------------------------------------------------------------------------
 
-def test_send_zero_error_names_smallest_channels():
-    with pytest.raises(ValueError) as info:
-        L.compute_layout((4, 4), (1, 1), 3, 2)
-    msg = str(info.value)
-    assert "channels=(2, 8)" in msg
-    assert "channels[1] must be a multiple of 8 and at least 8" in msg
-
-
-def test_send_zero_error_deeper_level_with_anisotropic_stride():
-    with pytest.raises(ValueError) as info:
-        L.compute_layout((8, 16, 3), (1, 1, 1), 3, [2, (1, 2, 2)])
-    msg = str(info.value)
-    assert "channels[2] must be a multiple of 4 and at least 4" in msg
-    assert "channels=(2, 8, 4)" in msg
-
-
 @pytest.mark.parametrize(
-    "channels, dim, stride, smallest",
+    "channels, dim, stride, achieved, clamped",
     [
-        ((2, 24), 2, 2, (2, 4)),       # would send 6 of 2 channels
-        ((1, 4), 2, 2, (2, 4)),        # level 0 has only 1 channel
-        ((4, 16, 200), 1, 2, (2, 2, 2)),
+        # would send 6 of 2 channels: clamped to 1 sent
+        ((2, 24), 2, 2, (2, 4), ((0, 6, 1),)),
+        # would send 8 of 4, then 100 of 6 channels
+        ((4, 16, 200), 1, 2, (4, 6, 10), ((0, 8, 3), (1, 100, 5))),
+        # round(1 / 8) = 0 would send nothing: clamped to 1 sent
+        ((8, 1), 3, 2, (8, 8), ((0, 0, 1),)),
+        # round(4 / 8) = 1 (halves round up): adjusted, not clamped
+        ((4, 4), 3, 2, (4, 8), ()),
+        ((8, 16, 3), 3, [2, (1, 2, 2)], (8, 16, 4), ()),
+        # the reference documentation's channel example (levels 1 and 3 adjusted)
+        ((3, 25, 32, 55, 128), 3, [(1, 2, 3), (2, 2, 2), (5, 1, 2), 2],
+         (3, 12, 32, 60, 128), ((0, 4, 2),)),
     ],
 )
-def test_keep_zero_error(channels, dim, stride, smallest):
+def test_closest_achievable_clamps_instead_of_raising(channels, dim, stride, achieved,
+                                                      clamped):
+    layout = L.compute_layout(channels, (1,) * len(channels), dim, stride)
+    assert layout.channels == achieved
+    assert layout.clamped == clamped
+    assert all(lv.kept >= 1 and lv.sent >= 1 for lv in layout.levels[:-1])
+    msg = layout.adjustment_message()
+    assert f"channels={achieved!r}." in msg.replace("\n", " ")
+    for i, wanted, sent in clamped:
+        note = f"Level {i} must send " + (
+            f"at most {achieved[i] - 1} of its {achieved[i]} channels" if wanted > sent
+            else "at least 1 channel")
+        assert note in msg.replace("\n", " ")
+        assert f"channels[{i + 1}] clamped to {achieved[i + 1]}." in msg.replace("\n", " ")
+    if not clamped:
+        assert "clamped" not in msg
+
+
+@pytest.mark.parametrize("channels", [(1, 4), (1, 1), (1, 8, 8)])
+def test_no_layout_exists_with_one_channel_at_level_0(channels):
     with pytest.raises(ValueError) as info:
-        L.compute_layout(channels, (1,) * len(channels), dim, stride)
+        L.compute_layout(channels, (1,) * len(channels), 2, 2)
     msg = str(info.value)
-    assert "keeping zero channels" in msg
+    assert "channels[0] must be at least 2" in msg
+    smallest = L.minimal_channels([(2, 2)] * (len(channels) - 1))
     assert f"channels={smallest!r}" in msg
+    assert not L.compute_layout(smallest, (1,) * len(channels), 2, 2).adjusted
+
+
+def test_one_level_with_one_channel_is_fine():
+    assert L.compute_layout((1,), (2,), 2).channels == (1,)
 
 
 @pytest.mark.parametrize(
@@ -465,15 +485,11 @@ def test_random_layout_invariants(seed):
                    for _ in range(n - 1)]
         channels = tuple(rng.randint(1, 300) for _ in range(n))
         arch = tuple(rng.randint(1, 4) for _ in range(n))
-        try:
-            layout = L.compute_layout(channels, arch, dim, strides)
-        except ValueError as err:
-            smallest = re.search(r"channels=(\([0-9, ]+\))\.$", str(err))
-            assert smallest, str(err)
-            # the named smallest channels really work
-            assert not L.compute_layout(eval(smallest.group(1)), arch, dim,
-                                        strides).adjusted
+        if channels[0] == 1 and n > 1:  # the only case without any layout
+            with pytest.raises(ValueError, match="channels\\[0\\] must be at least 2"):
+                L.compute_layout(channels, arch, dim, strides)
             continue
+        layout = L.compute_layout(channels, arch, dim, strides)
         checked += 1
         ms = layout.channel_multipliers
         assert layout.channels[0] == channels[0]
@@ -483,8 +499,13 @@ def test_random_layout_invariants(seed):
             assert lv.kept + lv.sent == lv.channels
             assert layout.channels[i + 1] == ms[i] * lv.sent
             assert lv.multiplier == ms[i]
-            # greedy rounding from the achieved channels
-            assert lv.sent == math.floor(channels[i + 1] / ms[i] + 0.5)
+            # greedy rounding from the achieved channels, clamped to 1..channels-1
+            wanted = math.floor(channels[i + 1] / ms[i] + 0.5)
+            assert lv.sent == min(max(wanted, 1), lv.channels - 1)
+            # and no achievable count is nearer to the request
+            best = min(range(1, lv.channels), key=lambda k: abs(ms[i] * k - channels[i + 1]))
+            assert abs(ms[i] * best - channels[i + 1]) == abs(
+                ms[i] * lv.sent - channels[i + 1])
         bottom = layout.levels[-1]
         assert (bottom.kept, bottom.sent, bottom.stride) == (
             bottom.channels, 0, None)

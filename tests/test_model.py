@@ -390,9 +390,12 @@ def test_unknown_keyword_is_type_error_naming_it(kwargs, name):
 
 
 def test_impossible_layout_names_smallest_channels():
-    with pytest.raises(ValueError, match=r"channels=\(4, 4\).*smallest channels that would work are "
+    # (4, 4) in 3D is clamped to the closest achievable (4, 8); only one channel at level 0
+    # leaves no layout at all.
+    with pytest.raises(ValueError, match=r"channels=\(1, 4\).*smallest channels that would work are "
                                          r"channels=\(2, 8\)"):
-        iUNet(channels=(4, 4), architecture=(1, 1), dim=3)
+        iUNet(channels=(1, 4), architecture=(1, 1), dim=3)
+    assert iUNet(channels=(4, 4), architecture=(1, 1), dim=3, verbose=0).channels == (4, 8)
 
 
 @pytest.mark.parametrize("kwargs, size", [

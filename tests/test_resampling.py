@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,6 @@ def _stride_tuple(dim: int, stride: int | tuple[int, ...]) -> tuple[int, ...]:
     return (stride,) * dim if isinstance(stride, int) else stride
 
 
-def _haar_ok(dim: int, stride: int | tuple[int, ...]) -> bool:
-    return all(s <= 2 for s in _stride_tuple(dim, stride))
-
-
 def _fine_input(dim: int, stride, dtype: torch.dtype, blocks: int = 3, n: int = 2) -> torch.Tensor:
     st = _stride_tuple(dim, stride)
     blocks = 2 if dim == 3 else blocks
@@ -59,8 +56,6 @@ def _perturb(module: torch.nn.Module, scale: float = 0.5) -> None:
 def _cases():
     for dim, stride in STRIDE_CASES:
         for init in INITS:
-            if init == "haar" and not _haar_ok(dim, stride):
-                continue
             for method, learnable in METHOD_CASES:
                 yield pytest.param(
                     dim, stride, init, method, learnable,
@@ -101,8 +96,6 @@ def test_round_trip(dim, stride, init, method, learnable) -> None:
 @pytest.mark.parametrize("dim,stride", STRIDE_CASES)
 @pytest.mark.parametrize("init", INITS)
 def test_upsampling_with_same_init_inverts_downsampling(dim, stride, init) -> None:
-    if init == "haar" and not _haar_ok(dim, stride):
-        pytest.skip("haar needs strides 1/2")
     s = math.prod(_stride_tuple(dim, stride))
     torch.manual_seed(3)
     down = InvertibleDownsampling(C, stride, dim=dim, init=init, dtype=torch.float64)
@@ -154,8 +147,106 @@ def test_haar_matrix() -> None:
     torch.testing.assert_close(haar_matrix((1, 2, 2)), haar_matrix((2, 2)))
     assert torch.equal(haar_matrix((1, 1)), torch.ones(1, 1, dtype=torch.float64))
     assert orthogonality_error(haar_matrix((2, 2, 2))) <= 1e-15
-    with pytest.raises(ValueError, match="pixel_shuffle"):
-        haar_matrix(3)
+
+
+def _classic_haar(stride: tuple[int, ...]) -> torch.Tensor:
+    """Kronecker product of [[1, 1], [1, -1]] / sqrt(2) (stride 2) and [[1]] (stride 1)."""
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2.0)
+    out = torch.ones(1, 1, dtype=torch.float64)
+    for s in stride:
+        out = torch.kron(out, h2 if s == 2 else torch.ones(1, 1, dtype=torch.float64))
+    return out
+
+
+@pytest.mark.parametrize("stride", [2, (2, 2), (1, 2), (2, 1, 2), (2, 2, 2)])
+def test_haar_for_strides_1_and_2_is_exactly_the_classic_haar(stride) -> None:
+    st = (stride,) if isinstance(stride, int) else stride
+    assert torch.equal(haar_matrix(st), _classic_haar(st))
+
+
+@pytest.mark.parametrize("stride", [(3,), (4,), (5,), (7,), (3, 2), (2, 3), (5, 1, 2), (1, 2, 3),
+                                    (3, 3, 3), (4, 4)])
+def test_haar_generalisation_is_orthogonal_with_the_mean_first(stride) -> None:
+    H = haar_matrix(stride)
+    s = math.prod(stride)
+    assert H.shape == (s, s)
+    assert orthogonality_error(H) <= 1e-14
+    # row 0 is the local mean (scaled to unit norm), every other row a zero-sum detail filter
+    torch.testing.assert_close(H[0], torch.full((s,), 1 / math.sqrt(s), dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    assert H[1:].sum(dim=1).abs().max() <= 1e-13
+    # per dimension the orthonormal DCT-II (scipy as an independent reference), Kronecker product
+    # over dims in row-major block order
+    import scipy.fft
+
+    ref = torch.ones(1, 1, dtype=torch.float64)
+    for n in stride:
+        ref = torch.kron(ref, torch.from_numpy(scipy.fft.dct(np.eye(n), type=2, norm="ortho", axis=0)))
+    torch.testing.assert_close(H, ref, rtol=0, atol=1e-14)
+
+
+def test_haar_downsampling_first_channel_is_the_block_mean_for_stride_3() -> None:
+    x = torch.randn(2, 2, 9, 6, dtype=torch.float64)
+    down = InvertibleDownsampling(2, (3, 2), dim=2, init="haar", dtype=torch.float64)
+    y = down(x)
+    mean = F.avg_pool2d(x, (3, 2))
+    torch.testing.assert_close(y[:, ::6], mean * math.sqrt(6), rtol=0, atol=1e-13)
+    torch.testing.assert_close(down.inverse(y), x, rtol=0, atol=1e-13)
+
+
+def test_squeeze_is_an_alias_of_pixel_shuffle() -> None:
+    x = torch.randn(1, 3, 8, 6)
+    down = InvertibleDownsampling(3, 2, dim=2, init="squeeze")
+    assert down.init == "pixel_shuffle"
+    assert torch.equal(down(x), F.pixel_unshuffle(x, 2))
+    assert torch.equal(down.base, InvertibleDownsampling(3, 2, dim=2, init="pixel_shuffle").base)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "ndarray", "float32", "per_channel"])
+def test_user_given_orthogonal_matrix(kind) -> None:
+    torch.manual_seed(3)
+    s = 6
+    Q = torch.linalg.qr(torch.randn(s, s, dtype=torch.float64))[0]
+    if kind == "ndarray":
+        init = Q.numpy()
+    elif kind == "float32":
+        init = Q.float()  # orthogonal to ~1e-7 only: accepted and polished
+    elif kind == "per_channel":
+        Q = torch.linalg.qr(torch.randn(C, s, s, dtype=torch.float64))[0]
+        init = Q
+    else:
+        init = Q
+    down = InvertibleDownsampling(C, (3, 2), dim=2, init=init, dtype=torch.float64)
+    up = InvertibleUpsampling(C * s, (3, 2), dim=2, init=init, dtype=torch.float64)
+    assert down.init == "matrix"
+    assert orthogonality_error(down.base) <= 1e-15
+    torch.testing.assert_close(down.base, Q.expand(C, s, s), rtol=0, atol=1e-6)
+    x = torch.randn(2, C, 6, 4, dtype=torch.float64)
+    # y[:, c*s + r] = sum_k Q[c, r, k] x_block[c, k]
+    from iunet_nb.resampling import to_blocks
+
+    expected = (Q.expand(C, s, s) @ to_blocks(x, (3, 2))).reshape(2, C * s, 2, 2)
+    torch.testing.assert_close(down(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(up(down(x)), x, rtol=0, atol=1e-13)
+    if kind == "tensor":  # the caller's matrix is not changed
+        assert torch.equal(init, Q)
+
+
+def test_user_given_matrix_errors() -> None:
+    with pytest.raises(ValueError, match=r"must have shape \(4, 4\) or \(2, 4, 4\).*got shape \(3, 3\)"):
+        InvertibleDownsampling(2, 2, dim=2, init=torch.eye(3))
+    with pytest.raises(ValueError, match=r"shape \(4, 4\).*got shape \(3, 4, 4\)"):
+        InvertibleDownsampling(2, 2, dim=2, init=torch.eye(4).expand(3, 4, 4))
+    with pytest.raises(ValueError, match=r"not orthogonal: max \|M\^T M - I\| = 3 > 1e-05"):
+        InvertibleDownsampling(2, 2, dim=2, init=2 * np.eye(4))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        InvertibleDownsampling(2, 2, dim=2, init=torch.full((4, 4), float("nan")))
+    with pytest.raises(ValueError, match="must be real"):
+        InvertibleDownsampling(2, 2, dim=2, init=np.eye(4, dtype=complex))
+    with pytest.raises(ValueError, match="'squeeze', or an orthogonal"):
+        InvertibleDownsampling(2, 2, dim=2, init=[[1, 0], [0, 1]])
+    # a permutation (det -1) is orthogonal: fine as a fixed base
+    InvertibleDownsampling(1, 2, dim=1, init=torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
 
 
 @pytest.mark.parametrize("dim,stride", STRIDE_CASES)
@@ -163,7 +254,7 @@ def test_haar_matrix() -> None:
 def test_gradcheck_input_and_parameter(dim, stride, method) -> None:
     torch.manual_seed(1)
     s = math.prod(_stride_tuple(dim, stride))
-    init = "haar" if _haar_ok(dim, stride) else "random"
+    init = "haar"
     for cls, channels, fine in ((InvertibleDownsampling, 2, True), (InvertibleUpsampling, 2 * s, False)):
         module = cls(channels, stride, dim=dim, method=method, init=init, dtype=torch.float64)
         x = _fine_input(dim, stride, torch.float64, blocks=1, n=1)
@@ -314,12 +405,8 @@ def test_bad_input_rank_channels_divisibility() -> None:
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(ValueError, match="'exp', 'cayley', 'householder'"):
         InvertibleDownsampling(2, 2, method="qr")
-    with pytest.raises(ValueError, match="'haar', 'pixel_shuffle', 'random'"):
+    with pytest.raises(ValueError, match="'haar', 'pixel_shuffle', 'random', 'squeeze'"):
         InvertibleDownsampling(2, 2, init="dct")
-    with pytest.raises(ValueError, match="haar.*1 or 2.*'pixel_shuffle'.*'random'"):
-        InvertibleDownsampling(2, 3, init="haar")
-    with pytest.raises(ValueError, match="haar"):
-        InvertibleUpsampling(18, (3, 2), init="haar")
     for bad in (0, -1, (2, 0), (2, -2)):
         with pytest.raises(ValueError, match=">= 1"):
             InvertibleDownsampling(2, bad)

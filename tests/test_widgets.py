@@ -85,8 +85,8 @@ def test_parse_strides(text, expected):
 @pytest.mark.parametrize("config, fragment", [
     (dict(channels="64, 128, 256, 512", architecture="2, 2, 2, 2", dim=2,
           strides="2, 2, (1, 2, 2)"), "per-dimension stride"),
-    (dict(channels="4, 64", architecture="1, 1", dim=2), "keeping zero channels"),
-    (dict(channels="8, 2", architecture="1, 1", dim=2), "sending zero channels"),
+    (dict(channels="1, 64", architecture="1, 1", dim=2), "channels[0] must be at least 2"),
+    (dict(channels="1, 8, 16", architecture="1, 1, 1", dim=2), "channels[0] must be at least 2"),
     (dict(channels="64, 128, abc", architecture="1, 1, 1"), "Could not read channels"),
     (dict(channels="64, 128", architecture="1, 1, 1"), "same length"),
     (dict(channels="64, 128", architecture="1, 1", dim=2, strides="1"), "would not downsample"),
@@ -178,10 +178,10 @@ def test_widget_change_to_3d_seed(explorer):
 
 
 def test_widget_impossible_layout_shows_error(explorer):
-    set_values(explorer, channels="64, 1000, 256, 384")
+    set_values(explorer, channels="1, 1000, 256, 384")
     assert not explorer.state.ok
     assert "iunet-error" in explorer.message_html.value
-    assert "keeping zero channels" in explorer.message_html.value
+    assert "channels[0] must be at least 2" in explorer.message_html.value
     assert "Traceback" not in explorer.message_html.value
     assert "no layout" in explorer.layout_html.value
     assert explorer.build_button.disabled
@@ -254,5 +254,5 @@ def test_build_and_check_seed_2d():
 
 
 def test_build_and_check_rejects_impossible_layout():
-    with pytest.raises(ValueError, match="keeping zero channels"):
-        W.build_and_check(dict(channels="4, 64", architecture="1, 1"))
+    with pytest.raises(ValueError, match=r"channels\[0\] must be at least 2"):
+        W.build_and_check(dict(channels="1, 64", architecture="1, 1"))
