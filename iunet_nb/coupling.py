@@ -308,16 +308,23 @@ def _resolve_depth(depth: int | None, block_depth: int | None) -> int:
 def create_standard_module(in_channels: int, dim: int = 2, depth: int | None = None,
                            module_index: int = 0, zero_init: bool = True, *,
                            block_depth: int | None = None, LR: str | None = None,
-                           level: int | None = None, architecture: Any = None) -> AdditiveCoupling:
+                           level: int | None = None, architecture: Any = None,
+                           branch: str | None = None) -> AdditiveCoupling:
     """Build the default coupling layer for ``in_channels`` channels.
 
     ``u`` gets ``ceil(C/2)`` channels when ``module_index`` is even and
     ``floor(C/2)`` when it is odd, so consecutive layers transform alternate
     halves even for odd ``C`` (7 channels: 4/3, then 3/4).  ``depth`` (alias
     ``block_depth``) is the number of conv blocks in ``f`` (default 1).  The
-    keyword-only ``LR``, ``level`` and ``architecture`` are the coordinates an
-    iUNet passes to every ``create_module_fn``; they are accepted and unused.
+    keyword-only ``LR``/``branch``, ``level`` and ``architecture`` are the
+    coordinates an iUNet passes to every ``create_module_fn``.  On the decoder
+    side the parity continues the encoder's numbering (``architecture[level] +
+    module_index``): with odd ``C`` the zero-initialised couplings are channel
+    rotations by ``ceil(C/2)`` and ``floor(C/2)``, and only alternating them
+    across both sides makes a level start as the identity.
     """
+    if (LR == "R" or branch == "decoder") and architecture is not None and level is not None:
+        module_index = module_index + tuple(architecture)[level]
     depth = _resolve_depth(depth, block_depth)
     _check_dim(dim)
     if not isinstance(in_channels, int) or in_channels < 2:
@@ -330,7 +337,8 @@ def create_standard_module(in_channels: int, dim: int = 2, depth: int | None = N
 def create_memcnn_module(in_channels: int, dim: int = 2, depth: int | None = None,
                          module_index: int = 0, zero_init: bool = True, *,
                          block_depth: int | None = None, LR: str | None = None,
-                         level: int | None = None, architecture: Any = None) -> nn.Module:
+                         level: int | None = None, architecture: Any = None,
+                         branch: str | None = None) -> nn.Module:
     """memcnn's two-function ``AdditiveCoupling(Fm, Gm)`` with standard F and G.
 
     memcnn splits with ``torch.chunk``: ``x1`` gets ``ceil(C/2)`` channels.

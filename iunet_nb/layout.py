@@ -581,7 +581,8 @@ def format_layout(layout: Layout) -> str:
 def _coupling_parameters(c: int, index: int, dim: int, depth: int) -> int:
     """Parameters of one additive coupling layer on ``c`` channels.
 
-    Even ``index`` (encoder ``j``, decoder ``blocks + j``): ``a = ceil(c/2)``, ``b = floor(c/2)``;
+    Even ``index`` (encoder ``j``, decoder ``blocks + j``: the parity
+    :func:`iunet_nb.coupling.create_standard_module` uses): ``a = ceil(c/2)``, ``b = floor(c/2)``;
     odd: the other way round.  ``f: b -> a`` channels is ``depth`` times
     (conv ``3**dim`` kernel, no bias -> LeakyReLU -> GroupNorm(1, a) with
     affine weight and bias).
@@ -628,7 +629,7 @@ def count_parameters(layout: Layout, depth: int = 1,
     levels = []
     for lv in layout.levels:
         c = lv.channels
-        # The decoder continues the encoder's numbering (module_index = blocks + j),
+        # The standard module continues the encoder's parity on the decoder side (blocks + j),
         # so that the zero-initialised couplings of a level cancel for odd c too.
         coupling = sum(_coupling_parameters(c, j, layout.dim, depth)
                        for j in range(2 * lv.blocks))

@@ -146,9 +146,9 @@ class iUNet(nn.Module):
         dim: number of spatial dimensions (1, 2 or 3).
         create_module_fn: ``fn(channels, **coordinates, **module_kwargs)``
             returning an invertible module (``forward`` and ``inverse``);
-            coordinates are ``dim``, ``LR`` ('L' or 'R'), ``level``,
-            ``module_index`` (``j`` on the encoder side, ``architecture[level] + j``
-            on the decoder side) and ``architecture``.
+            coordinates are ``dim``, ``LR`` ('L' or 'R'), ``branch`` ('encoder'
+            or 'decoder'), ``level``, ``module_index`` (``0 .. architecture[level] - 1``
+            on each side, as the reference documents) and ``architecture``.
         module_kwargs: extra keyword arguments of ``create_module_fn``
             (for the standard module: ``depth``, alias ``block_depth``).
         learnable_resampling, resampling_stride, resampling_method,
@@ -207,6 +207,8 @@ class iUNet(nn.Module):
         if dim not in (1, 2, 3) or isinstance(dim, bool):
             raise ValueError(f"dim must be 1, 2 or 3 (number of spatial dimensions), got dim={dim!r}")
         architecture = tuple(architecture)
+        if isinstance(channels, int) and not isinstance(channels, bool) and in_channels is None:
+            channels, in_channels = None, channels  # iUNet(32, ...): the older positional in_channels
         if channels is None and in_channels is None:
             raise TypeError("iUNet() needs channels=(c0, c1, ...) (or the older in_channels=c0 with slice_mode)")
         if channels is not None and in_channels is not None:
@@ -284,8 +286,8 @@ class iUNet(nn.Module):
                 raise TypeError(f"channel_mixing_kwargs: {err}") from None
 
         def coupling(c: int, side: str, level: int, index: int) -> nn.Module:
-            coords = dict(dim=dim, LR=side, level=level, module_index=index,
-                          architecture=self.architecture)
+            coords = dict(dim=dim, LR=side, branch="encoder" if side == "L" else "decoder",
+                          level=level, module_index=index, architecture=self.architecture)
             try:
                 module = create_module_fn(c, **coords, **self.module_kwargs)
             except TypeError as err:
@@ -300,10 +302,9 @@ class iUNet(nn.Module):
                 dec.append(mixing(c))
             for j in range(lv.blocks):
                 enc.append(coupling(c, "L", i, j))
-                # The decoder continues the numbering: with odd c the zero-initialised
-                # couplings are channel rotations by ceil(c/2) and floor(c/2), and only
-                # alternating them across both sides makes the level start as the identity.
-                dec.append(coupling(c, "R", i, lv.blocks + j))
+                # module_index runs from 0 on each side; the standard module continues
+                # the encoder's parity on the decoder side itself (create_standard_module).
+                dec.append(coupling(c, "R", i, j))
                 if channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
                     enc.append(mixing(c))
                     dec.append(mixing(c))

@@ -609,7 +609,8 @@ class ScaleFree(nn.Module):
 def test_custom_create_module_fn(dim):
     calls = []
 
-    def make(c, dim, LR, level, module_index, architecture, width=None):
+    def make(c, dim, LR, branch, level, module_index, architecture, width=None):
+        assert branch == {"L": "encoder", "R": "decoder"}[LR]
         calls.append((c, LR, level, module_index, architecture, width))
         if module_index % 2:
             return ScaleFree(c, dim)
@@ -621,9 +622,9 @@ def test_custom_create_module_fn(dim):
                   create_module_fn=make, module_kwargs={"width": 3})
     assert sorted(calls) == sorted([
         (4, "L", 0, 0, (2, 1), 3), (4, "L", 0, 1, (2, 1), 3),
-        # the decoder continues the encoder's module_index (blocks + j)
-        (4, "R", 0, 2, (2, 1), 3), (4, "R", 0, 3, (2, 1), 3),
-        (channels[1], "L", 1, 0, (2, 1), 3), (channels[1], "R", 1, 1, (2, 1), 3),
+        # module_index runs from 0 to architecture[level] - 1 on each side (reference docs)
+        (4, "R", 0, 0, (2, 1), 3), (4, "R", 0, 1, (2, 1), 3),
+        (channels[1], "L", 1, 0, (2, 1), 3), (channels[1], "R", 1, 0, (2, 1), 3),
     ])
     x = torch.randn(2, 4, *([6] * dim), requires_grad=True)
     y = model(x)
