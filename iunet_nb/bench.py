@@ -69,6 +69,7 @@ DEFAULT_OUT = REPO / "data" / "results"
 ALL_MODES = ("conventional", "fused", "memcnn", "unet", "unet_checkpoint", "iunets")
 ME_MODES = ("fused", "memcnn", "iunets")
 DEFAULT_SIZES = (64, 128)
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEFAULT_DELTAS = (5, 10, 20, 30)
 CHANNELS = (64, 128, 256, 512, 1024)
 PAPER_SIZE = 512
@@ -81,8 +82,13 @@ CSV_COLUMNS = [
     "run", "mode", "size", "delta", "dtype", "device", "threads", "status", "parameters",
     "param_bytes", "input_bytes", "grad_bytes", "activation_bytes", "peak_bytes", "total_bytes",
     "total_gib", "overhead_tensors", "seconds", "seconds_all", "predicted_total_bytes",
-    "prediction_error", "message",
+    "prediction_error", "message", "optimizer", "state_bytes",
 ]
+
+#: ``--optimizer`` choices; the update is part of the measured step (``none``: Table 1 as in the paper)
+OPTIMIZER_CHOICES = ("none", "sgd", "adamw")
+#: learning rates used for the measured optimizer steps (the memory does not depend on them)
+OPTIMIZER_KWARGS = {"sgd": dict(lr=1e-3), "adamw": dict(lr=1e-3)}
 
 #: targets of the fused engine (issue #5); checked by :func:`summarize`
 TARGETS = dict(overhead_spread=0.05, overhead_tensors=5.0, paper_fraction=0.85,
@@ -168,47 +174,87 @@ def _predicted_overhead(mode: str, size: int, delta: int) -> float:
     return _predicted(mode, size, delta).overhead_tensors
 
 
+def optimizer_label(optimizer: str = "none", in_backward: bool = False) -> str:
+    """The CSV's ``optimizer`` value: ``none``, ``sgd``, ``adamw``, ``sgd-in-backward``, ..."""
+    if optimizer not in OPTIMIZER_CHOICES:
+        raise ValueError(f"optimizer={optimizer!r}: use one of {OPTIMIZER_CHOICES}")
+    if in_backward and optimizer == "none":
+        raise ValueError("--optimizer-in-backward needs --optimizer sgd or adamw")
+    return optimizer + ("-in-backward" if in_backward else "")
+
+
+def make_optimizer(model: Any, optimizer: str = "none", in_backward: bool = False):
+    """``(optimizer for measure_step/time_step or None, in-backward handle or None)``."""
+    import torch
+
+    optimizer_label(optimizer, in_backward)
+    if optimizer == "none":
+        return None, None
+    kwargs = OPTIMIZER_KWARGS[optimizer]
+    if in_backward:
+        from .optim_in_backward import optimizer_in_backward
+
+        return None, optimizer_in_backward(model, optimizer, **kwargs)
+    cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    return cls(model.parameters(), **kwargs), None
+
+
 def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
                    device: str = "cpu", threads: int = 1, repeats: int = 2,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, optimizer: str = "none", in_backward: bool = False) -> dict:
     """Measure one configuration in this process (use :func:`run_config` for a fresh one).
 
     The first step is measured with :func:`measure_step` (it doubles as the
     warm-up), then ``repeats`` steps are timed with :func:`time_step`;
     ``seconds`` is the fastest of them (the least disturbed by other load on
-    the machine), ``seconds_all`` lists all.
+    the machine), ``seconds_all`` lists all.  With ``optimizer`` the update is
+    part of every step (``in_backward``: applied per parameter during the
+    backward, :mod:`iunet_nb.optim_in_backward`); the first step creates the
+    optimizer's state, which is therefore inside the measured peak
+    (``state_bytes``; total = parameters + input + step peak as always).
     """
     import torch
 
-    from .memory import measure_step, time_step
+    from .memory import measure_step, optimizer_state_bytes, time_step
 
     torch.set_num_threads(int(threads))
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but CUDA is not available")
+    label = optimizer_label(optimizer, in_backward)
     tdtype = _torch_dtype(dtype)
     model = build_model(mode, delta, dtype=tdtype, device=device, seed=seed)
     params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(1, CHANNELS[0], size, size, generator=gen).to(device=device, dtype=tdtype)
-    m = measure_step(model, x)
-    times = time_step(model, x, repeats=repeats, warmup=0) if repeats > 0 else [m.seconds]
+    opt, inb = make_optimizer(model, optimizer, in_backward)
+    m = measure_step(model, x, optimizer=opt)
+    state = m.state_bytes if inb is None else optimizer_state_bytes(inb)
+    activation = m.activation_bytes - (state if inb is not None else 0)
+    times = (time_step(model, x, repeats=repeats, warmup=0, optimizer=opt) if repeats > 0
+             else [m.seconds])
+    if inb is not None:
+        inb.remove()
     tensor = x.nbytes
-    return dict(
+    return dict(optimizer=label, state_bytes=state,
         mode=mode, size=size, delta=delta, dtype=dtype, device=str(m.device), threads=threads,
         status="ok", parameters=params, param_bytes=m.param_bytes, input_bytes=m.input_bytes,
-        grad_bytes=m.grad_bytes, activation_bytes=m.activation_bytes, peak_bytes=m.peak_bytes,
+        grad_bytes=m.grad_bytes, activation_bytes=activation, peak_bytes=m.peak_bytes,
         total_bytes=m.total_bytes, total_gib=m.total_bytes / GiB,
-        overhead_tensors=m.activation_bytes / tensor, seconds=min(times),
+        overhead_tensors=activation / tensor, seconds=min(times),
         seconds_all=" ".join(f"{t:.4f}" for t in times), message="",
     )
 
 
 def run_config(mode: str, size: int, delta: int, *, dtype: str = "float32", device: str = "cpu",
-               threads: int = 1, repeats: int = 2, timeout: float = 1800.0) -> dict:
+               threads: int = 1, repeats: int = 2, timeout: float = 1800.0,
+               optimizer: str = "none", in_backward: bool = False) -> dict:
     """Measure one configuration in a fresh subprocess; returns the row (status 'error' on failure)."""
     cmd = [sys.executable, "-m", "iunet_nb.bench", "_one", "--json", "--mode", mode,
            "--size", str(size), "--delta", str(delta), "--dtype", dtype, "--device", device,
-           "--threads", str(threads), "--repeats", str(repeats)]
+           "--threads", str(threads), "--repeats", str(repeats), "--optimizer", optimizer]
+    if in_backward:
+        cmd.append("--optimizer-in-backward")
+    label = optimizer_label(optimizer, in_backward)
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)  # makes steps 2-3x slower: never time with it
     env["OMP_NUM_THREADS"] = str(threads)
@@ -216,20 +262,22 @@ def run_config(mode: str, size: int, delta: int, *, dtype: str = "float32", devi
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return _failed_row(mode, size, delta, dtype, device, threads, f"timed out after {timeout:.0f} s")
+        return _failed_row(mode, size, delta, dtype, device, threads, f"timed out after {timeout:.0f} s",
+                           optimizer=label)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         msg = tail[-1] if tail else f"exit code {proc.returncode}"
         if proc.returncode < 0 or proc.returncode == 137:
             msg = f"killed (signal {-proc.returncode if proc.returncode < 0 else 9}; out of memory?)"
-        return _failed_row(mode, size, delta, dtype, device, threads, msg)
+        return _failed_row(mode, size, delta, dtype, device, threads, msg, optimizer=label)
     return json.loads(lines[-1])
 
 
-def _failed_row(mode, size, delta, dtype, device, threads, message, status="error") -> dict:
+def _failed_row(mode, size, delta, dtype, device, threads, message, status="error",
+                optimizer="none") -> dict:
     return dict(mode=mode, size=size, delta=delta, dtype=dtype, device=device, threads=threads,
-                status=status, message=message)
+                status=status, message=message, optimizer=optimizer)
 
 
 # ----------------------------------------------------------------------------- paper
@@ -253,7 +301,7 @@ def read_results(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     ints = {"size", "delta", "threads", "parameters", "param_bytes", "input_bytes", "grad_bytes",
-            "activation_bytes", "peak_bytes", "total_bytes", "predicted_total_bytes"}
+            "activation_bytes", "peak_bytes", "total_bytes", "predicted_total_bytes", "state_bytes"}
     floats = {"total_gib", "overhead_tensors", "seconds", "prediction_error"}
     for r in rows:
         for k in list(r):
@@ -287,7 +335,8 @@ def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
     passed, value, limit, gap, detail).
     """
     paper = list(paper) if paper is not None else load_paper_table()
-    ok = [r for r in rows if r.get("status") == "ok"]
+    # Table 1 proper: steps without an optimizer (rows with one are reported separately)
+    ok = [r for r in rows if r.get("status") == "ok" and _plain(r)]
     cell = {(r["mode"], r["size"], r["delta"]): r for r in ok}
     sizes = sorted({r["size"] for r in ok})
     deltas = sorted({r["delta"] for r in ok})
@@ -338,6 +387,51 @@ def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
                    paper={p["delta"]: p for p in paper}, target_size=target_size)
     summary["targets"] = _targets(summary)
     return summary
+
+
+def _plain(row: dict) -> bool:
+    """Whether a row is a step without optimizer (older CSVs have no ``optimizer`` column)."""
+    return row.get("optimizer") in (None, "", "none")
+
+
+#: the optimizer-in-backward target of issue 13: fused + SGD in the backward at 512^2, delta=30
+OPTIMIZER_TARGET = dict(mode="fused", optimizer="sgd-in-backward", size=512, delta=30, limit_gib=1.05)
+
+
+def optimizer_rows(rows: Sequence[dict]) -> list[dict]:
+    """The ok rows of steps with an optimizer, sorted by size, delta, mode, optimizer."""
+    out = [r for r in rows if r.get("status") == "ok" and not _plain(r)]
+    return sorted(out, key=lambda r: (r["size"], r["delta"], ALL_MODES.index(r["mode"]),
+                                      str(r["optimizer"])))
+
+
+def format_optimizer_section(rows: Sequence[dict]) -> list[str]:
+    """Lines of the report for steps that include the optimizer (empty if there are none)."""
+    opt = optimizer_rows(rows)
+    if not opt:
+        return []
+    plain = {(r["mode"], r["size"], r["delta"]): r for r in rows if r.get("status") == "ok" and _plain(r)}
+    lines = ["", "Training step including the optimizer (total = parameters + input + step peak; the "
+             "first step creates the optimizer state, so it is inside the peak):"]
+    hdr = (f"{'size':>5} {'delta':>5} {'mode':<13} {'optimizer':<18} {'total GiB':>9} {'state GiB':>9} "
+           f"{'grads GiB':>9} {'act. T':>7} {'step s':>8} {'no-opt GiB':>10}")
+    lines += [hdr, "-" * len(hdr)]
+    for r in opt:
+        base = plain.get((r["mode"], r["size"], r["delta"]))
+        lines.append(
+            f"{r['size']:>5} {r['delta']:>5} {r['mode']:<13} {r['optimizer']:<18} {r['total_gib']:>9.3f} "
+            f"{(r.get('state_bytes') or 0) / GiB:>9.3f} {r['grad_bytes'] / GiB:>9.3f} "
+            f"{r['overhead_tensors']:>7.2f} {r['seconds']:>8.2f} "
+            f"{(format(base['total_gib'], '.3f') if base else '-'):>10}")
+    t = OPTIMIZER_TARGET
+    hit = [r for r in opt if (r["mode"], r["optimizer"], r["size"], r["delta"]) ==
+           (t["mode"], t["optimizer"], t["size"], t["delta"])]
+    if hit:
+        v = hit[0]["total_gib"]
+        lines.append(f"  [{'PASS' if v <= t['limit_gib'] else 'FAIL'}] fused + SGD in the backward at "
+                     f"{t['size']}^2, delta={t['delta']}: {v:.3f} GiB (limit {t['limit_gib']:.2f} GiB; "
+                     f"the paper's ME figure without any optimizer: 2.06 GB)")
+    return lines
 
 
 def estimate_512(s: dict, mode: str, delta: int) -> tuple[float | None, str]:
@@ -458,6 +552,7 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
                     f"{(f'{pred / GiB:.3f}' if pred else '-'):>9} "
                     f"{(f'{100 * err:+.1f}%' if err is not None else '-'):>6}")
     skipped = [r for r in rows if r.get("status") != "ok"]
+    skipped = [dict(r, mode=r["mode"] + ("" if _plain(r) else f"+{r['optimizer']}")) for r in skipped]
     for r in skipped:
         lines.append(f"{r['size']:>5} {r['delta']:>5} {r['mode']:<16} {r['status'].upper()}: {r.get('message', '')}")
     lines.append("'/conv': ratio to the conventional iUNet of the same size and delta; 'act. T': "
@@ -524,6 +619,7 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
         lines += [_fmt_target(t) for t in s["targets"]]
     else:
         lines.append("  (need the fused and conventional modes)")
+    lines += format_optimizer_section(rows)
     return "\n".join(lines)
 
 
@@ -594,6 +690,65 @@ class Table1Run:
     messages: list[str] = field(default_factory=list)
 
 
+def _write_csv_atomic(path: Path, rows: Sequence[dict], columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """Write ``rows`` to ``path`` through a temporary file and ``os.replace``: the file is
+    either absent or a complete CSV, at every moment (an interrupted run keeps what it measured)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_positive_ints(name: str, values: Iterable[Any], minimum: int = 1) -> list[int]:
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name}: give at least one value")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < minimum]
+    if bad:
+        raise ValueError(f"{name}: every value must be an integer >= {minimum}, got {bad}")
+    return [int(v) for v in values]
+
+
+def validate_table1_args(sizes: Iterable[int], deltas: Iterable[int], modes: Iterable[str] | None,
+                         *, device: str = "cpu", dtype: str = "float32", threads: int = 1,
+                         repeats: int = 2, max_gb: float | None = None, out: str | Path = DEFAULT_OUT,
+                         optimizer: str = "none", in_backward: bool = False
+                         ) -> tuple[list[int], list[int], list[str] | None]:
+    """Check every argument of :func:`run_table1` before any work; ``ValueError`` naming the
+    argument (as the CLI spells it) and what would work."""
+    sizes = _check_positive_ints("--size", sizes)
+    deltas = _check_positive_ints("--deltas", deltas)
+    if modes is not None:
+        modes = list(modes)
+        if not modes:
+            raise ValueError(f"--modes: give at least one of {ALL_MODES}")
+        for m in modes:
+            if m not in ALL_MODES:
+                raise ValueError(f"--modes: unknown mode {m!r}; valid: {ALL_MODES}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: use 'cpu' or 'cuda'")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {DTYPES}")
+    _check_positive_ints("--threads", [threads])
+    _check_positive_ints("--repeats", [repeats], minimum=0)
+    if max_gb is not None and not (isinstance(max_gb, (int, float)) and max_gb > 0):
+        raise ValueError(f"--max-gb must be a positive number of GiB, got {max_gb!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file: give a directory (it is created "
+                         f"if missing), e.g. --out data/results")
+    optimizer_label(optimizer, in_backward)
+    return sizes, deltas, modes
+
+
 def _timestamp(out: Path) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     candidate, k = stamp, 1
@@ -629,21 +784,26 @@ def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEF
                modes: Iterable[str] | None = None, *, device: str = "cpu", dtype: str = "float32",
                threads: int = 1, repeats: int = 2, max_gb: float | None = None,
                out: str | Path = DEFAULT_OUT, progress: bool = True, plot: bool = True,
-               in_process: bool = False, log: Callable[[str], None] = print) -> Table1Run:
+               in_process: bool = False, log: Callable[[str], None] = print,
+               optimizer: str = "none", in_backward: bool = False) -> Table1Run:
     """Measure the grid, one fresh subprocess per configuration; write CSV, latest copy and PNG.
 
     ``max_gb``: skip (with a message) every configuration whose *predicted* total exceeds it.
     ``in_process``: measure in this process instead (only for tiny grids, e.g. a notebook smoke run).
+    ``optimizer`` (``'none'``, ``'sgd'``, ``'adamw'``): include the update in every measured step;
+    ``in_backward``: apply it per parameter during the backward (:mod:`iunet_nb.optim_in_backward`).
+    Every argument is checked before any work (``ValueError``); the CSV is written atomically after
+    each configuration, so it is never empty or half-written.
     """
     from tqdm.auto import tqdm
 
-    sizes, deltas = [int(s) for s in sizes], [int(d) for d in deltas]
+    sizes, deltas, modes = validate_table1_args(
+        sizes, deltas, modes, device=device, dtype=dtype, threads=threads, repeats=repeats,
+        max_gb=max_gb, out=out, optimizer=optimizer, in_backward=in_backward)
+    label = optimizer_label(optimizer, in_backward)
     if modes is None:
         modes = [m for m in ALL_MODES if m != "iunets" or iunets_available()]
     modes = list(modes)
-    for m in modes:
-        if m not in ALL_MODES:
-            raise ValueError(f"unknown mode {m!r}; valid: {ALL_MODES}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_id = _timestamp(out)
@@ -658,39 +818,36 @@ def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEF
             modes.remove("iunets")
     configs = [(s, d, m) for s in sizes for d in deltas for m in modes]
     rows: list[dict] = []
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        f.flush()
-        bar = tqdm(configs, desc="table1", unit="config", disable=not progress, file=sys.stderr)
-        for size, delta, mode in bar:
-            bar.set_postfix_str(f"{mode} {size}² δ={delta}")
-            pred = predicted_total(mode, size, delta, dtype)
-            if max_gb is not None and pred is not None and pred > max_gb * GiB:
-                msg = (f"skipped {mode} {size}x{size} delta={delta}: predicted total "
-                       f"{pred / GiB:.2f} GiB > --max-gb {max_gb:g}")
-                row = _failed_row(mode, size, delta, dtype, device, threads, msg, status="skipped")
+    bar = tqdm(configs, desc="table1", unit="config", disable=not progress, file=sys.stderr)
+    for size, delta, mode in bar:
+        bar.set_postfix_str(f"{mode} {size}² δ={delta}")
+        # the predictor knows steps without optimizer only
+        pred = predicted_total(mode, size, delta, dtype) if label == "none" else None
+        if max_gb is not None and pred is not None and pred > max_gb * GiB:
+            msg = (f"skipped {mode} {size}x{size} delta={delta}: predicted total "
+                   f"{pred / GiB:.2f} GiB > --max-gb {max_gb:g}")
+            row = _failed_row(mode, size, delta, dtype, device, threads, msg, status="skipped",
+                              optimizer=label)
+            messages.append(msg)
+            tqdm.write(msg, file=sys.stderr)
+        elif in_process:
+            row = measure_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
+                                 repeats=repeats, optimizer=optimizer, in_backward=in_backward)
+        else:
+            row = run_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
+                             repeats=repeats, optimizer=optimizer, in_backward=in_backward)
+            if row["status"] != "ok":
+                msg = f"error in {mode} {size}x{size} delta={delta}: {row.get('message')}"
                 messages.append(msg)
                 tqdm.write(msg, file=sys.stderr)
-            elif in_process:
-                row = measure_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
-                                     repeats=repeats)
-            else:
-                row = run_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
-                                 repeats=repeats)
-                if row["status"] != "ok":
-                    msg = f"error in {mode} {size}x{size} delta={delta}: {row.get('message')}"
-                    messages.append(msg)
-                    tqdm.write(msg, file=sys.stderr)
-            row["run"] = run_id
-            row["predicted_total_bytes"] = pred
-            if row.get("status") == "ok" and pred:
-                row["prediction_error"] = pred / row["total_bytes"] - 1
-            rows.append(row)
-            writer.writerow(row)
-            f.flush()  # an interrupted run keeps what it measured
+        row["run"] = run_id
+        row["predicted_total_bytes"] = pred
+        if row.get("status") == "ok" and pred:
+            row["prediction_error"] = pred / row["total_bytes"] - 1
+        rows.append(row)
+        _write_csv_atomic(csv_path, rows)  # complete after every configuration
     latest = out / "table1-latest.csv"
-    shutil.copyfile(csv_path, latest)
+    _write_csv_atomic(latest, rows)
     summary = summarize(rows)
     png = None
     if plot and summary["cell"]:
@@ -713,7 +870,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--modes", nargs="+", default=None, choices=ALL_MODES,
                    help="default: all (iunets only when importable)")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    t.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
+    t.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="parameters and input in this dtype (bfloat16: pure bf16 training)")
+    t.add_argument("--optimizer", default="none", choices=OPTIMIZER_CHOICES,
+                   help="include the optimizer's update in the measured step (default: none, as Table 1)")
+    t.add_argument("--optimizer-in-backward", action="store_true",
+                   help="apply the update per parameter during the backward (iunet_nb.optim_in_backward)")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     t.add_argument("--repeats", type=int, default=2, help="timed steps per configuration (default 2)")
     t.add_argument("--max-gb", type=float, default=None,
@@ -733,14 +895,18 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="cpu")
     o.add_argument("--threads", type=int, default=1)
     o.add_argument("--repeats", type=int, default=2)
+    o.add_argument("--optimizer", default="none", choices=OPTIMIZER_CHOICES)
+    o.add_argument("--optimizer-in-backward", action="store_true")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "_one":
         row = measure_config(args.mode, args.size, args.delta, dtype=args.dtype, device=args.device,
-                             threads=args.threads, repeats=args.repeats)
+                             threads=args.threads, repeats=args.repeats, optimizer=args.optimizer,
+                             in_backward=args.optimizer_in_backward)
         print(json.dumps(row))
         return 0
     if args.command == "report":
@@ -754,9 +920,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot:
             plot_results(rows, args.plot)
         return 0
+    try:  # every argument checked before any work: a clear message, no traceback, no files
+        validate_table1_args(args.sizes, args.deltas, args.modes, device=args.device, dtype=args.dtype,
+                             threads=args.threads, repeats=args.repeats, max_gb=args.max_gb,
+                             out=args.out, optimizer=args.optimizer,
+                             in_backward=args.optimizer_in_backward)
+    except ValueError as err:
+        parser.error(str(err))
     run = run_table1(args.sizes, args.deltas, args.modes, device=args.device, dtype=args.dtype,
                      threads=args.threads, repeats=args.repeats, max_gb=args.max_gb, out=args.out,
-                     progress=not args.no_progress, plot=not args.no_plot)
+                     progress=not args.no_progress, plot=not args.no_plot, optimizer=args.optimizer,
+                     in_backward=args.optimizer_in_backward)
     print(run.report)
     print()
     print(f"results: {run.csv_path} (copy: {run.latest_path})" +

@@ -113,3 +113,71 @@ def test_summary_extrapolation_and_targets_on_synthetic_rows():
     assert over["passed"] and abs(over["value"] - 1000 / 256) < 1e-9  # 1000 B/px over 256 B/px
     ratio = names["fused <= 15 % of conventional at delta=30, 512^2"]
     assert ratio["passed"] == (ratio["value"] <= 0.15)
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--deltas", "0"), "--deltas: every value must be an integer >= 1"),
+    (("--size", "-64"), "--size: every value must be an integer >= 1"),
+    (("--threads", "0"), "--threads"),
+    (("--max-gb", "-1"), "--max-gb must be a positive number"),
+    (("--optimizer-in-backward",), "--optimizer-in-backward needs --optimizer sgd or adamw"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, args, match):
+    out = tmp_path / "results"
+    proc = _cli(*args, out=out)
+    assert proc.returncode == 2
+    assert match in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not out.exists()  # nothing created, in particular no empty CSV
+
+
+def test_out_pointing_to_a_file_is_a_clear_error(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("precious\n")
+    proc = _cli("--size", "32", "--deltas", "1", out=target)
+    assert proc.returncode == 2
+    assert "is an existing file: give a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert target.read_text() == "precious\n"
+
+
+def test_validation_in_the_python_api(tmp_path):
+    with pytest.raises(ValueError, match="--deltas: give at least one value"):
+        bench.run_table1(sizes=[32], deltas=[], out=tmp_path)
+    with pytest.raises(ValueError, match="--modes: unknown mode 'fast'"):
+        bench.run_table1(sizes=[32], deltas=[1], modes=["fast"], out=tmp_path)
+    with pytest.raises(ValueError, match="--dtype 'int8'"):
+        bench.run_table1(sizes=[32], deltas=[1], dtype="int8", out=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_csv_is_complete_at_every_moment(tmp_path):
+    path = tmp_path / "table1-x.csv"
+    rows = []
+    for k in range(3):
+        rows.append(dict(mode="fused", size=32, delta=k + 1, status="ok", message="a,b \"c\"\nd"))
+        bench._write_csv_atomic(path, rows)
+        got = bench.read_results(path)
+        assert [r["delta"] for r in got] == [r["delta"] for r in rows]
+        assert got[-1]["message"] == "a,b \"c\"\nd"
+    assert [p.name for p in tmp_path.iterdir()] == ["table1-x.csv"]  # no temporary left behind
+
+
+def test_optimizer_in_backward_row_in_process():
+    """One tiny configuration with SGD in the backward: the gradients are applied and freed."""
+    row = bench.measure_config("fused", 32, 1, repeats=1, optimizer="sgd", in_backward=True)
+    plain = bench.measure_config("fused", 32, 1, repeats=0)
+    assert row["optimizer"] == "sgd-in-backward" and plain["optimizer"] == "none"
+    assert row["grad_bytes"] == 0 and plain["grad_bytes"] == plain["param_bytes"]
+    assert row["state_bytes"] == 0  # plain SGD keeps no state
+    # at 32^2 and delta=1 the kernels' gradients (kept until the body's backward ends) are a
+    # large part of the weights; the coupling gradients are freed as they come
+    assert row["total_bytes"] < plain["total_bytes"] - 0.2 * plain["param_bytes"]
+    adam = bench.measure_config("fused", 32, 1, repeats=0, optimizer="adamw")
+    assert adam["state_bytes"] >= 2 * adam["param_bytes"]
+    assert adam["total_bytes"] > plain["total_bytes"] + 2 * adam["param_bytes"] * 0.99
+    text = "\n".join(bench.format_optimizer_section([dict(plain, status="ok"), dict(row, status="ok"),
+                                                     dict(adam, status="ok")]))
+    assert "sgd-in-backward" in text and "adamw" in text and "including the optimizer" in text
+    s = bench.summarize([dict(plain, status="ok"), dict(row, status="ok")])
+    assert set(s["cell"]) == {("fused", 32, 1)}  # optimizer rows stay out of Table 1 proper
