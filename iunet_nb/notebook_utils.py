@@ -203,3 +203,25 @@ def progress(iterable: Any = None, desc: str = "", total: int | None = None, ena
 
 
 __all__ += ["progress", "in_jupyter_kernel"]
+
+
+#: The one definition of "training memory" used by every notebook, the benchmark and the README.
+MEMORY_DEFINITION = (
+    "training memory = parameters + input + the peak rise of allocated memory during one training step "
+    "(forward, loss, backward); the peak contains the new parameter gradients, the activations that are "
+    "stored (conventional) or rebuilt (memory-efficient), and temporaries. The optimiser's state is not counted."
+)
+
+
+def memory_parts(measurement: Any) -> dict[str, int]:
+    """Split a :class:`iunet_nb.memory.StepMeasurement` into the four parts of :data:`MEMORY_DEFINITION`.
+
+    Returns bytes for ``parameters``, ``input``, ``gradients`` and ``activations``
+    (activations and temporaries = step peak - gradients); they add up to
+    ``measurement.total_bytes``.
+    """
+    return {"parameters": int(measurement.param_bytes), "input": int(measurement.input_bytes),
+            "gradients": int(measurement.grad_bytes), "activations": int(measurement.activation_bytes)}
+
+
+__all__ += ["MEMORY_DEFINITION", "memory_parts"]

@@ -101,3 +101,16 @@ def test_display_line_keeps_only_the_last_line(monkeypatch):
     line.write("\rsteps: 100%| 2/2\n")
     line.write("\n")
     assert shown == ["steps:  50%| 1/2", "steps: 100%| 2/2"]
+
+
+def test_memory_parts_add_up_to_the_total():
+    from iunet_nb import iUNet
+    from iunet_nb.memory import measure_step
+    from iunet_nb.notebook_utils import MEMORY_DEFINITION, memory_parts
+
+    model = iUNet(channels=(4, 8), architecture=(1, 1), dim=2, verbose=0)
+    m = measure_step(model, torch.randn(1, 4, 16, 16))
+    parts = memory_parts(m)
+    assert sum(parts.values()) == m.total_bytes
+    assert parts["parameters"] == 4 * sum(p.numel() for p in model.parameters())
+    assert "parameters + input" in MEMORY_DEFINITION
