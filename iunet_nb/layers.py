@@ -1,9 +1,210 @@
-"""Compatibility module: ``from iunet_nb.layers import create_standard_module``.
+"""The layer names of the reference package's ``iunets.layers``, for code written against its docs.
 
-The seeds import ``create_standard_module`` from ``iunets.layers``; here it
-lives in :mod:`iunet_nb.coupling` and is re-exported so the seeds' code runs
-with only the package name changed.
+Users coming from the original ``iunets`` package follow its documentation
+(``from iunets.layers import InvertibleDownsampling2D`` ...); with only the
+package name changed that code runs here.  Every class is a thin subclass of
+the layer that :class:`iunet_nb.iUNet` itself uses, with the reference's
+argument names and defaults:
+
+=================================== ==============================================================
+reference name                      here
+=================================== ==============================================================
+``InvertibleDownsampling{1,2,3}D``  :class:`iunet_nb.resampling.InvertibleDownsampling`, ``dim`` fixed
+``InvertibleUpsampling{1,2,3}D``    :class:`iunet_nb.resampling.InvertibleUpsampling`, ``dim`` fixed
+``InvertibleChannelMixing{1,2,3}D`` :class:`iunet_nb.mixing.OrthogonalChannelMixing`, ``dim`` fixed,
+                                    identity init (as the reference: ``weight = 0`` is the identity)
+``AdditiveCoupling(F, pos)``        :class:`iunet_nb.coupling.AdditiveCoupling`:
+                                    ``(x1, x2) -> (x2, x1 + F(x2))``, ``x1 = x[:, :pos]``
+``SplitChannels(pos)``              ``x -> (x[:, :pos], x[:, pos:])``; inverse: concatenation
+``ConcatenateChannels(pos)``        the inverse of ``SplitChannels``
+``create_standard_module``          :func:`iunet_nb.coupling.create_standard_module`
+=================================== ==============================================================
+
+Resampling keywords: ``in_channels``, ``stride`` (int or per-dimension tuple),
+``method`` (``'cayley'``, ``'exp'``, ``'householder'``), ``init`` (``'haar'``,
+``'squeeze'``/``'pixel_shuffle'``, ``'random'`` or an orthogonal matrix),
+``learnable``; further keywords (``shared``, ``device``, ``dtype``) go to the
+underlying layer, and unknown ones raise ``TypeError`` (the reference ignored them).
 """
-from .coupling import AdditiveCoupling, create_memcnn_module, create_standard_module
+from __future__ import annotations
 
-__all__ = ["AdditiveCoupling", "create_standard_module", "create_memcnn_module"]
+from typing import Any
+
+from torch import nn
+
+from .coupling import AdditiveCoupling as _AdditiveCoupling
+from .coupling import create_memcnn_module, create_standard_module
+from .mixing import OrthogonalChannelMixing
+from .model import _ConcatChannels, _SplitChannels
+from .resampling import InvertibleDownsampling, InvertibleUpsampling
+
+__all__ = [
+    "AdditiveCoupling",
+    "create_standard_module",
+    "create_memcnn_module",
+    "InvertibleDownsampling1D",
+    "InvertibleDownsampling2D",
+    "InvertibleDownsampling3D",
+    "InvertibleUpsampling1D",
+    "InvertibleUpsampling2D",
+    "InvertibleUpsampling3D",
+    "InvertibleChannelMixing1D",
+    "InvertibleChannelMixing2D",
+    "InvertibleChannelMixing3D",
+    "SplitChannels",
+    "ConcatenateChannels",
+]
+
+
+def _no_dim(kwargs: dict[str, Any], name: str, dim: int) -> None:
+    if "dim" in kwargs:
+        raise TypeError(f"{name} is {dim}D: it takes no dim argument (got dim={kwargs['dim']!r})")
+
+
+# ------------------------------------------------------------------ up- and downsampling
+class _Downsampling(InvertibleDownsampling):
+    _dim = 0
+
+    def __init__(self, in_channels: int, stride: Any = 2, method: str = "cayley",
+                 init: Any = "haar", learnable: bool = True, **kwargs: Any) -> None:
+        _no_dim(kwargs, type(self).__name__, self._dim)
+        super().__init__(in_channels, stride, dim=self._dim, method=method, init=init,
+                         learnable=learnable, **kwargs)
+
+
+class _Upsampling(InvertibleUpsampling):
+    _dim = 0
+
+    def __init__(self, in_channels: int, stride: Any = 2, method: str = "cayley",
+                 init: Any = "haar", learnable: bool = True, **kwargs: Any) -> None:
+        _no_dim(kwargs, type(self).__name__, self._dim)
+        super().__init__(in_channels, stride, dim=self._dim, method=method, init=init,
+                         learnable=learnable, **kwargs)
+
+
+class InvertibleDownsampling1D(_Downsampling):
+    """``(N, C, L) -> (N, C*s, L/s)``, ``s = stride``; see :class:`~iunet_nb.resampling.InvertibleDownsampling`."""
+
+    _dim = 1
+
+
+class InvertibleDownsampling2D(_Downsampling):
+    """``(N, C, H, W) -> (N, C*s1*s2, H/s1, W/s2)``; see :class:`~iunet_nb.resampling.InvertibleDownsampling`."""
+
+    _dim = 2
+
+
+class InvertibleDownsampling3D(_Downsampling):
+    """``(N, C, D, H, W) -> (N, C*s1*s2*s3, D/s1, H/s2, W/s3)``; see
+    :class:`~iunet_nb.resampling.InvertibleDownsampling`."""
+
+    _dim = 3
+
+
+class InvertibleUpsampling1D(_Upsampling):
+    """``(N, C, L) -> (N, C/s, L*s)`` (``in_channels = C``); see :class:`~iunet_nb.resampling.InvertibleUpsampling`."""
+
+    _dim = 1
+
+
+class InvertibleUpsampling2D(_Upsampling):
+    """``(N, C, H, W) -> (N, C/(s1*s2), H*s1, W*s2)``; see :class:`~iunet_nb.resampling.InvertibleUpsampling`."""
+
+    _dim = 2
+
+
+class InvertibleUpsampling3D(_Upsampling):
+    """``(N, C, D, H, W) -> (N, C/(s1*s2*s3), D*s1, H*s2, W*s3)``; see
+    :class:`~iunet_nb.resampling.InvertibleUpsampling`."""
+
+    _dim = 3
+
+
+# ------------------------------------------------------------------ channel mixing
+class _ChannelMixing(OrthogonalChannelMixing):
+    _dim = 0
+
+    def __init__(self, in_channels: int, method: str = "cayley", learnable: bool = True,
+                 **kwargs: Any) -> None:
+        _no_dim(kwargs, type(self).__name__, self._dim)
+        kwargs.setdefault("init", "identity")
+        super().__init__(in_channels, dim=self._dim, method=method, learnable=learnable, **kwargs)
+        self.in_channels = self.out_channels = self.channels
+
+
+class InvertibleChannelMixing1D(_ChannelMixing):
+    """Orthogonal mixing of the channels of ``(N, C, L)``; see :class:`~iunet_nb.mixing.OrthogonalChannelMixing`."""
+
+    _dim = 1
+
+
+class InvertibleChannelMixing2D(_ChannelMixing):
+    """Orthogonal mixing of the channels of ``(N, C, H, W)``; see :class:`~iunet_nb.mixing.OrthogonalChannelMixing`."""
+
+    _dim = 2
+
+
+class InvertibleChannelMixing3D(_ChannelMixing):
+    """Orthogonal mixing of the channels of ``(N, C, D, H, W)``; see
+    :class:`~iunet_nb.mixing.OrthogonalChannelMixing`."""
+
+    _dim = 3
+
+
+# ------------------------------------------------------------------ coupling, split, concatenate
+def _input_channels(F: nn.Module) -> int | None:
+    """``in_channels`` of the first layer of ``F`` that declares it (a convolution), else None."""
+    for m in F.modules():
+        c = getattr(m, "in_channels", None)
+        if isinstance(c, int) and not isinstance(c, bool):
+            return c
+    return None
+
+
+class AdditiveCoupling(_AdditiveCoupling):
+    """The reference's ``AdditiveCoupling(F, channel_split_pos)``: ``(x1, x2) -> (x2, x1 + F(x2))``.
+
+    ``x1 = x[:, :channel_split_pos]``, ``x2 = x[:, channel_split_pos:]``; ``F`` maps
+    ``x2`` to the shape of ``x1``.  The number of channels ``C`` is
+    ``channel_split_pos`` plus the input channels of ``F``'s first convolution,
+    or given as ``channels``.  Input and output ``(N, C, *spatial)``.
+    """
+
+    def __init__(self, F: nn.Module, channel_split_pos: int, channels: int | None = None) -> None:
+        if not isinstance(F, nn.Module):
+            raise TypeError(f"AdditiveCoupling: F must be a torch.nn.Module, got {type(F).__name__}")
+        if channels is None:
+            f_in = _input_channels(F)
+            if f_in is None:
+                raise TypeError(
+                    "AdditiveCoupling(F, channel_split_pos): cannot tell the number of channels from F "
+                    "(it has no layer with in_channels); pass channels=C as well"
+                )
+            channels = channel_split_pos + f_in
+        super().__init__(F, channels, channel_split_pos)
+        self.channel_split_pos = channel_split_pos
+
+    @property
+    def F(self) -> nn.Module:
+        """The coupling function (the reference's name for :attr:`f`)."""
+        return self.f
+
+
+class SplitChannels(_SplitChannels):
+    """``x -> (x[:, :split_location], x[:, split_location:])`` (copies); ``inverse(a, b)`` concatenates."""
+
+    def __init__(self, split_location: int) -> None:
+        if isinstance(split_location, bool) or not isinstance(split_location, int) or split_location < 1:
+            raise ValueError(f"split_location must be a positive int, got {split_location!r}")
+        super().__init__(split_location)
+        self.split_location = split_location
+
+
+class ConcatenateChannels(_ConcatChannels):
+    """``(a, b) -> cat([a, b], dim=1)``; ``inverse(x)`` splits at ``split_location`` again."""
+
+    def __init__(self, split_location: int) -> None:
+        if isinstance(split_location, bool) or not isinstance(split_location, int) or split_location < 1:
+            raise ValueError(f"split_location must be a positive int, got {split_location!r}")
+        super().__init__(split_location)
+        self.split_location = split_location
