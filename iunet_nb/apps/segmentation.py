@@ -1,0 +1,270 @@
+"""3D segmentation of synthetic volumes: an iUNet against a U-Net (the paper's Table 3 setting, small).
+
+Data
+    :func:`make_volumes` draws volumes with MONAI's
+    :func:`monai.data.synthetic.create_test_image_3d`: ``num_objs`` random
+    spheres, each labelled with one of ``num_classes`` intensity levels
+    (label ``k`` has intensity ``k``), overlaid with uniform noise by
+    ``image = rescale(max(level, U(0, num_classes * noise)))``.  With
+    ``noise > 1 / num_classes`` the background noise reaches the intensity of
+    the lower classes, so a per-voxel threshold cannot separate them
+    (:func:`fit_voxelwise_classifier` measures that) and a network has to use
+    each voxel's neighbourhood.
+Models
+    :func:`build_model`: ``1x1 conv (1 -> c0) -> body -> 1x1 conv (c0 -> classes + 1)``
+    (:class:`iunet_nb.wrappers.ChannelLift`, the talk's Figure 5), the body being
+    a 3D :class:`iunet_nb.iUNet` (zero-initialised couplings: it starts as the
+    identity) or a :class:`iunet_nb.baselines.UNet` with the same channels and
+    levels.
+Metric
+    :func:`dice_per_class`: Dice of every foreground class per volume
+    (``nan`` where the ground truth has no voxel of that class, as MONAI's
+    ``DiceMetric(ignore_empty=True)``).
+
+``TASK`` is the ``segmentation3d`` task of :mod:`iunet_nb.train`.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .task import Task, engine_kwargs
+
+__all__ = [
+    "make_volumes",
+    "fit_voxelwise_classifier",
+    "apply_voxelwise_classifier",
+    "dice_per_class",
+    "build_model",
+    "segmentation_loss",
+    "predict_labels",
+    "evaluate",
+    "datasets",
+    "model",
+    "add_arguments",
+    "TASK",
+]
+
+MODELS = ("iunet", "unet")
+
+
+# ----------------------------------------------------------------------------- data
+def make_volumes(n: int, size: int = 32, num_classes: int = 3, noise: float = 0.8, num_objs: int = 10,
+                 rad_min: int = 3, rad_max: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` noisy volumes and their labels from MONAI's ``create_test_image_3d``.
+
+    Returns:
+        images: ``(n, 1, size, size, size)`` float32 in [0, 1];
+        labels: ``(n, size, size, size)`` int64 in ``0..num_classes`` (0 = background).
+
+    Deterministic in ``seed`` (a ``numpy.random.RandomState``).  ``rad_max``
+    defaults to ``size // 4`` (MONAI needs ``size > 2 * rad_max``).
+    """
+    from monai.data.synthetic import create_test_image_3d
+
+    for name, value, low in (("n", n, 1), ("size", size, 8), ("num_classes", num_classes, 1),
+                             ("num_objs", num_objs, 1), ("rad_min", rad_min, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
+    if not 0 <= noise:
+        raise ValueError(f"noise must be >= 0 (0 = no noise, 1 = up to the top class), got noise={noise!r}")
+    rad_max = size // 4 if rad_max is None else rad_max
+    if not rad_min < rad_max < size / 2:
+        raise ValueError(
+            f"need rad_min < rad_max < size / 2, got rad_min={rad_min}, rad_max={rad_max}, size={size}")
+    rs = np.random.RandomState(seed)
+    images, labels = [], []
+    for _ in range(n):
+        img, lab = create_test_image_3d(size, size, size, num_objs=num_objs, rad_max=rad_max,
+                                        rad_min=rad_min, noise_max=noise, num_seg_classes=num_classes,
+                                        random_state=rs)
+        images.append(img)
+        labels.append(lab)
+    x = torch.from_numpy(np.stack(images)).float().unsqueeze(1)
+    y = torch.from_numpy(np.stack(labels)).long()
+    return x, y
+
+
+def fit_voxelwise_classifier(images: Tensor, labels: Tensor, num_classes: int, bins: int = 100) -> Tensor:
+    """The best classifier that sees one voxel at a time, fitted on ``(images, labels)``.
+
+    Intensities in [0, 1] are cut into ``bins`` equal bins and each bin gets the
+    most frequent label of the training voxels in it (the Bayes rule of the
+    binned intensity).  Returns the lookup table ``(bins,)`` for
+    :func:`apply_voxelwise_classifier`; a baseline that ignores every
+    neighbourhood.
+
+    Args:
+        images: ``(n, 1, *S)`` in [0, 1]; labels: ``(n, *S)`` in ``0..num_classes``.
+    """
+    idx = (images[:, 0].clamp(0, 1) * (bins - 1)).round().long().reshape(-1)
+    counts = torch.zeros(bins, num_classes + 1, dtype=torch.long)
+    counts.index_put_((idx, labels.reshape(-1)), torch.ones_like(idx), accumulate=True)
+    return counts.argmax(1)
+
+
+def apply_voxelwise_classifier(images: Tensor, table: Tensor) -> Tensor:
+    """``(n, 1, *S) -> (n, *S)`` labels from the lookup table of :func:`fit_voxelwise_classifier`."""
+    bins = table.shape[0]
+    return table[(images[:, 0].clamp(0, 1) * (bins - 1)).round().long()]
+
+
+# ----------------------------------------------------------------------------- metric
+def dice_per_class(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Dice ``2|P∩G| / (|P| + |G|)`` of classes ``1..num_classes`` per volume.
+
+    Args:
+        pred, target: integer labels ``(n, *S)`` in ``0..num_classes``.
+    Returns:
+        ``(n, num_classes)`` float64; ``nan`` where ``target`` has no voxel of
+        the class (MONAI's ``ignore_empty=True`` convention).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    if pred.dim() < 2:
+        raise ValueError(f"expected labels (n, *spatial), got shape {tuple(pred.shape)}")
+    n = pred.shape[0]
+    p, g = pred.reshape(n, -1), target.reshape(n, -1)
+    out = torch.empty(n, num_classes, dtype=torch.float64)
+    for k in range(1, num_classes + 1):
+        pk, gk = p == k, g == k
+        inter = (pk & gk).sum(1).double()
+        denom = pk.sum(1).double() + gk.sum(1).double()
+        d = 2 * inter / denom.clamp_min(1)
+        d[gk.sum(1) == 0] = float("nan")
+        out[:, k - 1] = d
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+def build_model(kind: str = "iunet", channels: Sequence[int] = (8, 16, 32),
+                architecture: Sequence[int] = (2, 2, 2), depth: int = 2, num_classes: int = 3,
+                in_channels: int = 1, **iunet_kwargs) -> nn.Module:
+    """``1x1 conv -> body -> 1x1 conv`` mapping ``(N, in_channels, *S)`` to ``(N, num_classes + 1, *S)``.
+
+    ``kind='iunet'``: a 3D :class:`iunet_nb.iUNet` body (``channels``,
+    ``architecture``, coupling functions of ``depth`` conv blocks, extra
+    ``iunet_kwargs`` such as ``me_backend``); it starts as the identity.
+    ``kind='unet'``: a :class:`iunet_nb.baselines.UNet` with the same channels and
+    levels (``architecture`` residual blocks per side; ``depth`` is ignored).
+    Spatial sizes must be multiples of ``2 ** (len(channels) - 1)`` for the U-Net.
+    """
+    from ..baselines import UNet
+    from ..model import iUNet
+    from ..wrappers import ChannelLift
+
+    if kind not in MODELS:
+        raise ValueError(f"kind must be one of {MODELS}, got kind={kind!r}")
+    if kind == "iunet":
+        body = iUNet(channels=tuple(channels), architecture=tuple(architecture), dim=3,
+                     module_kwargs={"depth": depth}, verbose=0, **iunet_kwargs)
+        c0 = body.channels[0]
+    else:
+        body = UNet(list(channels), list(architecture), dim=3)
+        c0 = body.channels[0]
+    return ChannelLift(body, in_channels, num_classes + 1, c0, dim=3)
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy plus soft Dice (MONAI's ``DiceCELoss``), averaged over the batch.
+
+    ``logits (N, K + 1, *S)``, ``labels (N, *S)`` int64.
+    """
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels.unsqueeze(1))
+
+
+def predict_labels(model: nn.Module, images: Tensor, batch_size: int = 2) -> Tensor:
+    """``(n, 1, *S) -> (n, *S)`` argmax labels, in batches, without gradients."""
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch_size):
+            out.append(model(images[i:i + batch_size].to(dev)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
+    """Mean loss, Dice per class (``dice_1``...) and their mean (``dice``) over the loader's volumes."""
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses, dices, count = [], [], 0
+    with torch.no_grad():
+        for x, y in loader:
+            logits = model(x.to(dev))
+            losses.append(float(segmentation_loss(logits, y.to(dev))) * x.shape[0])
+            count += x.shape[0]
+            k = logits.shape[1] - 1
+            dices.append(dice_per_class(logits.argmax(1).cpu(), y, k))
+    model.train(was_training)
+    d = torch.cat(dices)
+    per_class = torch.nanmean(d, dim=0)
+    out = {"loss": sum(losses) / count, "dice": float(per_class.nanmean())}
+    out.update({f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)})
+    return out
+
+
+# ----------------------------------------------------------------------------- task
+def _positive_int(text: object) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``segmentation3d`` task (defaults: minutes on a laptop CPU)."""
+    g = parser.add_argument_group("task 'segmentation3d' (synthetic 3D volumes, Dice)")
+    g.add_argument("--arch", choices=MODELS, default="iunet", help="body of the network")
+    g.add_argument("--size", type=_positive_int, default=32, help="edge of the cubic volumes (voxels)")
+    g.add_argument("--n-train", type=_positive_int, default=24, help="training volumes")
+    g.add_argument("--n-val", type=_positive_int, default=8, help="held-out volumes")
+    g.add_argument("--classes", type=_positive_int, default=3, help="foreground classes")
+    g.add_argument("--noise", type=float, default=0.6,
+                   help="MONAI noise_max: background noise up to noise * classes intensity levels")
+    g.add_argument("--objects", type=_positive_int, default=10, help="spheres per volume")
+    g.add_argument("--channels", type=_positive_int, nargs="+", default=[8, 16, 32])
+    g.add_argument("--architecture", type=_positive_int, nargs="+", default=[2, 2, 2],
+                   help="blocks per side and level (iUNet: couplings; U-Net: residual blocks)")
+    g.add_argument("--depth", type=_positive_int, default=2, help="conv blocks per iUNet coupling function")
+
+
+def datasets(opts: argparse.Namespace) -> tuple[TensorDataset, TensorDataset]:
+    """Training and held-out volumes (disjoint random streams derived from ``opts.seed``)."""
+    kw = dict(size=opts.size, num_classes=opts.classes, noise=opts.noise, num_objs=opts.objects)
+    train = make_volumes(opts.n_train, seed=2 * opts.seed, **kw)
+    val = make_volumes(opts.n_val, seed=2 * opts.seed + 1, **kw)
+    return TensorDataset(*train), TensorDataset(*val)
+
+
+def model(opts: argparse.Namespace) -> nn.Module:
+    """The network chosen by ``--arch`` (the iUNet uses the loop's ``--engine``)."""
+    if len(opts.channels) != len(opts.architecture):
+        raise ValueError(f"--channels and --architecture need one value per level, got "
+                         f"{opts.channels} and {opts.architecture}")
+    extra = engine_kwargs(getattr(opts, "engine", "fused")) if opts.arch == "iunet" else {}
+    return build_model(opts.arch, opts.channels, opts.architecture, opts.depth, opts.classes, **extra)
+
+
+def _loss(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    x, y = batch
+    return segmentation_loss(net(x), y)
+
+
+TASK = Task(
+    name="segmentation3d",
+    description="3D segmentation of MONAI's synthetic spheres: iUNet or U-Net, Dice per class",
+    datasets=datasets,
+    model=model,
+    loss=_loss,
+    evaluate=evaluate,
+    add_arguments=add_arguments,
+)
