@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # (Importing this package must stay free of side effects on warnings.filters;
 # tests/test_warnings.py checks it.)
 
+from .checks import check_invertible
 from .coupling import AdditiveCoupling, create_memcnn_module, create_standard_module
 from .layout import Layout, channels_from_slice_mode, compute_layout
 from .mixing import OrthogonalChannelMixing
@@ -29,6 +30,7 @@ from .resampling import InvertibleDownsampling, InvertibleUpsampling
 __all__ = [
     "__version__",
     "iUNet",
+    "check_invertible",
     "AdditiveCoupling",
     "create_standard_module",
     "create_memcnn_module",

@@ -36,7 +36,6 @@ __all__ = [
     "StandardCouplingFunction",
     "create_standard_module",
     "create_memcnn_module",
-    "check_invertible_module",
 ]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -356,19 +355,6 @@ def create_memcnn_module(in_channels: int, dim: int = 2, depth: int | None = Non
     fm = StandardCouplingFunction(c2, c1, dim=dim, depth=depth, zero_init=zero_init)
     gm = StandardCouplingFunction(c1, c2, dim=dim, depth=depth, zero_init=zero_init)
     return memcnn.AdditiveCoupling(Fm=fm, Gm=gm)
-
-
-def check_invertible_module(module: Any, where: str = "create_module_fn") -> nn.Module:
-    """Raise a clear error unless ``module`` is an ``nn.Module`` with ``forward`` and ``inverse``."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{where} must return a torch.nn.Module, got {type(module).__name__}")
-    if not callable(getattr(module, "inverse", None)):
-        raise TypeError(
-            f"{where} returned {type(module).__name__}, which has no inverse() method; every block of "
-            "an iUNet must be invertible (forward and inverse). Wrap your function in "
-            "iunet_nb.coupling.AdditiveCoupling(f, channels, split) or return a memcnn coupling."
-        )
-    return module
 
 
 CreateModuleFn = Callable[..., nn.Module]

@@ -51,6 +51,14 @@ __all__ = [
 ]
 
 
+#: The error for ``torch.autograd.grad(..., create_graph=True)`` through an engine.
+DOUBLE_BACKWARD_MESSAGE = (
+    "double backward (torch.autograd.grad(..., create_graph=True) or backward(create_graph=True), "
+    "e.g. for a gradient penalty) is not supported by the memory-efficient engines, which do not "
+    "record a graph of their backward. Build the model with disable_custom_gradient=True (or set "
+    "model.disable_custom_gradient = True for that loss) to use plain autograd, which supports it."
+)
+
 #: Couplings whose f(v) is at least this large are recomputed slab by slab (one extra
 #: convolution, no activation-sized buffer), and the finest level's downsampling hands
 #: back its input in parts.  Below it, the saving is smaller than the weight-sized
@@ -502,6 +510,8 @@ class FusedInvertibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         y, *tensors = ctx.saved_tensors
         steps: Sequence[Step] = ctx.steps
         enabled, dtype = ctx.autocast
@@ -522,5 +532,5 @@ class FusedInvertibleFunction(torch.autograd.Function):
                             early(tensors[i], g)
         st.cur = []  # the rebuilt input is not needed any more: free it before joining dx
         dx = full(gst.cur).tensor.to(ctx.x_meta[0])
-        ctx.records = None
+        # ctx.records (RNG states) stay: backward(retain_graph=True) may come again.
         return (None, dx, *grads)

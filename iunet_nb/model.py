@@ -17,6 +17,7 @@ number of channels, rounded to the nearest achievable), see
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import engine as eng
-from .coupling import AdditiveCoupling, check_invertible_module, create_standard_module
+from .checks import check_invertible, probe_input, require_inverse_method
+from .coupling import AdditiveCoupling, create_standard_module
 from .layout import Layout, channels_from_slice_mode, compute_layout
 from .mixing import OrthogonalChannelMixing
 from .resampling import InvertibleDownsampling, InvertibleUpsampling
@@ -95,6 +97,46 @@ class _MemcnnSafe(nn.Module):
         return x
 
 
+def _empty_batch_output(x: Tensor, params: Any) -> Tensor:
+    """The body's output for an empty batch ``(0, C, *S)``: an empty tensor of the same shape,
+    connected to every parameter so that ``backward`` gives zero gradients (not ``None``)."""
+    zero = sum((p.reshape(-1)[:0].sum() for p in params if p.requires_grad), x.new_zeros(()))
+    return x + zero.to(x.dtype) if torch.is_grad_enabled() else x.clone()
+
+
+#: How often one memcnn-engine forward may be back-propagated (``retain_graph=True``).
+MEMCNN_BACKWARD_PASSES = 16
+
+
+def _guard_memcnn_output(y: Tensor) -> Tensor:
+    """Make the memcnn engine fail loudly where it would silently give wrong gradients.
+
+    memcnn rebuilds every activation from the output tensor itself, so an
+    in-place change of the output before ``backward`` (``y.add_(1)``) would
+    corrupt all of them; and its checkpoint function has no double backward.
+    A hook on ``y`` checks both when the backward reaches it.
+    """
+    if not y.requires_grad:
+        return y
+    version = y._version
+    ref = weakref.ref(y)
+
+    def check(grad: Tensor) -> None:
+        if torch.is_grad_enabled():
+            raise RuntimeError(eng.DOUBLE_BACKWARD_MESSAGE)
+        out = ref()
+        if out is not None and out._version != version:
+            raise RuntimeError(
+                "the iUNet's output was modified in place before backward() (its version went from "
+                f"{version} to {out._version}); the memory-efficient engine rebuilds every activation from "
+                "the output, so the gradients would be wrong. Modify a copy instead (y = y.clone() first) "
+                "or use disable_custom_gradient=True."
+            )
+
+    y.register_hook(check)
+    return y
+
+
 def _not_a_view(t: Tensor) -> Tensor:
     """``t`` itself, or a non-view tensor sharing its storage (no copy)."""
     if t._base is None:
@@ -120,6 +162,39 @@ def _check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {name}={value!r}")
     return value
+
+
+#: More coupling layers per level than this is almost certainly a typo (and would take
+#: hours to build); raise it here if you really need deeper levels.
+MAX_BLOCKS_PER_LEVEL = 1024
+
+
+def _check_architecture(architecture: Any) -> tuple:
+    if isinstance(architecture, (int, str)) or not hasattr(architecture, "__iter__"):
+        raise TypeError(
+            "architecture must be a sequence with the number of coupling layers of each level, "
+            f"e.g. (2, 2, 2, 2) for four levels; got architecture={architecture!r}"
+        )
+    architecture = tuple(architecture)
+    for i, blocks in enumerate(architecture):
+        if isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > MAX_BLOCKS_PER_LEVEL:
+            raise ValueError(
+                f"architecture[{i}]={blocks} coupling layers is more than iunet_nb allows per level "
+                f"({MAX_BLOCKS_PER_LEVEL}); the paper uses 2-30. Use a smaller number."
+            )
+    return architecture
+
+
+def _check_verbose(verbose: Any) -> int:
+    if not isinstance(verbose, int):  # True/False are ints: verbose=True means 1
+        raise TypeError(f"verbose must be an int (0: silent, 1: report adjusted channels), got {verbose!r}")
+    return int(verbose)
+
+
+def _check_padding_value(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"padding_value must be a number (the fill value of 'constant' padding), got {value!r}")
+    return float(value)
 
 
 def _check_kwargs(value: Any, name: str) -> dict:
@@ -169,6 +244,10 @@ class iUNet(nn.Module):
         me_backend: ``'fused'`` (default) or ``'memcnn'``.
         preserve_rng_state: replay the forward's random state when the
             backward recomputes a coupling (needed for dropout).
+        check_blocks: run :func:`iunet_nb.checks.check_invertible` on one block
+            of each distinct kind (class, channels, split) from ``create_module_fn``
+            at construction, so that a block whose ``inverse`` is wrong or whose
+            shapes do not fit is a clear error before training.  ``False`` skips it.
         in_channels, slice_mode: the older API (instead of ``channels``).
     """
 
@@ -198,6 +277,7 @@ class iUNet(nn.Module):
         slice_mode: str | None = None,
         me_backend: str = "fused",
         preserve_rng_state: bool = True,
+        check_blocks: bool = True,
     ) -> None:
         super().__init__()
         if architecture is None:
@@ -206,7 +286,9 @@ class iUNet(nn.Module):
             raise TypeError("iUNet() missing required argument 'dim' (1, 2 or 3 spatial dimensions)")
         if dim not in (1, 2, 3) or isinstance(dim, bool):
             raise ValueError(f"dim must be 1, 2 or 3 (number of spatial dimensions), got dim={dim!r}")
-        architecture = tuple(architecture)
+        architecture = _check_architecture(architecture)
+        verbose = _check_verbose(verbose)
+        padding_value = _check_padding_value(padding_value)
         if isinstance(channels, int) and not isinstance(channels, bool) and in_channels is None:
             channels, in_channels = None, channels  # iUNet(32, ...): the older positional in_channels
         if channels is None and in_channels is None:
@@ -260,6 +342,7 @@ class iUNet(nn.Module):
         self.learnable_channel_mixing = _check_bool(learnable_channel_mixing, "learnable_channel_mixing")
         self.me_backend = me_backend
         self.preserve_rng_state = _check_bool(preserve_rng_state, "preserve_rng_state")
+        check_blocks = _check_bool(check_blocks, "check_blocks")
         self.verbose = verbose
         self.module_kwargs = _check_kwargs(module_kwargs, "module_kwargs")
         resampling_kwargs = _check_kwargs(resampling_kwargs, "resampling_kwargs")
@@ -292,7 +375,15 @@ class iUNet(nn.Module):
                 module = create_module_fn(c, **coords, **self.module_kwargs)
             except TypeError as err:
                 raise TypeError(f"create_module_fn / module_kwargs: {err}") from None
-            return check_invertible_module(module)
+            require_inverse_method(module, "create_module_fn")
+            kind = (type(module), c, getattr(module, "split", None))
+            if check_blocks and kind not in checked:
+                check_invertible(module, probe_input(c, dim),
+                                 where=f"create_module_fn (level {level}, side {side}, module_index {index})")
+                checked.add(kind)
+            return module
+
+        checked: set = set()
 
         last = self.num_levels - 1
         for i, lv in enumerate(layout.levels):
@@ -368,6 +459,23 @@ class iUNet(nn.Module):
                 f"{name} has {x.shape[1]} channels but this iUNet expects channels[0]={self.channels[0]}; "
                 f"got shape {tuple(x.shape)}"
             )
+        self._check_dtype(x, name)
+
+    def _check_dtype(self, x: Tensor, name: str) -> None:
+        weight = next(iter(self.parameters()), None)
+        if not x.is_floating_point():
+            want = "float32" if weight is None else str(weight.dtype).replace("torch.", "")
+            raise TypeError(
+                f"{name} has dtype {str(x.dtype).replace('torch.', '')}, but an iUNet needs a floating-point "
+                f"input with the dtype of its parameters ({want}): convert it, e.g. {name}.to(torch.{want})"
+            )
+        if weight is None or x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return
+        got, want = (str(t).replace("torch.", "") for t in (x.dtype, weight.dtype))
+        raise TypeError(
+            f"{name} has dtype {got} but this iUNet's parameters are {want}: convert the input "
+            f"({name}.to(torch.{want})) or the model (model.to(torch.{got})), or run under torch.autocast"
+        )
 
     def get_padding(self, x: Tensor) -> tuple[list[int], list[int]]:
         """Padded spatial shape and the padding (``F.pad`` order) needed for ``x``.
@@ -461,6 +569,8 @@ class iUNet(nn.Module):
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
+        if x.shape[0] == 0:
+            return _empty_batch_output(x, self.parameters())
         if self.disable_custom_gradient or not needs_graph:
             return self._plain_body(x)
         if self.me_backend == "memcnn":
@@ -491,6 +601,9 @@ class iUNet(nn.Module):
                     fn=_MemcnnSafe(module, self.preserve_rng_state), keep_input=False,
                     keep_input_inverse=False,
                     preserve_rng_state=self.preserve_rng_state,
+                    # Only references are kept per pass: allows backward(retain_graph=True)
+                    # to be repeated, as with plain autograd.
+                    num_bwd_passes=MEMCNN_BACKWARD_PASSES,
                 )
             return wrappers[key]
 
@@ -511,7 +624,8 @@ class iUNet(nn.Module):
             # memcnn frees storages with the deprecated ``Tensor.storage()``; torch's
             # one-time UserWarning about it says nothing the user can act on.
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
-            return self._memcnn_walk(x, apply, skips)
+            y = self._memcnn_walk(x, apply, skips)
+        return _guard_memcnn_output(y)
 
     def _memcnn_walk(self, x: Tensor, apply: Callable[..., Any], skips: list[Tensor]) -> Tensor:
         last = self.num_levels - 1
@@ -562,6 +676,8 @@ class iUNet(nn.Module):
         size, that of any other padded-size tensor is returned at the padded size.
         """
         self._check_input(y, "y")
+        if y.shape[0] == 0:
+            return y.clone()
         full_info = getattr(y, "_iunet_full_output", None)
         pad_info = getattr(y, "_iunet_input_padding", None)
         if full_info is not None and full_info[1] == y._version:

@@ -59,7 +59,7 @@ def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
 
 def _bounds(x: Tensor, tile_elements: int | None) -> list[tuple[int, int]]:
     """Slabs of ``x`` along its first spatial dimension (see :func:`tile_bounds`)."""
-    plane = x.shape[1] * (x[0, 0, 0].numel() if x.dim() > 3 else 1)
+    plane = x.shape[1] * math.prod(x.shape[3:])
     return tile_bounds(x.shape[2], plane, tile_elements)
 
 
