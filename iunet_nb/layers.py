@@ -190,13 +190,17 @@ class AdditiveCoupling(_AdditiveCoupling):
         return self.f
 
 
+def _check_split(split_location: Any) -> int:
+    if isinstance(split_location, bool) or not isinstance(split_location, int) or split_location < 1:
+        raise ValueError(f"split_location must be a positive int, got {split_location!r}")
+    return split_location
+
+
 class SplitChannels(_SplitChannels):
     """``x -> (x[:, :split_location], x[:, split_location:])`` (copies); ``inverse(a, b)`` concatenates."""
 
     def __init__(self, split_location: int) -> None:
-        if isinstance(split_location, bool) or not isinstance(split_location, int) or split_location < 1:
-            raise ValueError(f"split_location must be a positive int, got {split_location!r}")
-        super().__init__(split_location)
+        super().__init__(_check_split(split_location))
         self.split_location = split_location
 
 
@@ -204,7 +208,5 @@ class ConcatenateChannels(_ConcatChannels):
     """``(a, b) -> cat([a, b], dim=1)``; ``inverse(x)`` splits at ``split_location`` again."""
 
     def __init__(self, split_location: int) -> None:
-        if isinstance(split_location, bool) or not isinstance(split_location, int) or split_location < 1:
-            raise ValueError(f"split_location must be a positive int, got {split_location!r}")
-        super().__init__(split_location)
+        super().__init__(_check_split(split_location))
         self.split_location = split_location

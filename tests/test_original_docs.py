@@ -692,3 +692,77 @@ def test_tutorial5_padding_options(padding_mode):
         assert (model.inverse(y) - x).abs().max().item() < 1e-5
     assert model.get_padding(x)[0] == [8, 10]
     assert math.prod(model.downsampling_factors) == 4
+
+
+# =============================================================== the iunets.layers API by name
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_layer_names_keywords_and_inverse(dim):
+    import iunet_nb.layers as layers
+
+    Down = getattr(layers, f"InvertibleDownsampling{dim}D")
+    Up = getattr(layers, f"InvertibleUpsampling{dim}D")
+    Mix = getattr(layers, f"InvertibleChannelMixing{dim}D")
+    stride = {1: 3, 2: (2, 3), 3: (1, 2, 3)}[dim]
+    s = 3 * (dim > 1 and 2 or 1)
+    # the reference's positional order: in_channels, stride, method, init, learnable
+    down = Down(2, stride, "exp", "haar", True)
+    up = Up(in_channels=2 * s, stride=stride, method="householder", init="squeeze", learnable=False)
+    mix = Mix(in_channels=2 * s, method="exp", learnable=True)
+    assert (down.in_channels, down.out_channels, down.dim) == (2, 2 * s, dim)
+    assert (up.in_channels, up.out_channels, up.dim) == (2 * s, 2, dim)
+    assert (mix.in_channels, mix.out_channels, mix.dim) == (2 * s, 2 * s, dim)
+    assert down.stride == ((stride,) if dim == 1 else stride)
+    x = torch.randn(2, 2, *([6] * dim), dtype=torch.float32)
+    y = down(x)
+    assert y.shape == (2, 2 * s, *(6 // st for st in down.stride))
+    torch.testing.assert_close(down.inverse(y), x, rtol=0, atol=1e-5)
+    assert up(y).shape == x.shape and up.inverse(up(y)).shape == y.shape
+    with torch.no_grad():
+        mix.weight.normal_()
+    torch.testing.assert_close(mix.inverse(mix(y)), y, rtol=0, atol=1e-5)
+    assert isinstance(down, iunet_nb.InvertibleDownsampling)
+    assert isinstance(mix, iunet_nb.OrthogonalChannelMixing)
+
+
+def test_layer_split_and_concatenate():
+    from iunet_nb.layers import ConcatenateChannels, SplitChannels
+
+    x = torch.randn(2, 5, 4)
+    a, b = SplitChannels(2)(x)
+    assert torch.equal(a, x[:, :2]) and torch.equal(b, x[:, 2:])
+    assert a.data_ptr() != x.data_ptr()  # copies, as in the reference
+    assert torch.equal(SplitChannels(2).inverse(a, b), x)
+    cat = ConcatenateChannels(2)
+    assert torch.equal(cat(a, b), x)
+    a2, b2 = cat.inverse(x)
+    assert torch.equal(a2, a) and torch.equal(b2, b)
+
+
+def test_layer_errors_are_clear():
+    from iunet_nb.layers import (
+        InvertibleChannelMixing2D,
+        InvertibleDownsampling1D,
+        InvertibleUpsampling2D,
+        SplitChannels,
+    )
+
+    with pytest.raises(TypeError, match="1D: it takes no dim argument"):
+        InvertibleDownsampling1D(2, dim=2)
+    with pytest.raises(TypeError, match="n_reflections"):  # the reference silently ignored it
+        InvertibleDownsampling1D(2, n_reflections=2)
+    with pytest.raises(ValueError, match="not divisible by prod\\(stride\\)=4"):
+        InvertibleUpsampling2D(6)
+    with pytest.raises(ValueError, match="unknown init 'identity'"):
+        InvertibleDownsampling1D(2, init="identity")
+    with pytest.raises(ValueError, match="valid inits are 'identity', 'random'"):
+        InvertibleChannelMixing2D(3, init="haar")
+    with pytest.raises(ValueError, match="split_location must be a positive int"):
+        SplitChannels(0)
+    with pytest.raises(TypeError, match="pass channels=C"):
+        AdditiveCoupling(nn.Sequential(nn.ReLU()), 2)
+    # with channels given, any F mapping x2 (3 channels) to x1 (2 channels) works
+    layer = AdditiveCoupling(nn.Conv1d(3, 2, 1), 2, channels=5)
+    x = torch.randn(1, 5, 4)
+    torch.testing.assert_close(layer.inverse(layer(x)), x)
+    with pytest.raises(ValueError, match="split must be between 1 and channels - 1"):
+        AdditiveCoupling(nn.Conv1d(4, 4, 1), 0)
