@@ -39,7 +39,7 @@ from iunet_nb.model import iUNet
 MAX_CHANNELS = 48
 MAX_FACTOR_VOLUME = 512
 METHODS = ("exp", "cayley", "householder")
-INITS = ("haar", "pixel_shuffle", "random")
+INITS = ("haar", "pixel_shuffle", "squeeze", "random")
 PADDING_MODES = ("constant", "reflect", "replicate", "circular")
 
 
@@ -169,10 +169,20 @@ SEED_OLD_3D = Case(dict(in_channels=7, dim=3, architecture=(2, 3, 1, 3), module_
                         slice_mode="double", resampling_stride=2, learnable_resampling=True,
                         resampling_init="haar", resampling_method="cayley", revert_input_padding=True,
                         padding_mode="reflect"), 1, (8, 9, 10))
+# The models of the original package's documentation (docs/ tutorials).
+DOCS_TRAINING = Case(dict(in_channels=3, dim=2, architecture=(4, 4, 4, 4, 4)), 1, (16, 16))
+DOCS_3D = Case(dict(in_channels=32, dim=3, architecture=(2, 3, 4)), 1, (4, 4, 4))
+DOCS_RESAMPLING = Case(dict(channels=(32, 64, 128, 256), dim=3, architecture=(2, 2, 2, 2), resampling_stride=2,
+                            resampling_method="exp", resampling_init="haar"), 1, (8, 8, 8))
+DOCS_ANISOTROPIC = Case(dict(in_channels=4, dim=3, architecture=(1, 1, 1, 1),
+                             resampling_stride=[(2, 1, 3), 2, (4, 3, 1)]), 1, (16, 6, 6))
+DOCS_CHANNELS = Case(dict(channels=(3, 25, 32, 55, 128), dim=3, architecture=(2, 2, 2, 2, 2),
+                          resampling_stride=[(1, 2, 3), (2, 2, 2), (5, 1, 2), 2]), 1, (20, 8, 24))
 # Shrunk counterexamples of the fused engine's old per-part kernel offset bug.
 KEPT_LT_SENT = Case(dict(channels=(5, 8), architecture=(2, 1), dim=1), 2, (16,))
 KEPT_LT_SENT_NO_MIX = Case(dict(channels=(3, 4), architecture=(2, 1), dim=1, channel_mixing_freq=0), 2, (16,))
-EXAMPLES = [SEED_2D, SEED_3D, SEED_OLD_2D, SEED_OLD_3D, KEPT_LT_SENT, KEPT_LT_SENT_NO_MIX]
+EXAMPLES = [SEED_2D, SEED_3D, SEED_OLD_2D, SEED_OLD_3D, DOCS_TRAINING, DOCS_3D, DOCS_RESAMPLING,
+            DOCS_ANISOTROPIC, DOCS_CHANNELS, KEPT_LT_SENT, KEPT_LT_SENT_NO_MIX]
 
 
 def with_examples(test):
