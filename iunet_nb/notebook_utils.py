@@ -225,3 +225,26 @@ def memory_parts(measurement: Any) -> dict[str, int]:
 
 
 __all__ += ["MEMORY_DEFINITION", "memory_parts"]
+
+
+def measurement_cells(*row_lists: Any) -> dict[tuple[str, int, int], dict]:
+    """Merge rows of table1 CSVs (:func:`iunet_nb.bench.read_results`) into one cell per configuration.
+
+    Returns ``{(mode, size, delta): row}`` over the rows with ``status == 'ok'`` and without an
+    optimizer step; a row in a later list replaces one of an earlier list (pass the files in
+    the order they were measured, so the newest measurement wins).  ``row['times']`` is the
+    list of all timed steps in seconds (from ``seconds_all``), for showing their spread.
+    """
+    cells: dict[tuple[str, int, int], dict] = {}
+    for rows in row_lists:
+        for r in rows:
+            if r.get("status") != "ok" or (r.get("optimizer") or "none") != "none":
+                continue
+            c = dict(r)
+            spread = r.get("seconds_all")
+            c["times"] = [float(t) for t in str(spread).split()] if spread else [float(r["seconds"])]
+            cells[(str(r["mode"]), int(r["size"]), int(r["delta"]))] = c
+    return cells
+
+
+__all__ += ["measurement_cells"]

@@ -441,7 +441,7 @@ def explore(config: Union[ExplorerConfig, Mapping[str, Any], None] = None,
 
     Args:
         config: an :class:`ExplorerConfig` or a dict of its fields (default:
-            the seed's 2D example ``channels=(64, 128, 256, 384)``,
+            the reference README's 2D example ``channels=(64, 128, 256, 384)``,
             ``architecture=(2, 2, 2, 2)``).
         predictor: ``predict_step_memory``-compatible callable (default:
             :func:`iunet_nb.predict.predict_step_memory`).

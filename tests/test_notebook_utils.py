@@ -114,3 +114,16 @@ def test_memory_parts_add_up_to_the_total():
     assert sum(parts.values()) == m.total_bytes
     assert parts["parameters"] == 4 * sum(p.numel() for p in model.parameters())
     assert "parameters + input" in MEMORY_DEFINITION
+
+
+def test_measurement_cells_newest_wins_and_keeps_the_spread():
+    from iunet_nb.notebook_utils import measurement_cells
+
+    old = [dict(mode="fused", size=512, delta=5, status="ok", seconds=9.0, seconds_all="9.5 9.0", total_bytes=2),
+           dict(mode="fused", size=512, delta=10, status="error", seconds=None, total_bytes=None)]
+    new = [dict(mode="fused", size=512, delta=5, status="ok", seconds=8.9, seconds_all="8.9 9.2", total_bytes=1),
+           dict(mode="fused", size=512, delta=30, status="ok", seconds=4.0, seconds_all="", total_bytes=3,
+                optimizer="sgd")]
+    cells = measurement_cells(old, new)
+    assert list(cells) == [("fused", 512, 5)]
+    assert cells[("fused", 512, 5)]["total_bytes"] == 1 and cells[("fused", 512, 5)]["times"] == [8.9, 9.2]
