@@ -15,6 +15,7 @@ reference name                      here
                                     identity init (as the reference: ``weight = 0`` is the identity)
 ``AdditiveCoupling(F, pos)``        :class:`iunet_nb.coupling.AdditiveCoupling`:
                                     ``(x1, x2) -> (x2, x1 + F(x2))``, ``x1 = x[:, :pos]``
+``StandardAdditiveCoupling``        the same (the name in the reference's 0.1 release)
 ``SplitChannels(pos)``              ``x -> (x[:, :pos], x[:, pos:])``; inverse: concatenation
 ``ConcatenateChannels(pos)``        the inverse of ``SplitChannels``
 ``create_standard_module``          :func:`iunet_nb.coupling.create_standard_module`
@@ -40,6 +41,7 @@ from .resampling import InvertibleDownsampling, InvertibleUpsampling
 
 __all__ = [
     "AdditiveCoupling",
+    "StandardAdditiveCoupling",
     "create_standard_module",
     "create_memcnn_module",
     "InvertibleDownsampling1D",
@@ -188,6 +190,10 @@ class AdditiveCoupling(_AdditiveCoupling):
     def F(self) -> nn.Module:
         """The coupling function (the reference's name for :attr:`f`)."""
         return self.f
+
+
+#: The name of the same coupling in the reference package's 0.1 release.
+StandardAdditiveCoupling = AdditiveCoupling
 
 
 def _check_split(split_location: Any) -> int:
