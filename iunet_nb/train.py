@@ -66,6 +66,7 @@ _FORMAT = "iunet_nb.train/1"
 #: options that may change between a run and its resumption (they do not change what is computed)
 _MAY_CHANGE_ON_RESUME = ("epochs", "out", "resume", "workers", "progress", "device", "threads")
 #: environment variable for the tests: the process SIGKILLs itself before this global step
+#: (only in the first attempt of a torchrun job, so that ``--max-restarts`` can resume it)
 _KILL_ENV = "IUNET_NB_TRAIN_KILL_AT_STEP"
 
 
@@ -255,7 +256,7 @@ def _rng_state(device: torch.device) -> dict[str, Tensor]:
         "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
         "numpy_gauss": torch.tensor(gauss, dtype=torch.float64),
         "python": torch.tensor([version, *internal], dtype=torch.int64),
-        "python_gauss": torch.tensor(math.nan if py_gauss is None else py_gauss, dtype=torch.float64),
+        "python_gauss": torch.tensor([py_gauss is not None, py_gauss or 0.0], dtype=torch.float64),
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -268,8 +269,8 @@ def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
                          float(state["numpy_gauss"])))
     version, *internal = (int(v) for v in state["python"])
-    gauss = float(state["python_gauss"])
-    random.setstate((version, tuple(internal), None if math.isnan(gauss) else gauss))
+    has_py_gauss, py_gauss = state["python_gauss"].tolist()
+    random.setstate((version, tuple(internal), py_gauss if has_py_gauss else None))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
@@ -393,7 +394,8 @@ def _loaders(task: Task, opts: argparse.Namespace, procs: _Processes, device: to
 def _train_epoch(task: Task, wrapped: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  device: torch.device, step: int, bar: Any) -> tuple[float, int, int]:
     """One pass over ``loader``; returns (sum of the batch losses, number of batches, global step)."""
-    kill_at = int(os.environ.get(_KILL_ENV, "-1"))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    kill_at = int(os.environ.get(_KILL_ENV, "-1")) if first_attempt else -1
     total, count = 0.0, 0
     for batch in loader:
         if step == kill_at:  # tests: die like a killed job, without any clean-up
@@ -470,6 +472,8 @@ def run_training(task: Task, opts: argparse.Namespace) -> Run:
             out.mkdir(parents=True, exist_ok=True)
 
         show = opts.progress and procs.rank == 0
+        if show and ckpt is not None:
+            print(f"resuming from {resume_from} after epoch {epoch} (step {step})", flush=True)
         bar = tqdm(total=(opts.epochs - epoch) * len(train_loader), desc=task.name, disable=not show,
                    leave=True)
         while epoch < opts.epochs:
