@@ -1,4 +1,6 @@
-"""Table 1 of the iUNet paper, re-measured: ``python -m iunet_nb.bench table1``.
+"""Table 1 of the iUNet paper, re-measured: ``python -m iunet_nb.bench table1``
+(and the largest trainable 3D volume: ``python -m iunet_nb.bench volume3d``, see
+:mod:`iunet_nb.bench3d`).
 
 The paper (Etmann, Ke & Schönlieb, MLSP 2020; talk slides in seed 002,
 Table 1) compares memory-efficient (ME) and conventional backpropagation for a
@@ -886,6 +888,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the report of a table1 CSV again (predictions refreshed)")
     r.add_argument("csv", nargs="+", help="table1 CSV file(s), e.g. data/results/table1-latest.csv")
     r.add_argument("--plot", default=None, help="also write the plot to this PNG")
+    from .bench3d import add_cli
+
+    add_cli(sub)  # volume3d and _one3d
     o = sub.add_parser("_one", help="(internal) measure one configuration, print JSON")
     o.add_argument("--json", action="store_true")
     o.add_argument("--mode", required=True, choices=ALL_MODES)
@@ -903,6 +908,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command in ("volume3d", "_one3d"):
+        from .bench3d import main_cli
+
+        return main_cli(args, parser)
     if args.command == "_one":
         row = measure_config(args.mode, args.size, args.delta, dtype=args.dtype, device=args.device,
                              threads=args.threads, repeats=args.repeats, optimizer=args.optimizer,

@@ -1,0 +1,81 @@
+"""``python -m iunet_nb.bench volume3d``: the bracketing search, the model and the CLI checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from iunet_nb import bench3d
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _synthetic(fixed: int, per_voxel: float, calls: list):
+    def measure(d: int) -> dict:
+        calls.append(d)
+        return dict(status="ok", total_bytes=int(fixed + per_voxel * d**3), param_bytes=fixed // 3)
+    return measure
+
+
+@pytest.mark.parametrize("guess", [8, 40, 64, 200])
+def test_bracketing_finds_the_largest_multiple_of_8(guess):
+    budget = 100 * 2**20
+    fixed, per_voxel = 5 * 2**20, 300.0
+    want = max(d for d in range(8, 1000, 8) if fixed + per_voxel * d**3 <= budget)
+    calls: list = []
+    res = bench3d.largest_volume("x", budget, _synthetic(fixed, per_voxel, calls), guess)
+    assert res["status"] == "ok"
+    assert res["D"] == want and res["next"] == want + 8
+    assert want in calls and want + 8 in calls  # both ends of the bracket were measured
+    assert len(calls) <= 6
+
+
+def test_nothing_fits_and_errors_are_reported():
+    res = bench3d.largest_volume("x", 10, _synthetic(100, 1.0, []), 64)
+    assert res["D"] == 0 and res["next"] == 8 and res["status"] == "ok"
+    res = bench3d.largest_volume("x", 10**9, lambda d: dict(status="error", message="boom"), 64)
+    assert res["status"] == "error" and "D=64: boom" in res["message"]
+
+
+@pytest.mark.slow
+def test_volume_model_shapes_and_a_measured_step():
+    for mode in ("unet", "fused"):
+        net = bench3d.build_volume_model(mode)
+        x = torch.randn(1, 1, 16, 16, 16)
+        assert net(x).shape == x.shape
+    row = bench3d.measure_volume("fused_sgd_in_backward", 16, budget_bytes=2**30)
+    assert row["status"] == "ok" and row["grad_bytes"] == 0 and row["seconds"] > 0
+    assert row["total_bytes"] == row["param_bytes"] + 16**3 * 4 + row["peak_bytes"]
+    assert bench3d.predicted_volume_total("fused", 64) < bench3d.predicted_volume_total("unet", 64)
+
+
+def test_report_and_ratios():
+    rows = [dict(mode="iunets", D=32, voxels=32**3, status="ok", total_bytes=2**20, peak_bytes=2**19,
+                 overhead_tensors=8.0, seconds=1.0, next_total_bytes=3 * 2**20, predicted_D=40),
+            dict(mode="fused", D=48, voxels=48**3, status="ok", total_bytes=2**20, peak_bytes=2**19,
+                 overhead_tensors=4.0, seconds=1.5, next_total_bytes=3 * 2**20, predicted_D=48)]
+    bench3d._add_ratios(rows)
+    assert rows[1]["voxel_ratio_to_iunets"] == pytest.approx((48 / 32) ** 3)
+    text = bench3d.format_volume_report(rows, 0.25, ["a note"])
+    assert "[PASS] fused >= 2.5x the voxels of iunets 0.1: 3.38x" in text and "note: a note" in text
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--budget-gib", "0"), "--budget-gib must be a positive number"),
+    (("--budget-gib", "nan"), "--budget-gib must be a positive number"),
+    (("--threads", "0"), "--threads must be an integer >= 1"),
+])
+def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, match):
+    from iunet_nb import bench
+
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["volume3d", "--out", str(out), *args])
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+    assert not out.exists()
+    target = tmp_path / "file.csv"
+    target.write_text("x")
+    with pytest.raises(SystemExit):
+        bench.main(["volume3d", "--out", str(target)])
+    assert "is an existing file" in capsys.readouterr().err and target.read_text() == "x"
