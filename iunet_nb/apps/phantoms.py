@@ -46,7 +46,8 @@ def sample_voids(size: int, dim: int, n_voids: int, radius_range: tuple[float, f
     Args:
         size: pixels per side of the image / volume.
         dim: 2 (circles in a disc) or 3 (spheres in a cylinder along axis 0).
-        n_voids: how many voids to place (fewer if ``max_tries`` per void run out).
+        n_voids: how many voids to place (fewer if a void finds no place in ``max_tries`` draws:
+            then the foam is considered full and sampling stops).
         radius_range: ``(r_min, r_max)`` in pixels; radii are drawn uniformly.
         rng: NumPy generator.
         disc_radius: radius of the disc / cylinder in pixels (centred in the image).
@@ -67,6 +68,7 @@ def sample_voids(size: int, dim: int, n_voids: int, radius_range: tuple[float, f
     centres: list[np.ndarray] = []
     radii: list[float] = []
     for _ in range(n_voids):
+        placed = False
         for _ in range(max_tries):
             r = rng.uniform(r_min, r_max)
             # uniform in the disc of radius (disc_radius - r - gap) around the axis
@@ -81,6 +83,9 @@ def sample_voids(size: int, dim: int, n_voids: int, radius_range: tuple[float, f
                     continue
             centres.append(c)
             radii.append(r)
+            placed = True
+            break
+        if not placed:  # the foam is full
             break
     return Voids(np.asarray(centres, dtype=np.float64).reshape(-1, dim), np.asarray(radii, dtype=np.float64))
 
