@@ -147,6 +147,7 @@ def predict(model: nn.Module, fbp: Tensor, batch_size: int = 8) -> Tensor:
     return out
 
 
+@torch.no_grad()
 def _evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
     """Mean MSE, PSNR and SSIM of the model and of the FBP on the loader's images."""
     device = next(model.parameters()).device
