@@ -44,6 +44,9 @@ __all__ = [
     "segmentation_loss",
     "predict_labels",
     "evaluate",
+    "measure_volume_step",
+    "fit_volume_memory",
+    "largest_volume",
     "datasets",
     "model",
     "add_arguments",
@@ -210,6 +213,71 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
     out = {"loss": sum(losses) / count, "dice": float(per_class.nanmean())}
     out.update({f"dice_{k + 1}": float(v) for k, v in enumerate(per_class)})
     return out
+
+
+# ----------------------------------------------------------------------------- memory
+def measure_volume_step(net: nn.Module, size: int, num_classes: int, batch: int = 1, seed: int = 0):
+    """Measure one training step (forward, :func:`segmentation_loss`, backward) on a ``size``^3 volume.
+
+    Returns :class:`iunet_nb.memory.StepMeasurement` (``total_bytes`` =
+    parameters + input + step peak).  Native profiler messages are silenced.
+    """
+    from ..memory import measure_step
+    from ..notebook_utils import quiet_native_stderr
+
+    g = torch.Generator().manual_seed(seed)
+    dev = next(net.parameters()).device
+    x = torch.rand(batch, 1, size, size, size, generator=g).to(dev)
+    y = torch.randint(0, num_classes + 1, (batch, size, size, size), generator=g).to(dev)
+    with quiet_native_stderr():
+        return measure_step(net, x, lambda out: segmentation_loss(out, y))
+
+
+def fit_volume_memory(sizes: Sequence[int], totals: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``total = a + b * size**3`` through measured points; returns ``(a, b)``.
+
+    Needs at least two distinct sizes.
+    """
+    if len(set(int(v) for v in sizes)) < 2 or len(sizes) != len(totals):
+        raise ValueError(f"need >= 2 distinct sizes with one total each, got sizes={list(sizes)}")
+    v = np.asarray(sizes, dtype=float) ** 3
+    A = np.stack([np.ones_like(v), v], axis=1)
+    (a, b), *_ = np.linalg.lstsq(A, np.asarray(totals, dtype=float), rcond=None)
+    return float(a), float(b)
+
+
+def largest_volume(net: nn.Module, budget_bytes: float, num_classes: int, fit_sizes: Sequence[int] = (56, 64),
+                   multiple: int = 4, max_checks: int = 6) -> dict:
+    """Largest cube edge (a multiple of ``multiple``) whose training step fits in ``budget_bytes``.
+
+    1. measure steps at ``fit_sizes`` and fit ``total = a + b s^3``
+       (:func:`fit_volume_memory`; the fit stands in for
+       :mod:`iunet_nb.predict`, which is calibrated on 2D 64-channel iUNets);
+    2. predict the largest edge with ``a + b s^3 <= budget``;
+    3. verify with one measured step there; if it does not fit, step down by
+       ``multiple`` and measure again (at most ``max_checks`` measurements).
+
+    Returns a dict: ``size`` (verified edge, 0 if none), ``predicted_size``,
+    ``predicted_bytes``, ``measured_bytes`` (at ``size``), ``fit`` ``(a, b)``,
+    ``fit_points`` ``[(size, total), ...]`` and ``checks`` ``[(size, total), ...]``.
+    """
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
+    points = [(int(s), measure_volume_step(net, int(s), num_classes).total_bytes) for s in fit_sizes]
+    a, b = fit_volume_memory([p[0] for p in points], [p[1] for p in points])
+    edge = ((budget_bytes - a) / b) ** (1 / 3) if budget_bytes > a and b > 0 else 0.0
+    predicted = int(edge // multiple) * multiple
+    size, checks = predicted, []
+    while size >= multiple and len(checks) < max_checks:
+        total = measure_volume_step(net, size, num_classes).total_bytes
+        checks.append((size, total))
+        if total <= budget_bytes:
+            break
+        size -= multiple
+    fits = bool(checks) and checks[-1][1] <= budget_bytes
+    return {"size": size if fits else 0, "predicted_size": predicted,
+            "predicted_bytes": a + b * predicted ** 3, "measured_bytes": checks[-1][1] if fits else None,
+            "fit": (a, b), "fit_points": points, "checks": checks}
 
 
 # ----------------------------------------------------------------------------- task
