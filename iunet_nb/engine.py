@@ -372,9 +372,15 @@ class InvertibleModuleStep(Step):
 
 
 class KernelStep(Step):
-    """An orthogonal linear step (resampling or channel mixing) with a precomputed kernel.
+    """An orthogonal linear step (resampling or channel mixing).
 
-    The module must provide ``forward(x, kernel=...)`` and
+    The step's tensors are the module's parameters (the parametrisation's
+    weight; none if the kernel is fixed), not the kernel: the kernel is
+    computed without a graph in the forward and recomputed, with its graph,
+    in the backward of this step only, so that no kernel and none of the
+    Cayley/exp graphs live through the whole training step.
+
+    The module must provide ``kernel()``, ``forward(x, kernel=...)`` and
     ``backward_parts(ys, dys, kernel, need_kernel_grad, y_owned, dy_owned)``, which
     rebuilds the input and its gradient from channel parts (the map is orthogonal,
     so the input gradient is the inverse applied to ``dy``); ``forward_parts`` is
@@ -387,8 +393,11 @@ class KernelStep(Step):
         # tensors in parts (the slab-wise couplings there read parts directly).
         self.split_output = split_output
 
+    def tensors(self) -> list[Tensor]:
+        return _params(self.module)
+
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
-        (kernel,) = tensors
+        kernel = self.module.kernel()
         if hasattr(self.module, "forward_parts"):
             out = self.module.forward_parts([p.tensor for p in st.cur], kernel,
                                             [p.owned for p in st.cur])
@@ -399,7 +408,10 @@ class KernelStep(Step):
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
-        (kernel,) = tensors
+        params = list(tensors)
+        wanted = [p for p in params if p.requires_grad]
+        with torch.enable_grad():
+            kernel = self.module.kernel()
         ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
         y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
         st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early
@@ -407,11 +419,15 @@ class KernelStep(Step):
         if self.split_output:
             fine_bytes = sum(t.numel() * t.element_size() for t in ys)
             kwargs["join"] = fine_bytes < SLAB_MIN_BYTES
-        xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), kernel.requires_grad,
+        need = bool(wanted) and kernel.requires_grad
+        xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), need,
                                                  y_owned, dy_owned, **kwargs)
         st.cur = [Part(t, True) for t in xs]
         gst.cur = [Part(t, True) for t in dxs]
-        return [dk]
+        if not need or dk is None:
+            return [None] * len(params)
+        grads = iter(torch.autograd.grad(kernel, wanted, dk.to(kernel.dtype), allow_unused=True))
+        return [next(grads) if p.requires_grad else None for p in params]
 
 
 class SplitStep(Step):
@@ -499,14 +515,18 @@ class FusedInvertibleFunction(torch.autograd.Function):
         records: list[dict] = []
         device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        with torch.no_grad():
-            y = run_forward(steps, x, tensors, records)
+        ctx.x_meta = (x.dtype, x.requires_grad)
+        # Under autocast the body runs in its parameters' dtype (an exact inverse needs it: a
+        # coupling undone in bfloat16 loses the input) and returns the autocast dtype, as the
+        # layers of the conventional network would.
+        body_dtype = next((t.dtype for t in tensors if t.is_floating_point()), x.dtype)
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            y = run_forward(steps, x.to(body_dtype) if ctx.autocast[0] else x, tensors, records)
         ctx.steps = steps
         ctx.records = records
-        ctx.x_meta = (x.dtype, x.requires_grad)
         ctx.device_type = device_type
         ctx.save_for_backward(y, *tensors)
-        return y
+        return y.to(ctx.autocast[1]) if ctx.autocast[0] else y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
@@ -514,11 +534,10 @@ class FusedInvertibleFunction(torch.autograd.Function):
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         y, *tensors = ctx.saved_tensors
         steps: Sequence[Step] = ctx.steps
-        enabled, dtype = ctx.autocast
         grads: list[Tensor | None] = [None] * len(tensors)
         st = State([Part(y, False)])
-        gst = State([Part(dy, False)])
-        with torch.no_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+        gst = State([Part(dy.to(y.dtype), dy.dtype != y.dtype)])
+        with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False):
             for step, record in zip(reversed(steps), reversed(ctx.records)):
                 sl = step.tensor_slice
                 step_grads = step.backward(st, gst, tensors[sl], record)

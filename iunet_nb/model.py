@@ -104,26 +104,33 @@ def _empty_batch_output(x: Tensor, params: Any) -> Tensor:
     return x + zero.to(x.dtype) if torch.is_grad_enabled() else x.clone()
 
 
-#: How often one memcnn-engine forward may be back-propagated (``retain_graph=True``).
-MEMCNN_BACKWARD_PASSES = 16
-
-
 def _guard_memcnn_output(y: Tensor) -> Tensor:
     """Make the memcnn engine fail loudly where it would silently give wrong gradients.
 
     memcnn rebuilds every activation from the output tensor itself, so an
     in-place change of the output before ``backward`` (``y.add_(1)``) would
-    corrupt all of them; and its checkpoint function has no double backward.
-    A hook on ``y`` checks both when the backward reaches it.
+    corrupt all of them; its checkpoint function has no double backward; and
+    it can back-propagate each forward only once (keeping what a second pass
+    needs would keep every activation of the first one alive).  A hook on
+    ``y`` checks all three when the backward reaches it.
     """
     if not y.requires_grad:
         return y
     version = y._version
     ref = weakref.ref(y)
+    passes = [0]
 
     def check(grad: Tensor) -> None:
         if torch.is_grad_enabled():
             raise RuntimeError(eng.DOUBLE_BACKWARD_MESSAGE)
+        passes[0] += 1
+        if passes[0] > 1:
+            raise RuntimeError(
+                "me_backend='memcnn' can back-propagate through one forward only once (memcnn frees "
+                "what a second backward would need). For backward(retain_graph=True) followed by "
+                "another backward use me_backend='fused' (the default) or disable_custom_gradient=True, "
+                "or run the forward again."
+            )
         out = ref()
         if out is not None and out._version != version:
             raise RuntimeError(
@@ -553,13 +560,11 @@ class iUNet(nn.Module):
         return steps
 
     def _step_tensors(self, steps: list[eng.Step]) -> list[Tensor]:
-        """Assign each step its slice of the flat tensor list; kernels computed once here."""
+        """Assign each step its slice of the flat list of gradient-receiving tensors (parameters)."""
         tensors: list[Tensor] = []
         for step in steps:
             start = len(tensors)
-            if isinstance(step, eng.KernelStep):
-                tensors.append(step.module.kernel())
-            elif isinstance(step, (eng.CouplingStep, eng.InvertibleModuleStep)):
+            if isinstance(step, (eng.KernelStep, eng.CouplingStep, eng.InvertibleModuleStep)):
                 tensors += step.tensors()
             step.tensor_slice = slice(start, len(tensors))
         return tensors
@@ -601,9 +606,6 @@ class iUNet(nn.Module):
                     fn=_MemcnnSafe(module, self.preserve_rng_state), keep_input=False,
                     keep_input_inverse=False,
                     preserve_rng_state=self.preserve_rng_state,
-                    # Only references are kept per pass: allows backward(retain_graph=True)
-                    # to be repeated, as with plain autograd.
-                    num_bwd_passes=MEMCNN_BACKWARD_PASSES,
                 )
             return wrappers[key]
 

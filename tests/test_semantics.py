@@ -47,7 +47,15 @@ def test_double_backward_works_with_plain_autograd() -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("mode", MODES)
+def test_memcnn_engine_refuses_a_second_backward_clearly() -> None:
+    model = model_for("memcnn")
+    loss = model(x_for(model)).pow(2).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["conventional", "fused"])
 def test_backward_twice_with_retain_graph_accumulates(mode: str) -> None:
     model = model_for(mode)
     x = x_for(model)
