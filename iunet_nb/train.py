@@ -15,7 +15,8 @@ supplies data, model, loss and metrics; this module supplies everything else:
 - ``--resume`` continues *exactly*: the same random streams and the same next
   batch as the run that was interrupted;
 - ``metrics.csv`` (one row per epoch: train loss, the task's validation
-  metrics, seconds) and a ``tqdm`` bar, on rank 0 only.
+  metrics, seconds) and a ``tqdm`` bar (:func:`iunet_nb.notebook_utils.progress`),
+  on rank 0 only.
 
 Python API (what the notebooks call)::
 
@@ -55,7 +56,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .apps import TASK_MODULES, get_task
 from .apps.task import ENGINES, Task
-from .notebook_utils import seed_everything
+from .notebook_utils import in_jupyter_kernel, progress, seed_everything
 
 __all__ = ["train", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
            "CHECKPOINT_NAME", "METRICS_NAME"]
@@ -432,8 +433,6 @@ def _evaluate(task: Task, model: nn.Module, loader: DataLoader, procs: _Processe
 
 def run_training(task: Task, opts: argparse.Namespace) -> Run:
     """Train ``task`` with parsed options ``opts`` (see :func:`train`)."""
-    from tqdm.auto import tqdm
-
     if opts.threads:
         torch.set_num_threads(opts.threads)
     wanted = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -474,8 +473,9 @@ def run_training(task: Task, opts: argparse.Namespace) -> Run:
         show = opts.progress and procs.rank == 0
         if show and ckpt is not None:
             print(f"resuming from {resume_from} after epoch {epoch} (step {step})", flush=True)
-        bar = tqdm(total=(opts.epochs - epoch) * len(train_loader), desc=task.name, disable=not show,
-                   leave=True)
+        # a text bar on a terminal; in a notebook one line that keeps its final state when saved
+        bar = progress(total=(opts.epochs - epoch) * len(train_loader), desc=task.name, enable=show)
+        log_epochs = show and not in_jupyter_kernel()  # notebooks plot the history instead
         while epoch < opts.epochs:
             start = time.perf_counter()
             sampler.set_epoch(epoch)
@@ -487,7 +487,7 @@ def run_training(task: Task, opts: argparse.Namespace) -> Run:
             row = {"epoch": epoch, "step": step, "train_loss": train_loss, **metrics,
                    "seconds": time.perf_counter() - start}
             history.append(row)
-            if show:
+            if log_epochs:
                 bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))
             _save(out, task, model, optimizer, epoch, step, opts, history, procs, device)
