@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Voids", "sample_voids", "foam_phantom", "simulate_fbp", "fbp_of_sinogram"]
+__all__ = ["Voids", "sample_voids", "foam_phantom", "noisy_sinogram", "simulate_fbp", "fbp_of_sinogram"]
 
 
 @dataclass(frozen=True)
@@ -136,42 +136,54 @@ def fbp_of_sinogram(sinogram: np.ndarray, theta: np.ndarray, size: int) -> np.nd
                   preserve_range=True).astype(np.float32)
 
 
+def noisy_sinogram(image: np.ndarray, n_angles: int, photons: float | None = 1e3, attenuation: float = 2.0,
+                   seed: int | np.random.Generator = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Parallel-beam line integrals of an ``(H, H)`` image, with Poisson noise on the photon counts.
+
+    The image is an attenuation map scaled so that a ray through the full diameter of the disc
+    (0.9 × H pixels of material) has line integral ``attenuation``; detected photons are
+    ``Poisson(photons · exp(-line integral))`` (at least 1), log-transformed back to line integrals
+    and rescaled to the image's units (pixel value × pixels).
+
+    Returns:
+        ``(sinogram, theta)``: ``(H, n_angles)`` float64 (detector × angle) and the angles in degrees,
+        equally spaced over [0°, 180°).
+    """
+    from skimage.transform import radon
+
+    if image.ndim != 2 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"image must be (H, H), got shape {image.shape}")
+    if isinstance(n_angles, bool) or not isinstance(n_angles, (int, np.integer)) or n_angles < 1:
+        raise ValueError(f"n_angles must be a positive int, got {n_angles!r}")
+    if photons is not None and not photons > 0:
+        raise ValueError(f"photons must be positive or None (no noise), got {photons!r}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    theta = np.linspace(0.0, 180.0, n_angles, endpoint=False)
+    mu = attenuation / (0.9 * image.shape[0])  # attenuation per pixel of material
+    sinogram = radon(image.astype(np.float64), theta=theta, circle=True) * mu
+    if photons is not None:
+        counts = np.maximum(rng.poisson(photons * np.exp(-sinogram)), 1)
+        sinogram = -np.log(counts / photons)
+    return sinogram / mu, theta
+
+
 def simulate_fbp(phantom: np.ndarray, n_angles: int, photons: float | None = 1e3,
                  attenuation: float = 2.0, seed: int | np.random.Generator = 0) -> np.ndarray:
     """Sparse-angle, noisy parallel-beam CT of ``phantom`` and its filtered back-projection.
 
-    The phantom is an attenuation map scaled so that a ray through the full diameter of the disc
-    (0.9 × size pixels of material) has line integral ``attenuation``; detected photons are
-    ``Poisson(photons · exp(-line integral))`` (at least 1), log-transformed back to line integrals.
-
     Args:
         phantom: ``(H, H)`` image or ``(D, H, H)`` volume (slices along axis 0 are reconstructed
             independently).
-        n_angles: projection angles, equally spaced over [0°, 180°).
-        photons: incident photons per detector pixel; ``None``: no noise.
-        attenuation: line integral along the disc's diameter.
+        n_angles, photons, attenuation: see :func:`noisy_sinogram` (``photons=None``: no noise).
         seed: int or NumPy generator for the noise.
 
     Returns:
         The FBP reconstruction, ``float32``, same shape as ``phantom`` and on its scale.
     """
-    from skimage.transform import radon
-
     if phantom.ndim not in (2, 3) or phantom.shape[-1] != phantom.shape[-2]:
         raise ValueError(f"phantom must be (H, H) or (D, H, H), got shape {phantom.shape}")
-    if isinstance(n_angles, bool) or not isinstance(n_angles, (int, np.integer)) or n_angles < 1:
-        raise ValueError(f"n_angles must be a positive int, got {n_angles!r}")
-    if photons is not None and not photons > 0:
-        raise ValueError(f"photons must be positive or None (no noise), got {photons!r}")
-    if phantom.ndim == 3:
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        return np.stack([simulate_fbp(s, n_angles, photons, attenuation, rng) for s in phantom])
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    size = phantom.shape[-1]
-    theta = np.linspace(0.0, 180.0, n_angles, endpoint=False)
-    mu = attenuation / (0.9 * size)  # attenuation per pixel of material
-    sinogram = radon(phantom.astype(np.float64), theta=theta, circle=True) * mu
-    if photons is not None:
-        counts = np.maximum(rng.poisson(photons * np.exp(-sinogram)), 1)
-        sinogram = -np.log(counts / photons)
-    return fbp_of_sinogram(sinogram / mu, theta, size)
+    if phantom.ndim == 3:
+        return np.stack([simulate_fbp(s, n_angles, photons, attenuation, rng) for s in phantom])
+    sinogram, theta = noisy_sinogram(phantom, n_angles, photons, attenuation, rng)
+    return fbp_of_sinogram(sinogram, theta, phantom.shape[-1])
