@@ -8,9 +8,10 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
-from iunet_nb.apps.ct import PostProcessor, TASK, build_model, image_metrics, make_data, matched_unet_width
+from iunet_nb.apps.ct import TASK, build_model, image_metrics, make_data, matched_unet_width
 from iunet_nb.apps.phantoms import foam_phantom, sample_voids, simulate_fbp
 from iunet_nb.train import parse_options
+from iunet_nb.wrappers import ChannelLift
 
 
 @pytest.mark.parametrize("dim, size, seed", [(2, 32, 0), (2, 64, 1), (2, 128, 2), (3, 24, 3), (3, 40, 4)])
@@ -112,7 +113,7 @@ def test_models_start_as_identity_with_matched_size(dim):
     for arch in ("iunet", "unet"):
         opts.arch = arch
         model = build_model(opts)
-        assert isinstance(model, PostProcessor)
+        assert isinstance(model, ChannelLift) and model.residual
         torch.testing.assert_close(model(x), x)
         sizes[arch] = sum(p.numel() for p in model.parameters())
     assert abs(sizes["unet"] - sizes["iunet"]) / sizes["iunet"] < 0.3, sizes

@@ -81,7 +81,7 @@ def test_checkpoint_of_other_options_or_task_is_a_clear_error(tmp_path):
     ckpt["task"] = "ct"
     ckpt["model"] = {k + ".x": v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "other_model.pt")
-    with pytest.raises(ValueError, match="holds another model than PostProcessor"):
+    with pytest.raises(ValueError, match="holds another model than ChannelLift"):
         train("ct", epochs=2, resume=str(tmp_path / "other_model.pt"), **TINY)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):

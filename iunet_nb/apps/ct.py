@@ -1,10 +1,11 @@
 """Task ``ct``: learned post-processing of sparse-angle, noisy CT reconstructions (paper, Table 2).
 
 Data: foam phantoms and their filtered back-projections (:mod:`iunet_nb.apps.phantoms`), in 2D
-(default) or 3D (``--dim 3``).  Model: ``FBP -> FBP + out_conv(net(in_conv(FBP)))`` where ``net``
+(default) or 3D (``--dim 3``).  Model: ``FBP -> FBP + project(net(lift(FBP)))`` (1x1 convolutions,
+:class:`iunet_nb.wrappers.ChannelLift`) where ``net``
 is an iUNet (``--arch iunet``) or the U-Net baseline of :mod:`iunet_nb.baselines`
 (``--arch unet``) with its width chosen so that both have about the same number of parameters.
-The output convolution starts at zero, so both models start as the identity (prediction = FBP).
+The projection starts at zero, so both models start as the identity (prediction = FBP).
 Loss: mean squared error to the phantom.  Metrics (held-out phantoms): PSNR and SSIM
 (scikit-image, data range 1 = the phantom's range) of the prediction and of the FBP itself.
 
@@ -25,32 +26,21 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..baselines import UNet
 from ..model import iUNet
+from ..wrappers import ChannelLift
 from .phantoms import foam_phantom, simulate_fbp
 from .task import Task, engine_kwargs
 
-__all__ = ["TASK", "PostProcessor", "build_model", "make_data", "image_metrics", "matched_unet_width",
+__all__ = ["TASK", "post_processor", "build_model", "make_data", "image_metrics", "matched_unet_width",
            "predict"]
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+def post_processor(body: nn.Module, channels: int, dim: int) -> ChannelLift:
+    """``x -> x + project(body(lift(x)))`` for ``(N, 1, *spatial)`` images.
 
-
-class PostProcessor(nn.Module):
-    """``x -> x + out_conv(body(in_conv(x)))`` for ``(N, 1, *spatial)`` images.
-
-    ``in_conv``: 3^dim convolution from 1 to ``channels`` channels; ``out_conv``: 3^dim convolution
-    back to 1 channel, zero-initialised (the model starts as the identity).
+    :class:`iunet_nb.wrappers.ChannelLift` with ``residual=True``: 1x1 convolutions from 1 to
+    ``channels`` channels and back, the projection zero-initialised (the model starts as the
+    identity: prediction = FBP).
     """
-
-    def __init__(self, body: nn.Module, channels: int, dim: int) -> None:
-        super().__init__()
-        self.in_conv = _CONV[dim](1, channels, 3, padding=1)
-        self.body = body
-        self.out_conv = _CONV[dim](channels, 1, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.out_conv(self.body(self.in_conv(x)))
+    return ChannelLift(body, 1, 1, channels, dim=dim, residual=True)
 
 
 def _iunet(channels: Sequence[int], architecture: Sequence[int], dim: int, engine: str) -> iUNet:
@@ -71,14 +61,14 @@ def matched_unet_width(channels: tuple[int, ...], architecture: tuple[int, ...],
     """The U-Net base width ``w`` (channels ``w, 2w, 4w, ...``) whose post-processor has the
     parameter count closest to the iUNet post-processor's."""
     with torch.random.fork_rng():
-        target = _parameters(PostProcessor(_iunet(channels, architecture, dim, "fused"), channels[0], dim))
-        counts = {w: _parameters(PostProcessor(UNet(_unet_channels(w, len(channels)), architecture, dim),
+        target = _parameters(post_processor(_iunet(channels, architecture, dim, "fused"), channels[0], dim))
+        counts = {w: _parameters(post_processor(UNet(_unet_channels(w, len(channels)), architecture, dim),
                                                w, dim))
                   for w in range(1, 2 * channels[0] + 1)}
     return min(counts, key=lambda w: abs(counts[w] - target))
 
 
-def build_model(opts: argparse.Namespace) -> PostProcessor:
+def build_model(opts: argparse.Namespace) -> ChannelLift:
     """The post-processor for ``opts.arch`` (``'iunet'`` or ``'unet'``), see the module docstring."""
     channels, architecture = tuple(opts.channels), tuple(opts.architecture)
     if len(channels) != len(architecture):
@@ -89,9 +79,9 @@ def build_model(opts: argparse.Namespace) -> PostProcessor:
         raise ValueError(f"--size {opts.size} must be divisible by 2**(levels-1) = {factor} "
                          f"({len(channels)} levels)")
     if opts.arch == "iunet":
-        return PostProcessor(_iunet(channels, architecture, opts.dim, opts.engine), channels[0], opts.dim)
+        return post_processor(_iunet(channels, architecture, opts.dim, opts.engine), channels[0], opts.dim)
     width = opts.unet_width or matched_unet_width(channels, architecture, opts.dim)
-    return PostProcessor(UNet(_unet_channels(width, len(channels)), architecture, opts.dim), width, opts.dim)
+    return post_processor(UNet(_unet_channels(width, len(channels)), architecture, opts.dim), width, opts.dim)
 
 
 @functools.lru_cache(maxsize=4)
