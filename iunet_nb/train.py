@@ -136,8 +136,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
                            "cuda:LOCAL_RANK")
     loop.add_argument("--engine", choices=ENGINES, default="fused",
                       help="backward of the iUNets: memory-efficient (fused, memcnn) or conventional")
-    loop.add_argument("--out", default=None,
-                      help="folder for checkpoint.pt and metrics.csv (default: runs/TASK)")
+    loop.add_argument("--out", default=str(Path("runs") / task.name),
+                      help="folder for checkpoint.pt and metrics.csv")
     loop.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                       help="continue from CHECKPOINT; without a value: OUT/checkpoint.pt if it exists "
                            "(else start afresh)")
@@ -537,7 +537,10 @@ def train(task: str | Task, argv: Sequence[str] = (), **options: Any) -> Run:
     task = get_task(task) if isinstance(task, str) else task
     if not isinstance(task, Task):
         raise TypeError(f"task must be a task name {sorted(TASK_MODULES)} or a Task, got {task!r}")
-    return run_training(task, parse_options(task, argv, **options))
+    opts = parse_options(task, argv, **options)
+    if "out" not in options and not any(a == "--out" or a.startswith("--out=") for a in argv):
+        opts.out = None  # the function writes files only when asked to
+    return run_training(task, opts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -554,8 +557,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     task = get_task(name)
     opts = build_parser(task).parse_args(argv[1:])
-    if opts.out is None:
-        opts.out = str(Path("runs") / name)
     try:
         run_training(task, opts)
     except (ValueError, FileNotFoundError) as err:
