@@ -26,6 +26,7 @@ Metric
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -57,7 +58,7 @@ MODELS = ("iunet", "unet")
 
 
 # ----------------------------------------------------------------------------- data
-def make_volumes(n: int, size: int = 32, num_classes: int = 3, noise: float = 0.8, num_objs: int = 10,
+def make_volumes(n: int, size: int = 32, num_classes: int = 3, noise: float = 0.6, num_objs: int = 10,
                  rad_min: int = 3, rad_max: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """``n`` noisy volumes and their labels from MONAI's ``create_test_image_3d``.
 
@@ -68,18 +69,26 @@ def make_volumes(n: int, size: int = 32, num_classes: int = 3, noise: float = 0.
     Deterministic in ``seed`` (a ``numpy.random.RandomState``).  ``rad_max``
     defaults to ``size // 4`` (MONAI needs ``size > 2 * rad_max``).
     """
-    from monai.data.synthetic import create_test_image_3d
-
     for name, value, low in (("n", n, 1), ("size", size, 8), ("num_classes", num_classes, 1),
                              ("num_objs", num_objs, 1), ("rad_min", rad_min, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
-    if not 0 <= noise:
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise:
         raise ValueError(f"noise must be >= 0 (0 = no noise, 1 = up to the top class), got noise={noise!r}")
     rad_max = size // 4 if rad_max is None else rad_max
     if not rad_min < rad_max < size / 2:
         raise ValueError(
             f"need rad_min < rad_max < size / 2, got rad_min={rad_min}, rad_max={rad_max}, size={size}")
+    x, y = _volumes(n, size, num_classes, float(noise), num_objs, rad_min, rad_max, seed)
+    return x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _volumes(n: int, size: int, num_classes: int, noise: float, num_objs: int, rad_min: int, rad_max: int,
+             seed: int) -> tuple[Tensor, Tensor]:
+    """:func:`make_volumes` without checks, cached (a notebook and the loop build the same data)."""
+    from monai.data.synthetic import create_test_image_3d
+
     rs = np.random.RandomState(seed)
     images, labels = [], []
     for _ in range(n):
@@ -246,38 +255,55 @@ def fit_volume_memory(sizes: Sequence[int], totals: Sequence[float]) -> tuple[fl
     return float(a), float(b)
 
 
-def largest_volume(net: nn.Module, budget_bytes: float, num_classes: int, fit_sizes: Sequence[int] = (56, 64),
+def largest_volume(net: nn.Module, budget_bytes: float, num_classes: int, fit_sizes: Sequence[int] = (32, 40),
                    multiple: int = 4, max_checks: int = 6) -> dict:
     """Largest cube edge (a multiple of ``multiple``) whose training step fits in ``budget_bytes``.
 
-    1. measure steps at ``fit_sizes`` and fit ``total = a + b s^3``
-       (:func:`fit_volume_memory`; the fit stands in for
-       :mod:`iunet_nb.predict`, which is calibrated on 2D 64-channel iUNets);
+    1. measure steps (batch 1) at ``fit_sizes`` and fit ``total = a + b s^3``
+       (:func:`fit_volume_memory`);
     2. predict the largest edge with ``a + b s^3 <= budget``;
-    3. verify with one measured step there; if it does not fit, step down by
-       ``multiple`` and measure again (at most ``max_checks`` measurements).
+    3. verify with a measured step there, then walk in steps of ``multiple``:
+       up while the next edge still fits, down until one fits (at most
+       ``max_checks`` measured steps).
 
-    Returns a dict: ``size`` (verified edge, 0 if none), ``predicted_size``,
-    ``predicted_bytes``, ``measured_bytes`` (at ``size``), ``fit`` ``(a, b)``,
-    ``fit_points`` ``[(size, total), ...]`` and ``checks`` ``[(size, total), ...]``.
+    ``total`` is :attr:`iunet_nb.memory.StepMeasurement.total_bytes`
+    (parameters + input + step peak).  Returns a dict: ``size`` (largest
+    verified edge, 0 if none), ``predicted_size``, ``predicted_bytes``,
+    ``measured_bytes`` (at ``size``), ``fit`` ``(a, b)``, ``fit_points`` and
+    ``checks`` (lists of ``(edge, total)``).
     """
-    if budget_bytes <= 0:
+    if not budget_bytes > 0:
         raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple!r}")
     points = [(int(s), measure_volume_step(net, int(s), num_classes).total_bytes) for s in fit_sizes]
     a, b = fit_volume_memory([p[0] for p in points], [p[1] for p in points])
     edge = ((budget_bytes - a) / b) ** (1 / 3) if budget_bytes > a and b > 0 else 0.0
-    predicted = int(edge // multiple) * multiple
-    size, checks = predicted, []
-    while size >= multiple and len(checks) < max_checks:
+    predicted = max(multiple, int(edge // multiple) * multiple)
+    known = dict(points)
+    checks: list[tuple[int, int]] = []
+
+    def fits(size: int) -> bool:
         total = measure_volume_step(net, size, num_classes).total_bytes
         checks.append((size, total))
-        if total <= budget_bytes:
-            break
-        size -= multiple
-    fits = bool(checks) and checks[-1][1] <= budget_bytes
-    return {"size": size if fits else 0, "predicted_size": predicted,
-            "predicted_bytes": a + b * predicted ** 3, "measured_bytes": checks[-1][1] if fits else None,
-            "fit": (a, b), "fit_points": points, "checks": checks}
+        known[size] = total
+        return total <= budget_bytes
+
+    size, best = predicted, 0
+    if fits(size):
+        best = size
+        while len(checks) < max_checks and fits(size + multiple):
+            size += multiple
+            best = size
+    else:
+        while len(checks) < max_checks and size > multiple:
+            size -= multiple
+            if fits(size):
+                best = size
+                break
+    return {"size": best, "predicted_size": predicted, "predicted_bytes": a + b * predicted ** 3,
+            "measured_bytes": known[best] if best else None, "fit": (a, b), "fit_points": points,
+            "checks": checks}
 
 
 # ----------------------------------------------------------------------------- task
