@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 NOTEBOOK = "03_layout_explorer.ipynb"
 LAYOUT = ".iunet-layout pre"
 MEMORY = ".iunet-memory pre"
-# The last output of the notebook (its "What you just saw" summary).
-DONE_TEXT = "The 2D iUNet of seed 000 has exactly"
+# A sentence of the notebook's "What you just saw" summary (shown after every cell ran).
+DONE_TEXT = "has exactly the requested channels (64, 128, 256, 384)"
 
 SEED_2D_FIRST_ROW = "64-64-(32/32)--------------------------------------------------------(32/32)-64-64"
 

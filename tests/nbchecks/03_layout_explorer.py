@@ -58,3 +58,22 @@ def check(results: dict) -> None:
     # Build and check: the built model inverts its forward pass.
     assert results["build_check_error"] < 1e-5
     assert results["build_check_error_3d"] < 1e-5
+
+    # The paper's model: the predicted parameters are the paper's (32,158,080 at delta 5), and the
+    # sentence quotes the predicted ratios beside the paper's.
+    params = {int(d): p for d, p in results["sweep_parameters"].items()}
+    assert params[5] == 32_158_080 and params[30] == 189_390_080, params
+    for d in (lo, hi):
+        ratio = sweep[d]["fused"] / sweep[d]["conventional"]
+        assert f"{100 * ratio:.1f} %" in results["summary"], (d, ratio)
+        assert f"{results['paper'][str(d)]['ratio_percent']:.1f} %" in results["summary"]
+    # the predictor is for the CPU meter; the text expects the paper's GPU figures to be higher
+    for d in sweep:
+        p = results["paper"][str(d)]
+        assert sweep[d]["fused"] / 2**30 < p["me_gb"] and sweep[d]["conventional"] / 2**30 < p["conventional_gb"]
+
+    # bfloat16: the round trip is off by about the input's own bfloat16 rounding, not float32's 1e-7
+    rt = results["roundtrip"]
+    assert rt["float32"] < 1e-5
+    assert 10 * rt["float32"] < rt["bfloat16"] < 5 * results["bf16_input_rounding"], rt
+    assert f"{rt['bfloat16']:.1e}" in results["summary"]
