@@ -101,6 +101,7 @@ def test_fit_volume_memory_recovers_a_cubic_law():
         S.fit_volume_memory([8, 8], [1, 2])
 
 
+@pytest.mark.slow
 def test_largest_volume_is_verified_by_a_measured_step():
     torch.manual_seed(0)
     net = S.build_model("iunet", (8, 16, 32), (1, 1, 1), depth=1, num_classes=3)
