@@ -141,3 +141,20 @@ def test_add_arguments_is_a_parser_hook():
     parser = argparse.ArgumentParser()
     TASK.add_arguments(parser)
     assert parser.parse_args(["--arch", "unet"]).arch == "unet"
+
+
+def test_committed_notebook_results():
+    """notebooks/06 as committed (executed at its defaults): the iUNet beats FBP by >= 3 dB PSNR."""
+    import json
+    from pathlib import Path
+
+    notebook = Path(__file__).resolve().parent.parent / "notebooks" / "06_ct_postprocessing.ipynb"
+    cells = json.loads(notebook.read_text())["cells"]
+    lines = [line for cell in cells for out in cell.get("outputs", []) if out.get("name") == "stdout"
+             for line in "".join(out["text"]).splitlines() if line.startswith("RESULTS ")]
+    assert len(lines) == 1, "the committed notebook has no RESULTS line: execute it at its defaults"
+    results = json.loads(lines[0][len("RESULTS "):])
+    assert results["smoke"] is False, "the committed notebook was executed with SMOKE=True"
+    assert results["psnr_iunet"] >= results["psnr_fbp"] + 3.0, results
+    assert results["psnr_unet"] > results["psnr_fbp"], results
+    assert results["ssim_iunet"] > results["ssim_fbp"] and results["ssim_unet"] > results["ssim_fbp"], results
