@@ -143,9 +143,12 @@ def cases(draw: st.DrawFn) -> Case:
     if not user_block:
         kwargs["module_kwargs"] = {"depth": draw(st.integers(1, 3))}
     size = [draw(st.integers(max(1, f - f // 2), 2 * f), label="size") for f in factors]
-    # GroupNorm/BatchNorm need more than one value per channel: at least two
-    # positions at the coarsest level (dim 0 padded to two blocks).
-    size[0] = max(size[0], factors[0] + 1)
+    # At least 4 positions at the coarsest level. GroupNorm/BatchNorm need more than
+    # one value per group; with 2 or 3 values they are so ill-conditioned that the
+    # round-off of rebuilding activations (1e-16) reaches 1e-9 in the gradients of any
+    # memory-efficient engine (see test_regressions.py::test_ill_conditioned_norm...).
+    others = math.prod(-(-s // f) for s, f in zip(size[1:], factors[1:]))
+    size[0] = max(size[0], factors[0] * (-(-4 // others) - 1) + 1)
     size = tuple(size)
     if kwargs["padding_mode"] == "reflect":  # reflect padding must be smaller than the size
         size = tuple(max(s, (-(-s // f) * f - s) // 2 + 2) for s, f in zip(size, factors))
@@ -230,6 +233,7 @@ def _assert_engine_matches_autograd(case: Case, engine: str) -> None:
 
 # ----------------------------------------------------------------------------- properties
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # the thorough profile runs 2,000 examples in one test
 @pytest.mark.parametrize("engine", ["fused", "memcnn"])
 @with_examples
 @given(case=cases())
@@ -238,6 +242,7 @@ def test_engine_gradients_equal_autograd(engine: str, case: Case) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 @with_examples
 @given(case=cases())
 def test_inverse_and_encode_decode(case: Case) -> None:
