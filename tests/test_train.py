@@ -24,6 +24,7 @@ def _state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow  # the first test of the file pays for importing scikit-image and building the data
 def test_history_checkpoint_and_csv(tmp_path):
     run = train("ct", epochs=2, out=str(tmp_path), **TINY)
     assert [row["epoch"] for row in run.history] == [1, 2]
