@@ -70,7 +70,10 @@ def _torchrun(args: list[str], env: dict | None = None, timeout: float = 120) ->
     """``torchrun --nproc_per_node=2 ARGS``; on timeout the whole process group is killed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{_free_port()}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+    env = {**os.environ, **(env or {})}
+    if Path("/sys/class/net/lo").exists():  # gloo on loopback: CI hostnames need not resolve
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
