@@ -9,7 +9,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from iunet_nb.apps.ct import TASK, build_model, image_metrics, make_data, matched_unet_width
-from iunet_nb.apps.phantoms import foam_phantom, sample_voids, simulate_fbp
+from iunet_nb.apps.phantoms import foam_phantom, simulate_fbp
 from iunet_nb.train import parse_options
 from iunet_nb.wrappers import ChannelLift
 
