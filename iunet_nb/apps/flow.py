@@ -46,6 +46,7 @@ __all__ = [
     "FrEIAFlow",
     "build_freia_realnvp",
     "parameter_count",
+    "split_digits",
     "flow_loss",
     "evaluate",
     "TASK",
