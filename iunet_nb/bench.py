@@ -211,9 +211,11 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
     ``seconds`` is the fastest of them (the least disturbed by other load on
     the machine), ``seconds_all`` lists all.  With ``optimizer`` the update is
     part of every step (``in_backward``: applied per parameter during the
-    backward, :mod:`iunet_nb.optim_in_backward`); the first step creates the
-    optimizer's state, which is therefore inside the measured peak
-    (``state_bytes``; total = parameters + input + step peak as always).
+    backward, :mod:`iunet_nb.optim_in_backward`), and the measured step is the
+    second one, in the steady state of a training loop: the optimizer's state
+    (``state_bytes``, e.g. Adam's two moments) exists before it and stays
+    resident throughout, so total = parameters + optimizer state + input +
+    step peak.
     """
     import torch
 
@@ -229,9 +231,11 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(1, CHANNELS[0], size, size, generator=gen).to(device=device, dtype=tdtype)
     opt, inb = make_optimizer(model, optimizer, in_backward)
+    if label != "none":  # a first step creates the optimizer state: measure the steady state
+        time_step(model, x, repeats=0, warmup=1, optimizer=opt)
     m = measure_step(model, x, optimizer=opt)
-    state = m.state_bytes if inb is None else optimizer_state_bytes(inb)
-    activation = m.activation_bytes - (state if inb is not None else 0)
+    state = optimizer_state_bytes(opt if inb is None else inb)
+    activation = m.activation_bytes
     times = (time_step(model, x, repeats=repeats, warmup=0, optimizer=opt) if repeats > 0
              else [m.seconds])
     if inb is not None:
@@ -241,7 +245,7 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
         mode=mode, size=size, delta=delta, dtype=dtype, device=str(m.device), threads=threads,
         status="ok", parameters=params, param_bytes=m.param_bytes, input_bytes=m.input_bytes,
         grad_bytes=m.grad_bytes, activation_bytes=activation, peak_bytes=m.peak_bytes,
-        total_bytes=m.total_bytes, total_gib=m.total_bytes / GiB,
+        total_bytes=m.total_bytes + state, total_gib=(m.total_bytes + state) / GiB,
         overhead_tensors=activation / tensor, seconds=min(times),
         seconds_all=" ".join(f"{t:.4f}" for t in times), message="",
     )
@@ -413,8 +417,8 @@ def format_optimizer_section(rows: Sequence[dict]) -> list[str]:
     if not opt:
         return []
     plain = {(r["mode"], r["size"], r["delta"]): r for r in rows if r.get("status") == "ok" and _plain(r)}
-    lines = ["", "Training step including the optimizer (total = parameters + input + step peak; the "
-             "first step creates the optimizer state, so it is inside the peak):"]
+    lines = ["", "Training step including the optimizer, in the steady state of a training loop (total = "
+             "parameters + optimizer state + input + step peak of the second step):"]
     hdr = (f"{'size':>5} {'delta':>5} {'mode':<13} {'optimizer':<18} {'total GiB':>9} {'state GiB':>9} "
            f"{'grads GiB':>9} {'act. T':>7} {'step s':>8} {'no-opt GiB':>10}")
     lines += [hdr, "-" * len(hdr)]
