@@ -233,8 +233,9 @@ def measure_step(
 
     The device is checked before anything is touched: for a device without a
     meter (e.g. ``'meta'``) a ``ValueError`` is raised and the model is left
-    where it was.  If the step fails after the model was moved, it is moved
-    back to its original devices before the error propagates.
+    where it was.  If the step fails, the model is moved back to its original
+    devices and its parameters' ``.grad`` are restored before the error
+    propagates.
     """
     dev = _check_device(x, device)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -242,6 +243,7 @@ def measure_step(
             f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
     origin = _devices_of(model)
+    grads = [(p, p.grad) for p in model.parameters()]
     try:
         return _measure(model, x.to(dev), dev, loss_fn, set_grads_to_none, optimizer)
     except BaseException:
@@ -249,6 +251,8 @@ def measure_step(
             for t, d in origin:  # undo model.to(dev), tensor by tensor
                 if t.device != d:
                     t.data = t.data.to(d)
+        for p, g in grads:  # the gradients the caller had (set to None for the step)
+            p.grad = g
         raise
 
 

@@ -196,9 +196,12 @@ def test_bad_device_is_a_clear_error_and_leaves_the_model_alone(device: str) -> 
 
 def test_failing_step_leaves_the_model_where_it_was() -> None:
     model = _mlp()
+    model(torch.randn(4, 32)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(RuntimeError):  # wrong input width: the forward fails inside the step
         measure_step(model, torch.randn(4, 31))
     assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # grads kept
     with pytest.raises(TypeError, match="optimizer must be"):
         measure_step(model, torch.randn(4, 32), optimizer="sgd")
 
