@@ -28,7 +28,7 @@ from .tiled import (
     conv3_tiled,
     conv3_transpose_tiled,
     conv3_weight_grad_tiled,
-    tile_bounds,
+    conv_tile_bounds,
 )
 
 __all__ = [
@@ -231,9 +231,8 @@ class StandardCouplingFunction(nn.Sequential):
         count = c
         for d in gp.shape[2:]:
             count *= d
-        plane = count // size
-        bounds = tile_bounds(size, plane)
         first = gp.parts[0]
+        bounds = conv_tile_bounds(vp.shape, first.dtype, first.device)
         acc = torch.float64
         sum_a = torch.zeros(n, dtype=acc, device=first.device)
         sum_aa = torch.zeros(n, dtype=acc, device=first.device)

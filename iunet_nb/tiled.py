@@ -13,7 +13,7 @@ as the untiled ``F.conv{1,2,3}d(x, weight, padding=1)`` and its gradients.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "tile_bounds",
+    "conv_tile_bounds",
     "conv3",
     "conv3_tiled",
     "conv3_transpose_tiled",
@@ -52,15 +53,51 @@ def tile_bounds(size: int, plane: int, tile_elements: int | None = None) -> list
     return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
 
 
+#: ATen's CPU convolution takes oneDNN for a batch-1, 3^dim float32 convolution only
+#: when N * C * S0 * S1 of its input exceeds this (``use_mkldnn`` in ConvUtils.h);
+#: below it, the native path unfolds the input into a 3^dim times larger column buffer.
+_ONEDNN_MIN_ELEMENTS = 20480
+
+
+def _unfolds_input(shape: Sequence[int], dtype: torch.dtype, device: torch.device, rows: int) -> bool:
+    """Whether a CPU 3^dim convolution of ``rows`` rows (plus a 2-row halo) of an
+    ``(N, C, *S)`` tensor takes ATen's native im2col path instead of oneDNN."""
+    if device.type != "cpu":
+        return False
+    if dtype != torch.float32 or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return True
+    if shape[0] > 1:
+        return False
+    second = shape[3] if len(shape) > 3 else 1
+    return shape[1] * (rows + 2) * second <= _ONEDNN_MIN_ELEMENTS
+
+
+def conv_tile_bounds(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                     tile_elements: int | None = None) -> list[tuple[int, int]]:
+    """Slabs of rows (first spatial dimension) for a 3^dim convolution of an ``(N, C, *S)`` tensor.
+
+    About ``tile_elements`` elements of working memory per slab and sample: the
+    slab itself where the convolution runs in oneDNN, the slab's unfolded columns
+    (``3^dim`` times larger) where it takes ATen's native path -- in 3D that
+    buffer is 27 input tensors of the slab, the largest allocation of a step.
+    """
+    if tile_elements is None:
+        tile_elements = TILE_ELEMENTS
+    size, plane = shape[2], shape[1] * math.prod(shape[3:])
+    rows = min(size, max(1, tile_elements // max(plane, 1)))
+    if _unfolds_input(shape, dtype, device, rows):
+        plane *= 3 ** (len(shape) - 2)
+    return tile_bounds(size, plane, tile_elements)
+
+
 def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
     """Rows ``lo-1 .. hi`` of ``x`` along dim 2, zero-padded at the borders."""
     return ChannelParts(x).halo(lo, hi)
 
 
 def _bounds(x: Tensor, tile_elements: int | None) -> list[tuple[int, int]]:
-    """Slabs of ``x`` along its first spatial dimension (see :func:`tile_bounds`)."""
-    plane = x.shape[1] * math.prod(x.shape[3:])
-    return tile_bounds(x.shape[2], plane, tile_elements)
+    """Slabs of ``x`` along its first spatial dimension (see :func:`conv_tile_bounds`)."""
+    return conv_tile_bounds(x.shape, x.dtype, x.device, tile_elements)
 
 
 def _slabwise(x: Tensor, out_channels: int, whole: Any, slab: Any,
