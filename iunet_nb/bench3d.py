@@ -53,6 +53,8 @@ __all__ = [
     "predicted_largest",
     "largest_volume",
     "run_volume3d",
+    "read_volume_csv",
+    "plot_volume3d",
     "VolumeRun",
 ]
 
@@ -62,9 +64,9 @@ MODES = ("unet", "unet_checkpoint", "iunets", "memcnn", "fused", "fused_sgd_in_b
 CHANNELS = (16, 32, 64, 128)
 ARCHITECTURE = (2, 2, 2, 2)
 STEP = 8  # the body's downsampling factor per axis (3 downsamplings by 2)
-#: default budget: the whole run (6 modes, 2-4 measured steps each) takes about 10 minutes
-#: on one CPU thread here
-DEFAULT_BUDGET_GIB = 0.25
+#: default budget: the whole run (6 modes, 2-4 measured steps each) takes about 6 minutes
+#: on one CPU thread here (unloaded; 0.25 GiB: 3 minutes)
+DEFAULT_BUDGET_GIB = 0.5
 GiB = 1024**3
 MiB = 1024**2
 
@@ -419,11 +421,14 @@ def plot_volume3d(rows: Sequence[dict], points: Sequence[dict], path: str | Path
     ax1.set_title(f"Largest cube whose training step fits {budget_gib:g} GiB")
     ax1.set_ylim(0, max(vox + [1e-6]) * 1.3)
     ax1.grid(axis="y", alpha=0.3)
-    for m in names:
+    styles = {m: (mk, ls) for m, mk, ls in zip(MODES, "osD^vx", ["-", "-", "-", "--", "-", ":"])}
+    for k, m in enumerate(names):
         pts = sorted((p["D"], p["total_bytes"] / MiB) for p in points
                      if p["mode"] == m and p.get("status") == "ok")
-        if pts:
-            ax2.plot(*zip(*pts), "o-", ms=4, color=colors[m], label=m)
+        if pts:  # distinct markers and dashes: modes with equal figures stay visible
+            mk, ls = styles[m]
+            ax2.plot(*zip(*pts), marker=mk, ls=ls, ms=7 - k * 0.6, mfc="none", lw=2.2 - 0.25 * k,
+                     color=colors[m], label=m)
     ax2.axhline(budget_gib * 1024, color="k", ls=":", label=f"budget {budget_gib:g} GiB")
     ax2.set_xlabel("D (cube side, voxels)")
     ax2.set_ylabel("measured total of one training step (MiB)")
@@ -436,11 +441,26 @@ def plot_volume3d(rows: Sequence[dict], points: Sequence[dict], path: str | Path
     return path
 
 
+def read_volume_csv(path: str | Path) -> list[dict]:
+    """Rows of a volume3d CSV (either file) with numbers converted."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in list(r.items()):
+            if v in ("", None):
+                r[k] = None
+            elif k in ("fits",):
+                r[k] = v == "True"
+            elif k not in ("run", "mode", "status", "message"):
+                r[k] = float(v) if any(c in v for c in ".en") else int(v)
+    return rows
+
+
 def add_cli(sub: Any) -> None:
     """Add the ``volume3d`` and internal ``_one3d`` subcommands to the bench CLI."""
     v = sub.add_parser("volume3d", help="largest trainable 3D volume per mode within a memory budget")
     v.add_argument("--budget-gib", type=float, default=DEFAULT_BUDGET_GIB,
-                   help=f"memory budget in GiB (default {DEFAULT_BUDGET_GIB:g}: about 10 min here)")
+                   help=f"memory budget in GiB (default {DEFAULT_BUDGET_GIB:g}: about 6 min on one idle core here)")
     v.add_argument("--modes", nargs="+", default=None, choices=MODES,
                    help="default: all (iunets only when importable)")
     v.add_argument("--threads", type=int, default=1)
