@@ -562,7 +562,7 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
     for r in skipped:
         lines.append(f"{r['size']:>5} {r['delta']:>5} {r['mode']:<16} {r['status'].upper()}: {r.get('message', '')}")
     lines.append("'/conv': ratio to the conventional iUNet of the same size and delta; 'act. T': "
-                 "activation bytes (step peak - gradients) / bytes of one 64xHxW float32 input tensor")
+                 "activation bytes (step peak - gradients) / bytes of one 64xHxW input tensor (in the run's dtype)")
     lines.append("")
     ts = s["target_size"]
     lines.append(f"Estimate at {ts}x{ts}: a + b*H*W fitted through the two largest sizes ('fit'; '*' = not "
