@@ -723,6 +723,17 @@ def _check_positive_ints(name: str, values: Iterable[Any], minimum: int = 1) -> 
     return [int(v) for v in values]
 
 
+def check_modes(modes: Iterable[str], valid: Sequence[str]) -> list[str]:
+    """``--modes``: at least one, each one of ``valid`` (``ValueError`` naming the option)."""
+    modes = list(modes)
+    if not modes:
+        raise ValueError(f"--modes: give at least one of {tuple(valid)}")
+    for m in modes:
+        if m not in valid:
+            raise ValueError(f"--modes: unknown mode {m!r}; valid: {tuple(valid)}")
+    return modes
+
+
 def validate_table1_args(sizes: Iterable[int], deltas: Iterable[int], modes: Iterable[str] | None,
                          *, device: str = "cpu", dtype: str = "float32", threads: int = 1,
                          repeats: int = 2, max_gb: float | None = None, out: str | Path = DEFAULT_OUT,
@@ -733,12 +744,7 @@ def validate_table1_args(sizes: Iterable[int], deltas: Iterable[int], modes: Ite
     sizes = _check_positive_ints("--size", sizes)
     deltas = _check_positive_ints("--deltas", deltas)
     if modes is not None:
-        modes = list(modes)
-        if not modes:
-            raise ValueError(f"--modes: give at least one of {ALL_MODES}")
-        for m in modes:
-            if m not in ALL_MODES:
-                raise ValueError(f"--modes: unknown mode {m!r}; valid: {ALL_MODES}")
+        modes = check_modes(modes, ALL_MODES)
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device {device!r}: use 'cpu' or 'cuda'")
     if dtype not in DTYPES:

@@ -285,16 +285,11 @@ def validate_volume_args(budget_gib: Any, modes: Sequence[str] | None, out: str 
         raise ValueError(f"--budget-gib must be a positive number of GiB, got {budget_gib!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
-    if modes is None:
-        from .bench import iunets_available
+    from .bench import check_modes, iunets_available
 
+    if modes is None:
         modes = [m for m in MODES if m != "iunets" or iunets_available()]
-    modes = list(modes)
-    if not modes:
-        raise ValueError(f"--modes: give at least one of {MODES}")
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"--modes: unknown mode {m!r}; valid: {MODES}")
+    modes = check_modes(modes, MODES)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is an existing file: give a directory")

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .apps import TASK_MODULES, get_task
-from .apps.task import ENGINES, Task
+from .apps.task import ENGINES, Task, non_negative_int, positive_int
 from .notebook_utils import in_jupyter_kernel, progress, seed_everything
 
 __all__ = ["train", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
@@ -91,20 +91,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------- options
-def _positive_int(text: Any) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: Any) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def _positive_float(text: Any) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -125,11 +111,11 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         prog=f"python -m iunet_nb.train {task.name}", description=task.description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     loop = parser.add_argument_group("training loop")
-    loop.add_argument("--epochs", type=_positive_int, default=2, help="total number of epochs")
-    loop.add_argument("--batch-size", type=_positive_int, default=8,
+    loop.add_argument("--epochs", type=positive_int, default=2, help="total number of epochs")
+    loop.add_argument("--batch-size", type=positive_int, default=8,
                       help="global batch size: split evenly over the processes")
     loop.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    loop.add_argument("--seed", type=_non_negative_int, default=0,
+    loop.add_argument("--seed", type=non_negative_int, default=0,
                       help="seed of the data, the initialisation and every random stream")
     loop.add_argument("--device", type=_device_name, default="auto",
                       help="auto (cuda if available), cpu, cuda or cuda:N; under torchrun cuda means "
@@ -141,8 +127,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     loop.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                       help="continue from CHECKPOINT; without a value: OUT/checkpoint.pt if it exists "
                            "(else start afresh)")
-    loop.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
-    loop.add_argument("--threads", type=_non_negative_int, default=0,
+    loop.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    loop.add_argument("--threads", type=non_negative_int, default=0,
                       help="torch.set_num_threads per process (0: leave the default)")
     loop.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                       help="progress bar and one line per epoch (rank 0)")

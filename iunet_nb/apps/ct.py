@@ -28,7 +28,7 @@ from ..baselines import UNet
 from ..model import iUNet
 from ..wrappers import ChannelLift
 from .phantoms import foam_phantom, simulate_fbp
-from .task import Task, engine_kwargs
+from .task import Task, engine_kwargs, positive_int
 
 __all__ = ["TASK", "post_processor", "build_model", "make_data", "image_metrics", "matched_unet_width",
            "predict"]
@@ -151,13 +151,6 @@ def _evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -169,15 +162,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("task 'ct' (learned FBP post-processing)")
     group.add_argument("--arch", choices=("iunet", "unet"), default="iunet", help="network")
     group.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2D images or 3D volumes")
-    group.add_argument("--size", type=_positive_int, default=64, help="pixels per side")
-    group.add_argument("--n-train", type=_positive_int, default=128, help="training phantoms")
-    group.add_argument("--n-val", type=_positive_int, default=16, help="held-out phantoms")
-    group.add_argument("--angles", type=_positive_int, default=32,
+    group.add_argument("--size", type=positive_int, default=64, help="pixels per side")
+    group.add_argument("--n-train", type=positive_int, default=128, help="training phantoms")
+    group.add_argument("--n-val", type=positive_int, default=16, help="held-out phantoms")
+    group.add_argument("--angles", type=positive_int, default=32,
                        help="projection angles over 180 degrees (undersampled: fewer than size)")
     group.add_argument("--photons", type=_non_negative_float, default=1e4,
                        help="incident photons per detector pixel (Poisson noise); 0: no noise")
     group.add_argument("--data-seed", type=int, default=0, help="seed of the phantoms and the noise")
-    group.add_argument("--channels", type=_positive_int, nargs="+", default=[8, 16, 32, 64],
+    group.add_argument("--channels", type=positive_int, nargs="+", default=[8, 16, 32, 64],
                        help="iUNet channels per level (the first is the paper's 'channel blow-up')")
     group.add_argument("--architecture", type=int, nargs="+", default=[2, 2, 2, 2],
                        help="coupling layers (iUNet) / residual blocks (U-Net) per side and level")

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .task import Task, engine_kwargs
+from .task import Task, engine_kwargs, positive_int
 
 __all__ = [
     "make_volumes",
@@ -307,28 +307,21 @@ def largest_volume(net: nn.Module, budget_bytes: float, num_classes: int, fit_si
 
 
 # ----------------------------------------------------------------------------- task
-def _positive_int(text: object) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``segmentation3d`` task (defaults: minutes on a laptop CPU)."""
     g = parser.add_argument_group("task 'segmentation3d' (synthetic 3D volumes, Dice)")
     g.add_argument("--arch", choices=MODELS, default="iunet", help="body of the network")
-    g.add_argument("--size", type=_positive_int, default=32, help="edge of the cubic volumes (voxels)")
-    g.add_argument("--n-train", type=_positive_int, default=24, help="training volumes")
-    g.add_argument("--n-val", type=_positive_int, default=8, help="held-out volumes")
-    g.add_argument("--classes", type=_positive_int, default=3, help="foreground classes")
+    g.add_argument("--size", type=positive_int, default=32, help="edge of the cubic volumes (voxels)")
+    g.add_argument("--n-train", type=positive_int, default=24, help="training volumes")
+    g.add_argument("--n-val", type=positive_int, default=8, help="held-out volumes")
+    g.add_argument("--classes", type=positive_int, default=3, help="foreground classes")
     g.add_argument("--noise", type=float, default=0.6,
                    help="MONAI noise_max: background noise up to noise * classes intensity levels")
-    g.add_argument("--objects", type=_positive_int, default=10, help="spheres per volume")
-    g.add_argument("--channels", type=_positive_int, nargs="+", default=[8, 16, 32])
-    g.add_argument("--architecture", type=_positive_int, nargs="+", default=[2, 2, 2],
+    g.add_argument("--objects", type=positive_int, default=10, help="spheres per volume")
+    g.add_argument("--channels", type=positive_int, nargs="+", default=[8, 16, 32])
+    g.add_argument("--architecture", type=positive_int, nargs="+", default=[2, 2, 2],
                    help="blocks per side and level (iUNet: couplings; U-Net: residual blocks)")
-    g.add_argument("--depth", type=_positive_int, default=2, help="conv blocks per iUNet coupling function")
+    g.add_argument("--depth", type=positive_int, default=2, help="conv blocks per iUNet coupling function")
 
 
 def datasets(opts: argparse.Namespace) -> tuple[TensorDataset, TensorDataset]:

@@ -34,7 +34,7 @@ from typing import Callable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["Task", "ENGINES", "engine_kwargs"]
+__all__ = ["Task", "ENGINES", "engine_kwargs", "positive_int", "non_negative_int"]
 
 #: values of the loop's ``--engine`` option
 ENGINES = ("fused", "memcnn", "conventional")
@@ -65,3 +65,20 @@ class Task:
     loss: Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
     evaluate: Callable[[nn.Module, DataLoader], dict[str, float]]
     add_arguments: Callable[[argparse.ArgumentParser], None] = field(default=_no_arguments)
+
+
+# ---------------------------------------------------------------- option types for add_arguments
+def positive_int(text: object) -> int:
+    """``argparse`` type: an int >= 1."""
+    value = int(text)  # type: ignore[arg-type]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: object) -> int:
+    """``argparse`` type: an int >= 0."""
+    value = int(text)  # type: ignore[arg-type]
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
