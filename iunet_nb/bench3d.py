@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .bench import DEFAULT_OUT, REPO, check_modes, iunets_available
+
 __all__ = [
     "MODES",
     "CHANNELS",
@@ -58,8 +60,6 @@ __all__ = [
     "VolumeRun",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "data" / "results"
 MODES = ("unet", "unet_checkpoint", "iunets", "memcnn", "fused", "fused_sgd_in_backward")
 CHANNELS = (16, 32, 64, 128)
 ARCHITECTURE = (2, 2, 2, 2)
@@ -285,8 +285,6 @@ def validate_volume_args(budget_gib: Any, modes: Sequence[str] | None, out: str 
         raise ValueError(f"--budget-gib must be a positive number of GiB, got {budget_gib!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
-    from .bench import check_modes, iunets_available
-
     if modes is None:
         modes = [m for m in MODES if m != "iunets" or iunets_available()]
     modes = check_modes(modes, MODES)

@@ -17,7 +17,8 @@ Two engines are built on this description:
     back-propagated for the parameter gradients (about 4 forward-equivalents
     per coupling; conventional backprop costs 3, memcnn's
     inverse-then-recompute 5).  Orthogonal kernels of the up/downsampling and
-    channel mixing are computed once per training step, outside, and passed in.
+    channel mixing are computed without a graph in the forward and recomputed,
+    with their graph, only inside their own backward step (:class:`KernelStep`).
 
 ``memcnn``
     Every step wrapped in ``memcnn.InvertibleModuleWrapper``, as in the paper.
@@ -507,7 +508,7 @@ class FusedInvertibleFunction(torch.autograd.Function):
 
     ``apply(steps, x, *tensors)`` with ``x`` of shape ``(N, C, *spatial)`` and
     ``tensors`` the flat list of every step's gradient-receiving inputs
-    (coupling parameters, precomputed orthogonal kernels).
+    (the parameters of the couplings and of the orthogonal parametrisations).
     """
 
     @staticmethod
