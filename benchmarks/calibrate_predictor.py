@@ -1,6 +1,6 @@
-"""Calibrate the constants of iunet_nb.predict against the meter and report its accuracy.
+"""Calibrate the constants of iunet_nb.measure.predict against the meter and report its accuracy.
 
-The predictor (``iunet_nb/predict.py``) counts parameters, gradients and the
+The predictor (``iunet_nb/measure/predict.py``) counts parameters, gradients and the
 tensors autograd saves exactly; what it cannot know a priori are a few
 per-engine constants (working set of one step in units of its level tensor,
 full-resolution tensors held through the backward, oneDNN weight-sized
@@ -9,7 +9,7 @@ temporaries).  This script takes measured rows -- a ``table1`` CSV
 one subprocess per configuration) -- fits the constants of every mode by a
 grid search that minimises the worst relative error of the step peak
 (gradients + activations), prints predicted vs measured, and with ``--write``
-stores the constants in ``iunet_nb/predict.py`` (between ``# BEGIN CONSTANTS``
+stores the constants in ``iunet_nb/measure/predict.py`` (between ``# BEGIN CONSTANTS``
 and ``# END CONSTANTS``).
 
     python benchmarks/calibrate_predictor.py --csv data/results/table1-latest.csv
@@ -34,9 +34,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from iunet_nb import bench  # noqa: E402
-from iunet_nb import predict as P  # noqa: E402
-from iunet_nb.layout import compute_layout  # noqa: E402
+from iunet_nb.measure import bench  # noqa: E402
+from iunet_nb.measure import predict as P  # noqa: E402
+from iunet_nb.arch.layout import compute_layout  # noqa: E402
 
 GRID = {
     "tau": np.arange(0.0, 6.01, 0.25),

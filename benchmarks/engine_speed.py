@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from iunet_nb.model import iUNet
+from iunet_nb.arch.iunet import iUNet
 
 MODES = ("conventional", "fused", "memcnn")
 

@@ -9,7 +9,7 @@ memory hardly grows with depth.
 
 The notebooks in ``notebooks/`` import everything they need from here.
 The reference library ``memcnn`` is imported only through
-:func:`iunet_nb._memcnn.import_memcnn`, which leaves ``warnings.filters``
+:func:`iunet_nb.engine.memcnn.import_memcnn`, which leaves ``warnings.filters``
 untouched.
 """
 
@@ -19,13 +19,13 @@ __version__ = "0.1.0"
 # (Importing this package must stay free of side effects on warnings.filters;
 # tests/test_warnings.py checks it.)
 
-from .checks import check_invertible
-from .coupling import AdditiveCoupling, create_memcnn_module, create_standard_module
-from .layout import Layout, channels_from_slice_mode, compute_layout
-from .mixing import OrthogonalChannelMixing
-from .model import iUNet
-from .orthogonal import METHODS, orthogonal_matrix, orthogonality_error
-from .resampling import InvertibleDownsampling, InvertibleUpsampling
+from iunet_nb.nn.checks import check_invertible
+from iunet_nb.nn.coupling import AdditiveCoupling, create_memcnn_module, create_standard_module
+from iunet_nb.arch.layout import Layout, channels_from_slice_mode, compute_layout
+from iunet_nb.nn.mixing import OrthogonalChannelMixing
+from iunet_nb.arch.iunet import iUNet
+from iunet_nb.nn.orthogonal import METHODS, orthogonal_matrix, orthogonality_error
+from iunet_nb.nn.resampling import InvertibleDownsampling, InvertibleUpsampling
 
 __all__ = [
     "__version__",

@@ -9,16 +9,16 @@ argument names and defaults:
 =================================== ==============================================================
 reference name                      here
 =================================== ==============================================================
-``InvertibleDownsampling{1,2,3}D``  :class:`iunet_nb.resampling.InvertibleDownsampling`, ``dim`` fixed
-``InvertibleUpsampling{1,2,3}D``    :class:`iunet_nb.resampling.InvertibleUpsampling`, ``dim`` fixed
-``InvertibleChannelMixing{1,2,3}D`` :class:`iunet_nb.mixing.OrthogonalChannelMixing`, ``dim`` fixed,
+``InvertibleDownsampling{1,2,3}D``  :class:`iunet_nb.nn.resampling.InvertibleDownsampling`, ``dim`` fixed
+``InvertibleUpsampling{1,2,3}D``    :class:`iunet_nb.nn.resampling.InvertibleUpsampling`, ``dim`` fixed
+``InvertibleChannelMixing{1,2,3}D`` :class:`iunet_nb.nn.mixing.OrthogonalChannelMixing`, ``dim`` fixed,
                                     identity init (as the reference: ``weight = 0`` is the identity)
-``AdditiveCoupling(F, pos)``        :class:`iunet_nb.coupling.AdditiveCoupling`:
+``AdditiveCoupling(F, pos)``        :class:`iunet_nb.nn.coupling.AdditiveCoupling`:
                                     ``(x1, x2) -> (x2, x1 + F(x2))``, ``x1 = x[:, :pos]``
 ``StandardAdditiveCoupling``        the same (the name in the reference's 0.1 release)
 ``SplitChannels(pos)``              ``x -> (x[:, :pos], x[:, pos:])``; inverse: concatenation
 ``ConcatenateChannels(pos)``        the inverse of ``SplitChannels``
-``create_standard_module``          :func:`iunet_nb.coupling.create_standard_module`
+``create_standard_module``          :func:`iunet_nb.nn.coupling.create_standard_module`
 =================================== ==============================================================
 
 Resampling keywords: ``in_channels``, ``stride`` (int or per-dimension tuple),
@@ -33,11 +33,11 @@ from typing import Any
 
 from torch import nn
 
-from .coupling import AdditiveCoupling as _AdditiveCoupling
-from .coupling import create_memcnn_module, create_standard_module
-from .mixing import OrthogonalChannelMixing
-from .model import _ConcatChannels, _SplitChannels
-from .resampling import InvertibleDownsampling, InvertibleUpsampling
+from iunet_nb.nn.coupling import AdditiveCoupling as _AdditiveCoupling
+from iunet_nb.nn.coupling import create_memcnn_module, create_standard_module
+from iunet_nb.nn.mixing import OrthogonalChannelMixing
+from iunet_nb.arch.iunet import _ConcatChannels, _SplitChannels
+from iunet_nb.nn.resampling import InvertibleDownsampling, InvertibleUpsampling
 
 __all__ = [
     "AdditiveCoupling",
@@ -85,39 +85,39 @@ class _Upsampling(InvertibleUpsampling):
 
 
 class InvertibleDownsampling1D(_Downsampling):
-    """``(N, C, L) -> (N, C*s, L/s)``, ``s = stride``; see :class:`~iunet_nb.resampling.InvertibleDownsampling`."""
+    """``(N, C, L) -> (N, C*s, L/s)``, ``s = stride``; see :class:`~iunet_nb.nn.resampling.InvertibleDownsampling`."""
 
     _dim = 1
 
 
 class InvertibleDownsampling2D(_Downsampling):
-    """``(N, C, H, W) -> (N, C*s1*s2, H/s1, W/s2)``; see :class:`~iunet_nb.resampling.InvertibleDownsampling`."""
+    """``(N, C, H, W) -> (N, C*s1*s2, H/s1, W/s2)``; see :class:`~iunet_nb.nn.resampling.InvertibleDownsampling`."""
 
     _dim = 2
 
 
 class InvertibleDownsampling3D(_Downsampling):
     """``(N, C, D, H, W) -> (N, C*s1*s2*s3, D/s1, H/s2, W/s3)``; see
-    :class:`~iunet_nb.resampling.InvertibleDownsampling`."""
+    :class:`~iunet_nb.nn.resampling.InvertibleDownsampling`."""
 
     _dim = 3
 
 
 class InvertibleUpsampling1D(_Upsampling):
-    """``(N, C, L) -> (N, C/s, L*s)`` (``in_channels = C``); see :class:`~iunet_nb.resampling.InvertibleUpsampling`."""
+    """``(N, C, L) -> (N, C/s, L*s)`` (``in_channels = C``); see :class:`~iunet_nb.nn.resampling.InvertibleUpsampling`."""
 
     _dim = 1
 
 
 class InvertibleUpsampling2D(_Upsampling):
-    """``(N, C, H, W) -> (N, C/(s1*s2), H*s1, W*s2)``; see :class:`~iunet_nb.resampling.InvertibleUpsampling`."""
+    """``(N, C, H, W) -> (N, C/(s1*s2), H*s1, W*s2)``; see :class:`~iunet_nb.nn.resampling.InvertibleUpsampling`."""
 
     _dim = 2
 
 
 class InvertibleUpsampling3D(_Upsampling):
     """``(N, C, D, H, W) -> (N, C/(s1*s2*s3), D*s1, H*s2, W*s3)``; see
-    :class:`~iunet_nb.resampling.InvertibleUpsampling`."""
+    :class:`~iunet_nb.nn.resampling.InvertibleUpsampling`."""
 
     _dim = 3
 
@@ -135,20 +135,20 @@ class _ChannelMixing(OrthogonalChannelMixing):
 
 
 class InvertibleChannelMixing1D(_ChannelMixing):
-    """Orthogonal mixing of the channels of ``(N, C, L)``; see :class:`~iunet_nb.mixing.OrthogonalChannelMixing`."""
+    """Orthogonal mixing of the channels of ``(N, C, L)``; see :class:`~iunet_nb.nn.mixing.OrthogonalChannelMixing`."""
 
     _dim = 1
 
 
 class InvertibleChannelMixing2D(_ChannelMixing):
-    """Orthogonal mixing of the channels of ``(N, C, H, W)``; see :class:`~iunet_nb.mixing.OrthogonalChannelMixing`."""
+    """Orthogonal mixing of the channels of ``(N, C, H, W)``; see :class:`~iunet_nb.nn.mixing.OrthogonalChannelMixing`."""
 
     _dim = 2
 
 
 class InvertibleChannelMixing3D(_ChannelMixing):
     """Orthogonal mixing of the channels of ``(N, C, D, H, W)``; see
-    :class:`~iunet_nb.mixing.OrthogonalChannelMixing`."""
+    :class:`~iunet_nb.nn.mixing.OrthogonalChannelMixing`."""
 
     _dim = 3
 

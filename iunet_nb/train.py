@@ -15,7 +15,7 @@ supplies data, model, loss and metrics; this module supplies everything else:
 - ``--resume`` continues *exactly*: the same random streams and the same next
   batch as the run that was interrupted;
 - ``metrics.csv`` (one row per epoch: train loss, the task's validation
-  metrics, seconds) and a ``tqdm`` bar (:func:`iunet_nb.notebook_utils.progress`),
+  metrics, seconds) and a ``tqdm`` bar (:func:`iunet_nb.notebook.helpers.progress`),
   on rank 0 only.
 
 Python API (what the notebooks call)::
@@ -54,9 +54,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from .apps import TASK_MODULES, get_task
-from .apps.task import ENGINES, Task, non_negative_int, positive_int
-from .notebook_utils import in_jupyter_kernel, progress, seed_everything
+from iunet_nb.apps import TASK_MODULES, get_task
+from iunet_nb.apps.task import ENGINES, Task, non_negative_int, positive_int
+from iunet_nb.notebook.helpers import in_jupyter_kernel, progress, seed_everything
 
 __all__ = ["train", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
            "CHECKPOINT_NAME", "METRICS_NAME"]

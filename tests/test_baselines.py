@@ -1,12 +1,12 @@
-"""Tests of the plain U-Net baseline in iunet_nb.baselines."""
+"""Tests of the plain U-Net baseline in iunet_nb.arch.baselines."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from iunet_nb.baselines import UNet
-from iunet_nb.memory import measure_step
+from iunet_nb.arch.baselines import UNet
+from iunet_nb.measure.meter import measure_step
 
 torch.set_num_threads(1)
 

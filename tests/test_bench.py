@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from iunet_nb import bench
+from iunet_nb.measure import bench
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _cli(*args: str, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, "-m", "iunet_nb.bench", "table1", "--no-progress", "--out", str(out), *args],
+        [sys.executable, "-m", "iunet_nb.measure.bench", "table1", "--no-progress", "--out", str(out), *args],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
     )
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iunet_nb import bench3d
+from iunet_nb.measure import bench3d
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def test_report_and_ratios():
     (("--threads", "0"), "--threads must be an integer >= 1"),
 ])
 def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, match):
-    from iunet_nb import bench
+    from iunet_nb.measure import bench
 
     out = tmp_path / "res"
     with pytest.raises(SystemExit) as exc:

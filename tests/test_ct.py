@@ -11,7 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from iunet_nb.apps.ct import TASK, build_model, image_metrics, make_data, matched_unet_width
 from iunet_nb.apps.phantoms import foam_phantom, simulate_fbp
 from iunet_nb.train import parse_options
-from iunet_nb.wrappers import ChannelLift
+from iunet_nb.nn.wrappers import ChannelLift
 
 
 @pytest.mark.parametrize("dim, size, seed", [(2, 32, 0), (2, 64, 1), (2, 128, 2), (3, 24, 3), (3, 40, 4)])

@@ -1,8 +1,8 @@
-"""Tests of iunet_nb.data."""
+"""Tests of iunet_nb.notebook.data."""
 import pytest
 import torch
 
-from iunet_nb.data import denoising_batch, load_photograph, smooth_random_images
+from iunet_nb.notebook.data import denoising_batch, load_photograph, smooth_random_images
 
 
 @pytest.mark.parametrize("dim,size", [(1, 32), (2, 16), (3, (4, 8, 8))])
@@ -54,7 +54,7 @@ def test_load_photograph():
 
 
 def test_wiener_filter_is_the_best_linear_denoiser_and_matches_its_expected_error():
-    from iunet_nb.data import denoising_batch, wiener_denoise, wiener_mse
+    from iunet_nb.notebook.data import denoising_batch, wiener_denoise, wiener_mse
 
     gen = torch.Generator().manual_seed(0)
     noisy, clean = denoising_batch(32, 32, noise_std=0.5, correlation_length=3.0, generator=gen)

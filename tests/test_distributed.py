@@ -39,7 +39,7 @@ def one_step_gradients(engine: str) -> dict[str, torch.Tensor]:
 
     from iunet_nb import train as loop
     from iunet_nb.apps import get_task
-    from iunet_nb.notebook_utils import seed_everything
+    from iunet_nb.notebook.helpers import seed_everything
 
     task = get_task("ct")
     opts = loop.parse_options(task, TINY, engine=engine)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from iunet_nb.coupling import AdditiveCoupling
-from iunet_nb.model import iUNet
+from iunet_nb.nn.coupling import AdditiveCoupling
+from iunet_nb.arch.iunet import iUNet
 
 ENGINES = ("fused", "memcnn")
 
@@ -187,7 +187,7 @@ def test_two_forwards_then_one_backward(engine: str) -> None:
 
 def test_no_grad_does_not_build_engine_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _small_model()
-    from iunet_nb import engine
+    from iunet_nb.engine import fused as engine
 
     calls = []
     monkeypatch.setattr(engine.FusedInvertibleFunction, "apply",
@@ -266,7 +266,7 @@ def test_engine_output_is_not_an_input_alias() -> None:
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_slab_recompute_and_tiled_convolutions_match_autograd(dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the slab-wise recomputation and many convolution tiles on a small model."""
-    from iunet_nb import engine, tiled
+    from iunet_nb.engine import fused as engine, tiled
 
     monkeypatch.setattr(engine, "SLAB_MIN_BYTES", 0)
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 24)

@@ -1,4 +1,4 @@
-"""Tests for iunet_nb/layout.py (pure layout arithmetic, no torch)."""
+"""Tests for iunet_nb/arch/layout.py (pure layout arithmetic, no torch)."""
 
 import importlib.util
 import math
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-LAYOUT_PATH = pathlib.Path(__file__).resolve().parents[1] / "iunet_nb" / "layout.py"
+LAYOUT_PATH = pathlib.Path(__file__).resolve().parents[1] / "iunet_nb" / "arch" / "layout.py"
 
 
 def _load_standalone():

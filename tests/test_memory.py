@@ -1,4 +1,4 @@
-"""Tests of the training-step meters in iunet_nb.memory."""
+"""Tests of the training-step meters in iunet_nb.measure.meter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from iunet_nb.memory import (
+from iunet_nb.measure.meter import (
     StepMeasurement,
     default_loss,
     measure_step,
@@ -149,7 +149,7 @@ def test_time_step() -> None:
 _CONV_SETUP = """
 import torch
 from torch import nn
-from iunet_nb.memory import measure_step, time_step
+from iunet_nb.measure.meter import measure_step, time_step
 torch.set_num_threads(1)
 torch.manual_seed(0)
 layers = [nn.Conv2d(64, 64, 3, padding=1, bias=False)]
@@ -207,7 +207,7 @@ def test_failing_step_leaves_the_model_where_it_was() -> None:
 
 
 def test_optimizer_step_and_its_state_are_measured() -> None:
-    from iunet_nb.memory import optimizer_state_bytes
+    from iunet_nb.measure.meter import optimizer_state_bytes
 
     model = _mlp()
     param_bytes = sum(p.nbytes for p in model.parameters())

@@ -1,4 +1,4 @@
-"""Tests for iunet_nb.mixing (orthogonal channel mixing)."""
+"""Tests for iunet_nb.nn.mixing (orthogonal channel mixing)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-from iunet_nb.mixing import MIXING_INITS, OrthogonalChannelMixing
-from iunet_nb.orthogonal import METHODS, orthogonal_matrix, orthogonality_error
+from iunet_nb.nn.mixing import MIXING_INITS, OrthogonalChannelMixing
+from iunet_nb.nn.orthogonal import METHODS, orthogonal_matrix, orthogonality_error
 
 torch.set_num_threads(1)
 

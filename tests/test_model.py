@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from iunet_nb import iUNet
-from iunet_nb.coupling import AdditiveCoupling, StandardCouplingFunction, create_memcnn_module
+from iunet_nb.nn.coupling import AdditiveCoupling, StandardCouplingFunction, create_memcnn_module
 from iunet_nb.layers import create_standard_module
-from iunet_nb.layout import count_parameters
+from iunet_nb.arch.layout import count_parameters
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""Tests of iunet_nb.notebook_utils."""
+"""Tests of iunet_nb.notebook.helpers."""
 import json
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from iunet_nb.notebook_utils import (load_results, median_seconds, resolve_device, save_results,
+from iunet_nb.notebook.helpers import (load_results, median_seconds, resolve_device, save_results,
                                      seed_everything, to_jsonable)
 
 
@@ -67,7 +67,7 @@ def test_quiet_native_stderr_silences_fd2_and_restores_it(tmp_path):
 
     code = (
         "import os\n"
-        "from iunet_nb.notebook_utils import quiet_native_stderr\n"
+        "from iunet_nb.notebook.helpers import quiet_native_stderr\n"
         "with quiet_native_stderr():\n"
         "    os.write(2, b'hidden\\n')\n"
         "os.write(2, b'visible\\n')\n"
@@ -77,7 +77,7 @@ def test_quiet_native_stderr_silences_fd2_and_restores_it(tmp_path):
 
 
 def test_progress_outside_jupyter_is_a_plain_bar_and_can_be_disabled(capsys):
-    from iunet_nb.notebook_utils import in_jupyter_kernel, progress
+    from iunet_nb.notebook.helpers import in_jupyter_kernel, progress
 
     assert not in_jupyter_kernel()
     assert list(progress(range(3), desc="x", enable=False)) == [0, 1, 2]
@@ -87,7 +87,7 @@ def test_progress_outside_jupyter_is_a_plain_bar_and_can_be_disabled(capsys):
 
 
 def test_display_line_keeps_only_the_last_line(monkeypatch):
-    import iunet_nb.notebook_utils as nu
+    import iunet_nb.notebook.helpers as nu
 
     shown = []
 
@@ -105,8 +105,8 @@ def test_display_line_keeps_only_the_last_line(monkeypatch):
 
 def test_memory_parts_add_up_to_the_total():
     from iunet_nb import iUNet
-    from iunet_nb.memory import measure_step
-    from iunet_nb.notebook_utils import MEMORY_DEFINITION, memory_parts
+    from iunet_nb.measure.meter import measure_step
+    from iunet_nb.notebook.helpers import MEMORY_DEFINITION, memory_parts
 
     model = iUNet(channels=(4, 8), architecture=(1, 1), dim=2, verbose=0)
     m = measure_step(model, torch.randn(1, 4, 16, 16))
@@ -117,7 +117,7 @@ def test_memory_parts_add_up_to_the_total():
 
 
 def test_measurement_cells_newest_wins_and_keeps_the_spread():
-    from iunet_nb.notebook_utils import measurement_cells
+    from iunet_nb.notebook.helpers import measurement_cells
 
     old = [dict(mode="fused", size=512, delta=5, status="ok", seconds=9.0, seconds_all="9.5 9.0", total_bytes=2),
            dict(mode="fused", size=512, delta=10, status="error", seconds=None, total_bytes=None)]

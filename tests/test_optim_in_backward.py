@@ -1,4 +1,4 @@
-"""The optimizer step inside the backward (iunet_nb.optim_in_backward): the same numbers as
+"""The optimizer step inside the backward (iunet_nb.engine.optim_in_backward): the same numbers as
 ``backward(); step()`` for every engine, and the gradients never all alive at once."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from iunet_nb import iUNet
-from iunet_nb.memory import measure_step
-from iunet_nb.optim_in_backward import OptimizerInBackward, optimizer_in_backward
+from iunet_nb.measure.meter import measure_step
+from iunet_nb.engine.optim_in_backward import OptimizerInBackward, optimizer_in_backward
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Tests for iunet_nb.orthogonal."""
+"""Tests for iunet_nb.nn.orthogonal."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from iunet_nb.orthogonal import METHODS, orthogonal_matrix, orthogonality_error, skew_symmetric
+from iunet_nb.nn.orthogonal import METHODS, orthogonal_matrix, orthogonality_error, skew_symmetric
 
 torch.set_num_threads(1)
 

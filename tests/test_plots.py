@@ -1,4 +1,4 @@
-"""Tests of iunet_nb.plots: every figure has labelled axes."""
+"""Tests of iunet_nb.notebook.plots: every figure has labelled axes."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from iunet_nb.plots import bar_chart, plot_curves, plot_loss, show_images, to_unit, use_notebook_style  # noqa: E402
+from iunet_nb.notebook.plots import bar_chart, plot_curves, plot_loss, show_images, to_unit, use_notebook_style  # noqa: E402
 
 
 def teardown_function():

@@ -1,4 +1,4 @@
-"""Tests of the step-memory predictor iunet_nb.predict against the meter."""
+"""Tests of the step-memory predictor iunet_nb.measure.predict against the meter."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from iunet_nb import iUNet
-from iunet_nb.baselines import UNet
-from iunet_nb.layout import compute_layout, count_parameters
-from iunet_nb.memory import measure_step
-from iunet_nb.predict import MODES, MemoryPrediction, max_batch_size, predict_step_memory
+from iunet_nb.arch.baselines import UNet
+from iunet_nb.arch.layout import compute_layout, count_parameters
+from iunet_nb.measure.meter import measure_step
+from iunet_nb.measure.predict import MODES, MemoryPrediction, max_batch_size, predict_step_memory
 
 torch.set_num_threads(1)
 

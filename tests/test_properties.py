@@ -31,8 +31,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
-from iunet_nb.coupling import AdditiveCoupling
-from iunet_nb.model import iUNet
+from iunet_nb.nn.coupling import AdditiveCoupling
+from iunet_nb.arch.iunet import iUNet
 
 #: at most this many channels at any level, and this product of the total
 #: downsampling factors over the spatial dims (keeps one example ~0.1-1 s)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iunet_nb.model import iUNet
+from iunet_nb.arch.iunet import iUNet
 
 from test_engine import _compare, _randomize
 

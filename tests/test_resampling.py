@@ -1,4 +1,4 @@
-"""Tests for iunet_nb.resampling (learnable invertible down/upsampling)."""
+"""Tests for iunet_nb.nn.resampling (learnable invertible down/upsampling)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-from iunet_nb.orthogonal import METHODS, orthogonal_matrix, orthogonality_error
-from iunet_nb.resampling import (
+from iunet_nb.nn.orthogonal import METHODS, orthogonal_matrix, orthogonality_error
+from iunet_nb.nn.resampling import (
     INITS,
     InvertibleDownsampling,
     InvertibleUpsampling,
@@ -223,7 +223,7 @@ def test_user_given_orthogonal_matrix(kind) -> None:
     torch.testing.assert_close(down.base, Q.expand(C, s, s), rtol=0, atol=1e-6)
     x = torch.randn(2, C, 6, 4, dtype=torch.float64)
     # y[:, c*s + r] = sum_k Q[c, r, k] x_block[c, k]
-    from iunet_nb.resampling import to_blocks
+    from iunet_nb.nn.resampling import to_blocks
 
     expected = (Q.expand(C, s, s) @ to_blocks(x, (3, 2))).reshape(2, C * s, 2, 2)
     torch.testing.assert_close(down(x), expected, rtol=0, atol=1e-6)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from iunet_nb import AdditiveCoupling, check_invertible, iUNet
-from iunet_nb.checks import probe_input
-from iunet_nb.coupling import create_standard_module
+from iunet_nb.nn.checks import probe_input
+from iunet_nb.nn.coupling import create_standard_module
 
 ENGINES = ("fused", "memcnn")
 MODES = ("conventional",) + ENGINES

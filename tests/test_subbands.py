@@ -1,13 +1,13 @@
-"""Tests of iunet_nb.subbands and iunet_nb.stack."""
+"""Tests of iunet_nb.notebook.subbands and iunet_nb.nn.stack."""
 import math
 
 import pytest
 import torch
 
 from iunet_nb import InvertibleDownsampling, orthogonal_matrix
-from iunet_nb.resampling import haar_matrix
-from iunet_nb.stack import InvertibleSequential, random_coupling_stack
-from iunet_nb.subbands import (detail_l1, distance_up_to_signed_permutation, highfreq_energy_fraction,
+from iunet_nb.nn.resampling import haar_matrix
+from iunet_nb.nn.stack import InvertibleSequential, random_coupling_stack
+from iunet_nb.notebook.subbands import (detail_l1, distance_up_to_signed_permutation, highfreq_energy_fraction,
                                subbands, within_block_energy_fraction)
 
 
@@ -92,7 +92,7 @@ def test_invertible_sequential_rejects_non_invertible_blocks():
 
 
 def test_subband_mosaic_tiles_the_bands_in_order():
-    from iunet_nb.subbands import subband_mosaic
+    from iunet_nb.notebook.subbands import subband_mosaic
 
     coarse = torch.arange(4.0).reshape(1, 4, 1, 1).expand(1, 4, 3, 5)
     mosaic = subband_mosaic(coarse)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iunet_nb.memory import _profiler_running_total
-from iunet_nb.tiled import conv3_tiled, conv3_transpose_tiled, conv3_weight_grad_tiled, conv_tile_bounds
+from iunet_nb.measure.meter import _profiler_running_total
+from iunet_nb.engine.tiled import conv3_tiled, conv3_transpose_tiled, conv3_weight_grad_tiled, conv_tile_bounds
 
 
 def _peak(fn) -> int:

@@ -1,11 +1,11 @@
-"""Tests of iunet_nb.training and iunet_nb.wrappers."""
+"""Tests of iunet_nb.notebook.training and iunet_nb.nn.wrappers."""
 import pytest
 import torch
 from torch import nn
 
 from iunet_nb import iUNet
-from iunet_nb.training import optimise, train
-from iunet_nb.wrappers import ChannelLift
+from iunet_nb.notebook.training import optimise, train
+from iunet_nb.nn.wrappers import ChannelLift
 
 
 def test_optimise_minimises_a_quadratic():

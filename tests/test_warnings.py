@@ -44,7 +44,7 @@ def test_import_leaves_warnings_filters_unchanged():
         filters_object = warnings.filters
 
         import iunet_nb
-        from iunet_nb._memcnn import import_memcnn
+        from iunet_nb.engine.memcnn import import_memcnn
         memcnn = import_memcnn()
         assert import_memcnn() is memcnn, "not cached"
         assert memcnn.__version__ == "1.5.2", memcnn.__version__
@@ -68,7 +68,7 @@ def test_import_adds_no_blanket_filter():
         import warnings
         before = list(warnings.filters)
         import iunet_nb
-        from iunet_nb._memcnn import import_memcnn
+        from iunet_nb.engine.memcnn import import_memcnn
         import_memcnn()
         added = [f for f in warnings.filters if f not in before]
         blanket = [f for f in added if f[0] == "ignore" and f[1] is None and f[3] is None]
@@ -81,7 +81,7 @@ def test_user_warnings_still_shown_after_import():
     result = run_python(
         """
         import warnings
-        from iunet_nb._memcnn import import_memcnn
+        from iunet_nb.engine.memcnn import import_memcnn
         import_memcnn()
         warnings.warn("still-visible-marker", UserWarning)
         """
@@ -95,7 +95,7 @@ def test_memcnn_import_and_training_step_under_strict_warnings():
         """
         import torch
         from torch import nn
-        from iunet_nb._memcnn import import_memcnn
+        from iunet_nb.engine.memcnn import import_memcnn
 
         memcnn = import_memcnn()
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests of the layout explorer (iunet_nb.widgets), driven from Python.
+"""Tests of the layout explorer (iunet_nb.notebook.explorer), driven from Python.
 
 The widgets are changed the way the frontend changes them (setting
 ``widget.value``), and the rendered texts are compared with the seeds'
@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
-from iunet_nb import widgets as W  # noqa: E402
-from iunet_nb.layout import compute_layout, count_parameters  # noqa: E402
-from iunet_nb.predict import max_batch_size as MAX_BATCH  # noqa: E402
-from iunet_nb.predict import predict_step_memory as PREDICT  # noqa: E402
+from iunet_nb.notebook import explorer as W  # noqa: E402
+from iunet_nb.arch.layout import compute_layout, count_parameters  # noqa: E402
+from iunet_nb.measure.predict import max_batch_size as MAX_BATCH  # noqa: E402
+from iunet_nb.measure.predict import predict_step_memory as PREDICT  # noqa: E402
 
 SEED_2D = """\
 64-64-(32/32)--------------------------------------------------------(32/32)-64-64
@@ -112,7 +112,7 @@ def test_explore_old_api_slice_mode():
 
 
 def test_explore_budget_gives_max_batch_size():
-    # Default predictor: iunet_nb.predict, including its max_batch_size.
+    # Default predictor: iunet_nb.measure.predict, including its max_batch_size.
     state = W.explore(dict(input_size="128", budget_gib=2.0))
     n = state.max_batch_size
     assert set(n) == set(W.MODES)

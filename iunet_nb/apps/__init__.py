@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .task import Task
+from iunet_nb.apps.task import Task
 
 __all__ = ["Task", "TASK_MODULES", "get_task"]
 

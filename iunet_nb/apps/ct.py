@@ -2,8 +2,8 @@
 
 Data: foam phantoms and their filtered back-projections (:mod:`iunet_nb.apps.phantoms`), in 2D
 (default) or 3D (``--dim 3``).  Model: ``FBP -> FBP + project(net(lift(FBP)))`` (1x1 convolutions,
-:class:`iunet_nb.wrappers.ChannelLift`) where ``net``
-is an iUNet (``--arch iunet``) or the U-Net baseline of :mod:`iunet_nb.baselines`
+:class:`iunet_nb.nn.wrappers.ChannelLift`) where ``net``
+is an iUNet (``--arch iunet``) or the U-Net baseline of :mod:`iunet_nb.arch.baselines`
 (``--arch unet``) with its width chosen so that both have about the same number of parameters.
 The projection starts at zero, so both models start as the identity (prediction = FBP).
 Loss: mean squared error to the phantom.  Metrics (held-out phantoms): PSNR and SSIM
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..baselines import UNet
-from ..model import iUNet
-from ..wrappers import ChannelLift
-from .phantoms import foam_phantom, simulate_fbp
-from .task import Task, engine_kwargs, positive_int
+from iunet_nb.arch.baselines import UNet
+from iunet_nb.arch.iunet import iUNet
+from iunet_nb.nn.wrappers import ChannelLift
+from iunet_nb.apps.phantoms import foam_phantom, simulate_fbp
+from iunet_nb.apps.task import Task, engine_kwargs, positive_int
 
 __all__ = ["TASK", "post_processor", "build_model", "make_data", "image_metrics", "matched_unet_width",
            "predict"]
@@ -36,7 +36,7 @@ __all__ = ["TASK", "post_processor", "build_model", "make_data", "image_metrics"
 def post_processor(body: nn.Module, channels: int, dim: int) -> ChannelLift:
     """``x -> x + project(body(lift(x)))`` for ``(N, 1, *spatial)`` images.
 
-    :class:`iunet_nb.wrappers.ChannelLift` with ``residual=True``: 1x1 convolutions from 1 to
+    :class:`iunet_nb.nn.wrappers.ChannelLift` with ``residual=True``: 1x1 convolutions from 1 to
     ``channels`` channels and back, the projection zero-initialised (the model starts as the
     identity: prediction = FBP).
     """

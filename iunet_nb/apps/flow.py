@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .task import Task, engine_kwargs
+from iunet_nb.apps.task import Task, engine_kwargs
 
 __all__ = [
     "LEVELS",
@@ -141,7 +141,7 @@ class AffineCoupling(nn.Module):
     """``(u, v) -> (v, u * exp(s(v)) + t(v))`` with ``s = clamp * tanh(raw / clamp)``.
 
     ``u`` = the first ``ceil(C/2)`` channels of ``(N, C, H, W)``; the output puts
-    ``v`` first (as :class:`iunet_nb.coupling.AdditiveCoupling`), so stacked
+    ``v`` first (as :class:`iunet_nb.nn.coupling.AdditiveCoupling`), so stacked
     couplings alternate halves.  ``logdet = sum(s)`` over channels and pixels.
     Starts as the channel swap (zero-initialised last layer).
     """
@@ -192,7 +192,7 @@ def create_flow_coupling(in_channels: int, dim: int = 2, module_index: int = 0, 
     (2 channels at the finest level here), too narrow for density modelling;
     this one goes through ``hidden`` channels.  Additive: volume-preserving.
     """
-    from ..coupling import AdditiveCoupling
+    from iunet_nb.nn.coupling import AdditiveCoupling
 
     if dim != 2:
         raise ValueError(f"the flow's couplings are 2D, got dim={dim}")
@@ -247,8 +247,8 @@ class IUNetFlow(_Flow):
                  architecture: Sequence[int] = (2, 2, 2), hidden: int = 32, alpha: float = 0.05,
                  size: int = 8, **iunet_kwargs) -> None:
         super().__init__()
-        from ..model import iUNet
-        from ..resampling import InvertibleDownsampling
+        from iunet_nb.arch.iunet import iUNet
+        from iunet_nb.nn.resampling import InvertibleDownsampling
 
         if blocks < 1:
             raise ValueError(f"blocks must be >= 1, got blocks={blocks}")

@@ -12,9 +12,9 @@ Data
     each voxel's neighbourhood.
 Models
     :func:`build_model`: ``1x1 conv (1 -> c0) -> body -> 1x1 conv (c0 -> classes + 1)``
-    (:class:`iunet_nb.wrappers.ChannelLift`, the talk's Figure 5), the body being
+    (:class:`iunet_nb.nn.wrappers.ChannelLift`, the talk's Figure 5), the body being
     a 3D :class:`iunet_nb.iUNet` (zero-initialised couplings: it starts as the
-    identity) or a :class:`iunet_nb.baselines.UNet` with the same channels and
+    identity) or a :class:`iunet_nb.arch.baselines.UNet` with the same channels and
     levels.
 Metric
     :func:`dice_per_class`: Dice of every foreground class per volume
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .task import Task, engine_kwargs, positive_int
+from iunet_nb.apps.task import Task, engine_kwargs, positive_int
 
 __all__ = [
     "make_volumes",
@@ -163,13 +163,13 @@ def build_model(kind: str = "iunet", channels: Sequence[int] = (8, 16, 32),
     ``kind='iunet'``: a 3D :class:`iunet_nb.iUNet` body (``channels``,
     ``architecture``, coupling functions of ``depth`` conv blocks, extra
     ``iunet_kwargs`` such as ``me_backend``); it starts as the identity.
-    ``kind='unet'``: a :class:`iunet_nb.baselines.UNet` with the same channels and
+    ``kind='unet'``: a :class:`iunet_nb.arch.baselines.UNet` with the same channels and
     levels (``architecture`` residual blocks per side; ``depth`` is ignored).
     Spatial sizes must be multiples of ``2 ** (len(channels) - 1)`` for the U-Net.
     """
-    from ..baselines import UNet
-    from ..model import iUNet
-    from ..wrappers import ChannelLift
+    from iunet_nb.arch.baselines import UNet
+    from iunet_nb.arch.iunet import iUNet
+    from iunet_nb.nn.wrappers import ChannelLift
 
     if kind not in MODELS:
         raise ValueError(f"kind must be one of {MODELS}, got kind={kind!r}")
@@ -228,11 +228,11 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
 def measure_volume_step(net: nn.Module, size: int, num_classes: int, batch: int = 1, seed: int = 0):
     """Measure one training step (forward, :func:`segmentation_loss`, backward) on a ``size``^3 volume.
 
-    Returns :class:`iunet_nb.memory.StepMeasurement` (``total_bytes`` =
+    Returns :class:`iunet_nb.measure.meter.StepMeasurement` (``total_bytes`` =
     parameters + input + step peak).  Native profiler messages are silenced.
     """
-    from ..memory import measure_step
-    from ..notebook_utils import quiet_native_stderr
+    from iunet_nb.measure.meter import measure_step
+    from iunet_nb.notebook.helpers import quiet_native_stderr
 
     g = torch.Generator().manual_seed(seed)
     dev = next(net.parameters()).device
@@ -266,7 +266,7 @@ def largest_volume(net: nn.Module, budget_bytes: float, num_classes: int, fit_si
        up while the next edge still fits, down until one fits (at most
        ``max_checks`` measured steps).
 
-    ``total`` is :attr:`iunet_nb.memory.StepMeasurement.total_bytes`
+    ``total`` is :attr:`iunet_nb.measure.meter.StepMeasurement.total_bytes`
     (parameters + input + step peak).  Returns a dict: ``size`` (largest
     verified edge, 0 if none), ``predicted_size``, ``predicted_bytes``,
     ``measured_bytes`` (at ``size``), ``fit`` ``(a, b)``, ``fit_points`` and

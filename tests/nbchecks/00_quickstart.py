@@ -16,7 +16,7 @@ def check(results: dict) -> None:
     assert f"{results['error_changed_levels']:.4f}" == "0.0545"
     assert f"{results['error_reference']:.4f}" == "0.0508"
 
-    # training: the loop in the notebook and iunet_nb.training.train give the same losses
+    # training: the loop in the notebook and iunet_nb.notebook.training.train give the same losses
     assert results["loop_vs_package"] < 1e-6, results["loop_vs_package"]
     history = results["loss_history"]
     k = max(1, len(history) // 5)

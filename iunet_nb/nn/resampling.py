@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .orthogonal import METHODS, OrthogonalBaseMixin, orthogonal_matrix, reorthogonalize_
+from iunet_nb.nn.orthogonal import METHODS, OrthogonalBaseMixin, orthogonal_matrix, reorthogonalize_
 
 __all__ = [
     "INITS",
@@ -221,7 +221,7 @@ def _user_matrix(init: Tensor | np.ndarray, stride: tuple[int, ...], batch: int)
         raise ValueError(
             f"init: the user-given matrix is not orthogonal: max |M^T M - I| = {err:.3g} > "
             f"{INIT_ORTHOGONALITY_TOL:g}; rows must be orthonormal filters (e.g. from "
-            "torch.linalg.qr or iunet_nb.resampling.haar_matrix)"
+            "torch.linalg.qr or iunet_nb.nn.resampling.haar_matrix)"
         )
     return reorthogonalize_(M.expand(batch, s, s).clone())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .coupling import create_standard_module
+from iunet_nb.nn.coupling import create_standard_module
 
 __all__ = ["InvertibleSequential", "random_coupling_stack"]
 

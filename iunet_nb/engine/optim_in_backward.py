@@ -8,7 +8,7 @@ the network exist at a time.
 
 Usage::
 
-    from iunet_nb.optim_in_backward import optimizer_in_backward
+    from iunet_nb.engine.optim_in_backward import optimizer_in_backward
 
     opt = optimizer_in_backward(model, "adamw", lr=1e-3, weight_decay=1e-2)
     for x, target in data:
@@ -22,7 +22,7 @@ How it works: one optimizer per parameter (``torch.optim.SGD``/``Adam``/``AdamW`
 parameter's gradient has been accumulated -- and the gradient is then set to ``None``.  The
 fused engine computes the gradients of all coupling parameters inside one autograd function;
 for those it hands each gradient over as soon as its coupling is back-propagated
-(:data:`iunet_nb.engine.EARLY_GRADIENTS`) instead of returning them all at the end.
+(:data:`iunet_nb.engine.fused.EARLY_GRADIENTS`) instead of returning them all at the end.
 
 Numerically the same as one optimizer over all parameters followed by ``step()``: SGD and
 Adam(W) update each parameter from its own gradient and state only (tested in float64).
@@ -45,7 +45,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import engine
+from iunet_nb.engine import fused as engine
 
 __all__ = ["OPTIMIZERS", "OptimizerInBackward", "optimizer_in_backward"]
 

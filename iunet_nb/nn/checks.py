@@ -8,7 +8,7 @@ resampling or a channel mixing) MUST
 3. satisfy ``inverse(forward(x)) == x`` for any parameters, not just at
    initialisation (a zero-initialised coupling is a channel permutation, so
    a wrong ``inverse`` only shows once the parameters move);
-4. for :class:`~iunet_nb.coupling.AdditiveCoupling`: ``f`` maps the
+4. for :class:`~iunet_nb.nn.coupling.AdditiveCoupling`: ``f`` maps the
    ``C - split`` channels of ``v`` to the ``split`` channels of ``u``.
 
 :func:`check_invertible` tests this on a copy of the block whose parameters
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .coupling import AdditiveCoupling
+from iunet_nb.nn.coupling import AdditiveCoupling
 
 __all__ = ["check_invertible", "require_inverse_method", "probe_input"]
 
@@ -70,7 +70,7 @@ def require_inverse_method(module: Any, where: str = "block") -> nn.Module:
         raise TypeError(
             f"{where} returned {type(module).__name__}, which has no inverse() method; every block "
             "of an iUNet must be invertible (forward and inverse). Wrap your function in "
-            "iunet_nb.coupling.AdditiveCoupling(f, channels, split) or return a memcnn coupling."
+            "iunet_nb.nn.coupling.AdditiveCoupling(f, channels, split) or return a memcnn coupling."
         )
     return module
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .tiled import (
+from iunet_nb.engine.tiled import (
     ChannelParts,
     conv3,
     conv3_halo,
@@ -218,7 +218,7 @@ class StandardCouplingFunction(nn.Sequential):
         sums its backward needs), a second pass recomputes each slab of the
         convolution and finishes subtraction and back-propagation on it.  This
         costs one extra convolution per coupling, so the engine uses it only for
-        large activations (``iunet_nb.engine.SLAB_MIN_BYTES``).  ``v``, ``grad``,
+        large activations (``iunet_nb.engine.fused.SLAB_MIN_BYTES``).  ``v``, ``grad``,
         ``target`` and ``grad_v`` may be given as lists of channel parts (the
         engine's representation), which are read and updated in place.
         """
@@ -342,7 +342,7 @@ def create_memcnn_module(in_channels: int, dim: int = 2, depth: int | None = Non
     memcnn splits with ``torch.chunk``: ``x1`` gets ``ceil(C/2)`` channels.
     ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``.
     """
-    from ._memcnn import import_memcnn
+    from iunet_nb.engine.memcnn import import_memcnn
 
     memcnn = import_memcnn()
     depth = _resolve_depth(depth, block_depth)

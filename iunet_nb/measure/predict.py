@@ -2,7 +2,7 @@
 
 ``predict_step_memory(model_or_layout, input_shape, dtype, mode)`` returns a
 :class:`MemoryPrediction` with the same decomposition as the meter
-:func:`iunet_nb.memory.measure_step`:
+:func:`iunet_nb.measure.meter.measure_step`:
 
 * ``parameters`` -- bytes of the weights (resident before the step);
 * ``gradients``  -- bytes of the weight gradients (one per parameter);
@@ -11,7 +11,7 @@
 * ``peak_step = gradients + activations`` (the meter's ``peak_bytes``);
 * ``total = parameters + input + peak_step`` (the meter's ``total_bytes``).
 
-Nothing is allocated: the prediction works on a :class:`iunet_nb.layout.Layout`
+Nothing is allocated: the prediction works on a :class:`iunet_nb.arch.layout.Layout`
 (an :class:`iunet_nb.iUNet` is reduced to its layout) with plain integer
 arithmetic, so the notebook widgets can call it for configurations that would
 not fit in memory.
@@ -73,7 +73,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .layout import Layout, compute_layout
+from iunet_nb.arch.layout import Layout, compute_layout
 
 __all__ = [
     "MODES",
@@ -168,7 +168,7 @@ class MemoryPrediction:
     """Predicted memory of one training step (all fields in bytes except ``mode``).
 
     ``peak_step = gradients + activations``; ``total = parameters + input +
-    peak_step`` (same definitions as :class:`iunet_nb.memory.StepMeasurement`).
+    peak_step`` (same definitions as :class:`iunet_nb.measure.meter.StepMeasurement`).
     ``details`` holds the per-level tensor sizes, the constants used and the
     step at which the peak is reached.
     """
@@ -228,10 +228,10 @@ def layout_of(model_or_layout: Any) -> tuple[Layout, dict]:
         return lay, opts
     channels = getattr(model_or_layout, "channels", None)
     arch = getattr(model_or_layout, "architecture", None)
-    if channels is not None and arch is not None:  # e.g. iunet_nb.baselines.UNet
+    if channels is not None and arch is not None:  # e.g. iunet_nb.arch.baselines.UNet
         return compute_layout(list(channels), list(arch), getattr(model_or_layout, "dim", 2)), {}
     raise TypeError(
-        f"model_or_layout must be an iunet_nb.iUNet or an iunet_nb.layout.Layout, got "
+        f"model_or_layout must be an iunet_nb.iUNet or an iunet_nb.arch.layout.Layout, got "
         f"{type(model_or_layout).__name__}"
     )
 
@@ -320,7 +320,7 @@ def _iunet_ops(layout: Layout, t: list[int], esize: int, depth: int, learnable_r
 
 
 def _unet_ops(layout: Layout, t: list[int], esize: int, checkpoint: bool) -> list[_Op]:
-    """Ops of :class:`iunet_nb.baselines.UNet` with the layout's channels and blocks."""
+    """Ops of :class:`iunet_nb.arch.baselines.UNet` with the layout's channels and blocks."""
     dim = layout.dim
     k = 3**dim
     s = [math.prod(st) for st in layout.strides]
@@ -486,9 +486,9 @@ def predict_step_memory(
 
     Args:
         model_or_layout: an :class:`iunet_nb.iUNet` (its options override
-            ``depth``/``learnable_resampling``) or a :class:`iunet_nb.layout.Layout`.
+            ``depth``/``learnable_resampling``) or a :class:`iunet_nb.arch.layout.Layout`.
             For ``mode='unet'``/``'unet_checkpoint'`` the layout's channels and
-            architecture define the :class:`iunet_nb.baselines.UNet`.
+            architecture define the :class:`iunet_nb.arch.baselines.UNet`.
         input_shape: ``(N, C, *spatial)``; spatial sizes are padded up to the
             downsampling factors as the model does.
         dtype: element type of parameters and activations ('float32', ...).
@@ -544,7 +544,7 @@ def predict_step_memory(
 
 
 def _mixing_freq_of(model: Any, default: int) -> int:
-    from .mixing import OrthogonalChannelMixing  # local: keep this module torch-free at import
+    from iunet_nb.nn.mixing import OrthogonalChannelMixing  # local: keep this module torch-free at import
 
     enc = model.encoder_modules
     last = len(enc) - 1

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .orthogonal import OrthogonalBaseMixin, orthogonal_matrix
-from .resampling import _check_dim, _check_method, check_input, random_special_orthogonal
+from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, orthogonal_matrix
+from iunet_nb.nn.resampling import _check_dim, _check_method, check_input, random_special_orthogonal
 
 __all__ = ["MIXING_INITS", "OrthogonalChannelMixing"]
 

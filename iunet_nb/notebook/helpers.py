@@ -115,7 +115,7 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> 
 class quiet_native_stderr:
     """Context manager that silences output written *by native code* to file descriptor 2.
 
-    torch's profiler (used by :func:`iunet_nb.memory.measure_step` on CPU)
+    torch's profiler (used by :func:`iunet_nb.measure.meter.measure_step` on CPU)
     prints ``profiler_start`` / ``profiler_stop`` trace lines from C++ straight
     to fd 2, which Jupyter shows as red stderr output in every measuring cell.
     Python-level warnings and exceptions are unaffected inside a Jupyter kernel
@@ -214,7 +214,7 @@ MEMORY_DEFINITION = (
 
 
 def memory_parts(measurement: Any) -> dict[str, int]:
-    """Split a :class:`iunet_nb.memory.StepMeasurement` into the four parts of :data:`MEMORY_DEFINITION`.
+    """Split a :class:`iunet_nb.measure.meter.StepMeasurement` into the four parts of :data:`MEMORY_DEFINITION`.
 
     Returns bytes for ``parameters``, ``input``, ``gradients`` and ``activations``
     (activations and temporaries = step peak - gradients); they add up to
@@ -228,7 +228,7 @@ __all__ += ["MEMORY_DEFINITION", "memory_parts"]
 
 
 def measurement_cells(*row_lists: Any) -> dict[tuple[str, int, int], dict]:
-    """Merge rows of table1 CSVs (:func:`iunet_nb.bench.read_results`) into one cell per configuration.
+    """Merge rows of table1 CSVs (:func:`iunet_nb.measure.bench.read_results`) into one cell per configuration.
 
     Returns ``{(mode, size, delta): row}`` over the rows with ``status == 'ok'`` and without an
     optimizer step; a row in a later list replaces one of an earlier list (pass the files in

@@ -13,8 +13,8 @@ size, batch size, dtype and a memory budget, and shows on every change:
   as a bar chart (GiB), with the largest batch size that fits the budget.
 
 None of this builds a torch module: it uses only the pure arithmetic of
-:mod:`iunet_nb.layout` and the predictor of :mod:`iunet_nb.predict`.  Only
-the *Build and check* button instantiates the :class:`~iunet_nb.model.iUNet`,
+:mod:`iunet_nb.arch.layout` and the predictor of :mod:`iunet_nb.measure.predict`.  Only
+the *Build and check* button instantiates the :class:`~iunet_nb.arch.iunet.iUNet`,
 runs one forward and inverse pass on a tiny random input of shape
 ``(1, channels[0], *downsampling_factors)`` and compares the reconstruction
 error and the actual parameter count with the prediction.
@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .layout import (
+from iunet_nb.arch.layout import (
     Layout,
     SLICE_MODES,
     channels_from_slice_mode,
@@ -128,7 +128,7 @@ def parse_int_list(value: Union[str, Sequence[int]], what: str = "channels",
     Raises:
         ValueError: for anything that is not a non-empty list of integers
             (the message names ``what`` and shows an example).  Positivity
-            is left to :func:`iunet_nb.layout.compute_layout`.
+            is left to :func:`iunet_nb.arch.layout.compute_layout`.
     """
     if isinstance(value, str):
         items = _literal(value, what, example)
@@ -370,14 +370,14 @@ class ExplorerState:
 
 
 def _default_predictor() -> Predictor:
-    from .predict import predict_step_memory  # pure arithmetic, no model built
+    from iunet_nb.measure.predict import predict_step_memory  # pure arithmetic, no model built
 
     return predict_step_memory
 
 
 def _predictor_module_max_batch_size() -> Optional[Callable[..., Any]]:
     try:
-        from . import predict
+        from iunet_nb.measure import predict
     except ImportError:
         return None
     return getattr(predict, "max_batch_size", None)
@@ -428,7 +428,7 @@ def _search_max_batch(predict: Predictor, layout: Layout, spatial: tuple,
                       channels0: int, dtype: str, mode: str, budget: int,
                       **kw: Any) -> int:
     """Largest ``N`` with predicted total <= budget (0 if even N=1 fails)."""
-    from .predict import largest_fitting
+    from iunet_nb.measure.predict import largest_fitting
 
     return largest_fitting(
         lambda n: predict(layout, (n, channels0) + spatial, dtype, mode, **kw).total <= budget)
@@ -444,7 +444,7 @@ def explore(config: Union[ExplorerConfig, Mapping[str, Any], None] = None,
             the reference README's 2D example ``channels=(64, 128, 256, 384)``,
             ``architecture=(2, 2, 2, 2)``).
         predictor: ``predict_step_memory``-compatible callable (default:
-            :func:`iunet_nb.predict.predict_step_memory`).
+            :func:`iunet_nb.measure.predict.predict_step_memory`).
         **overrides: fields replacing those of ``config``.
 
     Returns:
@@ -679,7 +679,7 @@ def build_and_check(config: Union[ExplorerConfig, Mapping[str, Any], None] = Non
     """
     import torch
 
-    from .model import iUNet
+    from iunet_nb.arch.iunet import iUNet
 
     state = explore(config, predictor=_no_predictor, **overrides)
     if not state.ok:
@@ -738,7 +738,7 @@ class LayoutExplorer:
     Args:
         config: initial :class:`ExplorerConfig` (or dict of its fields).
         predictor: ``predict_step_memory``-compatible callable (default:
-            :func:`iunet_nb.predict.predict_step_memory`).
+            :func:`iunet_nb.measure.predict.predict_step_memory`).
 
     Attributes:
         widget: the top-level ``ipywidgets.VBox``.

@@ -3,7 +3,7 @@
 :func:`optimise` minimises any scalar closure over a list of parameters and
 returns the loss history; :func:`train` is the supervised special case
 (``model(input)`` against ``target``) the notebooks use.  Both show a
-progress bar with the current loss (:func:`iunet_nb.notebook_utils.progress`: a
+progress bar with the current loss (:func:`iunet_nb.notebook.helpers.progress`: a
 text line updated in place in Jupyter, whose final state survives papermill).
 
 The loop is the one a reader would write::
@@ -37,7 +37,7 @@ def optimise(loss_fn: Callable[[int], Tensor], params: Iterable[Tensor], steps: 
         steps: number of optimiser steps (>= 1).
         lr: learning rate.
         optimizer: ``'adam'`` or ``'sgd'``.
-        progress: show a progress bar (:func:`iunet_nb.notebook_utils.progress`).
+        progress: show a progress bar (:func:`iunet_nb.notebook.helpers.progress`).
         desc: label of the progress bar.
 
     Returns:
@@ -51,7 +51,7 @@ def optimise(loss_fn: Callable[[int], Tensor], params: Iterable[Tensor], steps: 
     if not params:
         raise ValueError("params is empty: nothing to optimise")
     opt = _OPTIMISERS[optimizer](params, lr=lr)
-    from .notebook_utils import progress as progress_bar
+    from iunet_nb.notebook.helpers import progress as progress_bar
 
     history: list[float] = []
     bar = progress_bar(range(steps), desc=desc, enable=progress)

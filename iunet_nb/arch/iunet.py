@@ -7,13 +7,13 @@ into a skip part (kept) and a part that an invertible, orthogonal downsampling
 sends one level down; on the way up an invertible upsampling and a channel
 concatenation undo this.  The whole network is a bijection from
 ``(N, channels[0], *spatial)`` to itself, so training can rebuild activations
-instead of storing them (see :mod:`iunet_nb.engine`).
+instead of storing them (see :mod:`iunet_nb.engine.fused`).
 
 The older ``iUNet(in_channels=64, slice_mode='double', ...)`` form of the
 reference package is accepted too: ``channels`` is then derived level by level
 (the next level's target is twice, ``'double'``, or the same, ``'constant'``,
 number of channels, rounded to the nearest achievable), see
-:func:`iunet_nb.layout.channels_from_slice_mode`.
+:func:`iunet_nb.arch.layout.channels_from_slice_mode`.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import engine as eng
-from .checks import check_invertible, probe_input, require_inverse_method
-from .coupling import AdditiveCoupling, create_standard_module
-from .layout import Layout, channels_from_slice_mode, compute_layout
-from .mixing import OrthogonalChannelMixing
-from .resampling import InvertibleDownsampling, InvertibleUpsampling
+from iunet_nb import engine as eng
+from iunet_nb.nn.checks import check_invertible, probe_input, require_inverse_method
+from iunet_nb.nn.coupling import AdditiveCoupling, create_standard_module
+from iunet_nb.arch.layout import Layout, channels_from_slice_mode, compute_layout
+from iunet_nb.nn.mixing import OrthogonalChannelMixing
+from iunet_nb.nn.resampling import InvertibleDownsampling, InvertibleUpsampling
 
 __all__ = ["iUNet", "ME_BACKENDS", "PADDING_MODES"]
 
@@ -77,9 +77,9 @@ class _MemcnnSafe(nn.Module):
     def forward(self, *x: Tensor) -> Any:
         if torch.is_grad_enabled():  # memcnn's recomputation in the backward
             record = self._pending.pop() if self._pending else {}
-            with eng._RecomputeContext(self.fn, record, self.preserve_rng_state):
+            with eng.fused._RecomputeContext(self.fn, record, self.preserve_rng_state):
                 return self.fn(*x)
-        record = eng._RecomputeContext.capture(self.fn, x[0], self.preserve_rng_state)
+        record = eng.fused._RecomputeContext.capture(self.fn, x[0], self.preserve_rng_state)
         out = self.fn(*x)
         # memcnn detaches its outputs in place, which torch refuses for views.
         out = tuple(map(_not_a_view, out)) if isinstance(out, tuple) else _not_a_view(out)
@@ -91,7 +91,7 @@ class _MemcnnSafe(nn.Module):
 
     def inverse(self, *y: Tensor) -> Any:
         record = self._records.get(id(y[0]), {})
-        with eng._RecomputeContext(self.fn, record, self.preserve_rng_state):
+        with eng.fused._RecomputeContext(self.fn, record, self.preserve_rng_state):
             x = self.fn.inverse(*y)
         self._pending.append(record)
         return x
@@ -235,7 +235,7 @@ class iUNet(nn.Module):
             (for the standard module: ``depth``, alias ``block_depth``).
         learnable_resampling, resampling_stride, resampling_method,
         resampling_init, resampling_kwargs: the invertible up/downsampling
-            (see :class:`iunet_nb.resampling.InvertibleDownsampling`).  The
+            (see :class:`iunet_nb.nn.resampling.InvertibleDownsampling`).  The
             stride is an int, a per-dimension tuple, or a list with one of
             those per downsampling, e.g. ``[2, 2, (1, 2, 2)]``.
         learnable_channel_mixing, channel_mixing_freq, channel_mixing_method,
@@ -251,7 +251,7 @@ class iUNet(nn.Module):
         me_backend: ``'fused'`` (default) or ``'memcnn'``.
         preserve_rng_state: replay the forward's random state when the
             backward recomputes a coupling (needed for dropout).
-        check_blocks: run :func:`iunet_nb.checks.check_invertible` on one block
+        check_blocks: run :func:`iunet_nb.nn.checks.check_invertible` on one block
             of each distinct kind (class, channels, split) from ``create_module_fn``
             at construction, so that a block whose ``inverse`` is wrong or whose
             shapes do not fit is a clear error before training.  ``False`` skips it.
@@ -591,7 +591,7 @@ class iUNet(nn.Module):
         return self.encoder_inverse(self.decoder_inverse(y))
 
     def _memcnn_body(self, x: Tensor) -> Tensor:
-        from ._memcnn import import_memcnn
+        from iunet_nb.engine.memcnn import import_memcnn
 
         memcnn = import_memcnn()
         if self._memcnn_wrappers is None:

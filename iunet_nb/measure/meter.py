@@ -229,7 +229,7 @@ def measure_step(
     follows the backward inside the measured step, so that the peak includes
     the update and any state the optimizer creates (Adam's moments on its
     first step); the gradients are kept.  For an update applied during
-    the backward (:mod:`iunet_nb.optim_in_backward`) nothing is needed here.
+    the backward (:mod:`iunet_nb.engine.optim_in_backward`) nothing is needed here.
 
     The device is checked before anything is touched: for a device without a
     meter (e.g. ``'meta'``) a ``ValueError`` is raised and the model is left
@@ -312,7 +312,7 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of the tensors in an optimizer's state (0 for ``None``).
 
     Accepts a ``torch.optim.Optimizer`` or anything with an ``optimizers``
-    attribute holding several (e.g. :class:`iunet_nb.optim_in_backward.OptimizerInBackward`).
+    attribute holding several (e.g. :class:`iunet_nb.engine.optim_in_backward.OptimizerInBackward`).
     """
     if optimizer is None:
         return 0
@@ -397,7 +397,7 @@ def peak_rss_of(
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["OMP_NUM_THREADS"] = str(threads)
-    repo_root = str(Path(__file__).resolve().parent.parent)
+    repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (repo_root, env.get("PYTHONPATH", "")) if p
     )
@@ -420,5 +420,5 @@ def peak_rss_of(
     return (result["hwm_kib"] - result["before_kib"]) * 1024
 
 
-# Re-exported for convenience: the predictor of the meter's figures (see iunet_nb.predict).
-from .predict import MemoryPrediction, max_batch_size, predict_step_memory  # noqa: E402,F401
+# Re-exported for convenience: the predictor of the meter's figures (see iunet_nb.measure.predict).
+from iunet_nb.measure.predict import MemoryPrediction, max_batch_size, predict_step_memory  # noqa: E402,F401

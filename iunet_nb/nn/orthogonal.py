@@ -1,8 +1,8 @@
 """Differentiable parametrisations of special orthogonal matrices.
 
 Every learnable invertible operator in :mod:`iunet_nb` (the orthogonal down- and
-upsampling of :mod:`iunet_nb.resampling`, the channel mixing of
-:mod:`iunet_nb.mixing`) is built from an unconstrained square matrix ``W`` that is
+upsampling of :mod:`iunet_nb.nn.resampling`, the channel mixing of
+:mod:`iunet_nb.nn.mixing`) is built from an unconstrained square matrix ``W`` that is
 mapped onto the special orthogonal group SO(n) by :func:`orthogonal_matrix`.
 
 All parametrisations first form the skew-symmetric matrix ``A = W - W^T`` and map

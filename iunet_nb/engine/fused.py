@@ -22,7 +22,7 @@ Two engines are built on this description:
 
 ``memcnn``
     Every step wrapped in ``memcnn.InvertibleModuleWrapper``, as in the paper.
-    Built in :mod:`iunet_nb.model`.
+    Built in :mod:`iunet_nb.arch.iunet`.
 
 Activations are carried as lists of channel *parts* (views), so channel
 splits and concatenations cost no copies, and a part is modified in place
@@ -205,7 +205,7 @@ def _params(module: nn.Module) -> list[Tensor]:
 
 
 class CouplingStep(Step):
-    """Fused step for :class:`iunet_nb.coupling.AdditiveCoupling` ``(u, v) -> (v, u + f(v))``."""
+    """Fused step for :class:`iunet_nb.nn.coupling.AdditiveCoupling` ``(u, v) -> (v, u + f(v))``."""
 
     def __init__(self, module: nn.Module, preserve_rng_state: bool = True, slabs: bool = False) -> None:
         self.module = module
@@ -494,7 +494,7 @@ def run_forward(steps: Sequence[Step], x: Tensor, tensors: Sequence[Tensor],
 #: ``id(tensor) -> (weakref to tensor, callback)``: leaf tensors whose gradient the fused
 #: backward hands to ``callback(tensor, grad)`` as soon as its step is back-propagated, instead
 #: of returning it with all the others at the end (autograd then sees no gradient for it).
-#: Used by :mod:`iunet_nb.optim_in_backward`, so that all gradients never exist at once.
+#: Used by :mod:`iunet_nb.engine.optim_in_backward`, so that all gradients never exist at once.
 EARLY_GRADIENTS: dict[int, tuple["weakref.ref[Tensor]", Any]] = {}
 
 

@@ -10,17 +10,17 @@ The model is a small 3D segmentation-style network
 trained on one cubic volume ``D^3`` (batch 1, float32, loss = mean square of the output).  The
 body is, per mode,
 
-``unet``                  the plain U-Net of :mod:`iunet_nb.baselines` with the same channels
+``unet``                  the plain U-Net of :mod:`iunet_nb.arch.baselines` with the same channels
 ``unet_checkpoint``       that U-Net with ``torch.utils.checkpoint`` per level
 ``iunets``                the reference package ``iunets`` 0.1 (memcnn inside), if importable
 ``memcnn``                this package's iUNet with every step wrapped in memcnn
 ``fused``                 this package's iUNet with the fused memory-efficient engine
 ``fused_sgd_in_backward`` the same, with SGD applied per parameter during the backward
-                          (:mod:`iunet_nb.optim_in_backward`), so the step includes the update
+                          (:mod:`iunet_nb.engine.optim_in_backward`), so the step includes the update
 
 For each mode the largest ``D`` (a multiple of 8, the body's downsampling factor) whose
-measured total (parameters + input + step peak, :func:`iunet_nb.memory.measure_step`) fits
-``--budget-gib`` is found: a first guess from the predictor (:mod:`iunet_nb.predict`, plus the
+measured total (parameters + input + step peak, :func:`iunet_nb.measure.meter.measure_step`) fits
+``--budget-gib`` is found: a first guess from the predictor (:mod:`iunet_nb.measure.predict`, plus the
 two outer convolutions), then a bracketing search of measured steps, each in a fresh process,
 until ``D`` fits and ``D + 8`` does not (both measured).  One step at ``D`` is timed without
 the profiler (one thread).  Results: a table on stdout, ``data/results/volume3d-<stamp>.csv``
@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .bench import DEFAULT_OUT, REPO, check_modes, iunets_available
+from iunet_nb.measure.bench import DEFAULT_OUT, REPO, check_modes, iunets_available
 
 __all__ = [
     "MODES",
@@ -97,8 +97,8 @@ class VolumeNet(nn.Module):
 
 def build_volume_model(mode: str, seed: int = 0):
     """The volume model of ``mode`` (see the module docstring), float32 on the CPU."""
-    from .baselines import UNet
-    from .model import iUNet
+    from iunet_nb.arch.baselines import UNet
+    from iunet_nb.arch.iunet import iUNet
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -107,7 +107,7 @@ def build_volume_model(mode: str, seed: int = 0):
         body = UNet(channels=CHANNELS, architecture=ARCHITECTURE, dim=3,
                     checkpoint_levels=mode == "unet_checkpoint")
     elif mode == "iunets":
-        from ._memcnn import import_memcnn
+        from iunet_nb.engine.memcnn import import_memcnn
 
         import_memcnn()  # before iunets: memcnn's import would disable UserWarnings
         import iunets
@@ -126,8 +126,8 @@ def predicted_volume_total(mode: str, D: int) -> int:
     """Predicted total bytes of one step at ``D^3`` (the predictor's body figure plus the two
     outer convolutions: their weights and gradients, the 1-channel input, the body's input,
     which the step allocates, and the output and its gradient)."""
-    from .layout import compute_layout
-    from .predict import predict_step_memory
+    from iunet_nb.arch.layout import compute_layout
+    from iunet_nb.measure.predict import predict_step_memory
 
     layout = compute_layout(CHANNELS, ARCHITECTURE, 3)
     pmode = {"iunets": "memcnn", "fused_sgd_in_backward": "fused"}.get(mode, mode)
@@ -161,14 +161,14 @@ def measure_volume(mode: str, D: int, *, budget_bytes: int | None = None, time_i
     ``D^3`` float32 tensor) and ``seconds`` (one unprofiled step after the measured one; only
     if ``time_it`` and the step fits ``budget_bytes``, else ``None``).
     """
-    from .memory import measure_step, time_step
+    from iunet_nb.measure.meter import measure_step, time_step
 
     torch.set_num_threads(int(threads))
     model = build_volume_model(mode, seed)
     x = torch.randn(1, 1, D, D, D, generator=torch.Generator().manual_seed(seed + 1))
     handle = None
     if mode == "fused_sgd_in_backward":
-        from .optim_in_backward import optimizer_in_backward
+        from iunet_nb.engine.optim_in_backward import optimizer_in_backward
 
         handle = optimizer_in_backward(model, "sgd", lr=1e-3)
     with warnings.catch_warnings():
@@ -188,7 +188,7 @@ def measure_volume(mode: str, D: int, *, budget_bytes: int | None = None, time_i
 def run_point(mode: str, D: int, budget_bytes: int, *, threads: int = 1,
               timeout: float = 900.0) -> dict:
     """:func:`measure_volume` in a fresh subprocess (status 'error' with a message on failure)."""
-    cmd = [sys.executable, "-m", "iunet_nb.bench", "_one3d", "--mode", mode, "--D", str(D),
+    cmd = [sys.executable, "-m", "iunet_nb.measure.bench", "_one3d", "--mode", mode, "--D", str(D),
            "--budget-bytes", str(int(budget_bytes)), "--threads", str(threads)]
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
@@ -272,7 +272,7 @@ class VolumeRun:
 
 
 def _write_csv_atomic(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    from .bench import _write_csv_atomic as write
+    from iunet_nb.measure.bench import _write_csv_atomic as write
 
     write(path, rows, columns)
 

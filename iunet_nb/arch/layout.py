@@ -582,7 +582,7 @@ def _coupling_parameters(c: int, index: int, dim: int, depth: int) -> int:
     """Parameters of one additive coupling layer on ``c`` channels.
 
     Even ``index`` (encoder ``j``, decoder ``blocks + j``: the parity
-    :func:`iunet_nb.coupling.create_standard_module` uses): ``a = ceil(c/2)``, ``b = floor(c/2)``;
+    :func:`iunet_nb.nn.coupling.create_standard_module` uses): ``a = ceil(c/2)``, ``b = floor(c/2)``;
     odd: the other way round.  ``f: b -> a`` channels is ``depth`` times
     (conv ``3**dim`` kernel, no bias -> LeakyReLU -> GroupNorm(1, a) with
     affine weight and bias).

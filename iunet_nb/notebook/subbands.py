@@ -2,7 +2,7 @@
 
 An invertible downsampling with stride block size ``s`` turns fine channel
 ``c`` into the ``s`` coarse channels ``c*s + r``, ``r = 0..s-1`` (see
-:mod:`iunet_nb.resampling`).  For the Haar transform ``r = 0`` is the local
+:mod:`iunet_nb.nn.resampling`).  For the Haar transform ``r = 0`` is the local
 average ("approximation") and ``r >= 1`` are the detail sub-bands.
 """
 from __future__ import annotations

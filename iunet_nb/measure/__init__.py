@@ -1,0 +1,1 @@
+"""iunet_nb.measure."""
