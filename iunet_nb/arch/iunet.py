@@ -146,9 +146,7 @@ def _guard_memcnn_output(y: Tensor) -> Tensor:
 
 def _not_a_view(t: Tensor) -> Tensor:
     """``t`` itself, or a non-view tensor sharing its storage (no copy)."""
-    if t._base is None:
-        return t
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    return t if t._base is None else eng.storage_alias(t)
 
 
 class _ConcatChannels(nn.Module):

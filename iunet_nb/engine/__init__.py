@@ -10,4 +10,5 @@ from iunet_nb.engine.fused import (  # noqa: F401
     SplitStep,
     Step,
     run_forward,
+    storage_alias,
 )

@@ -271,7 +271,7 @@ class CouplingStep(Step):
             with torch.enable_grad():
                 # An alias with its own version counter: u is rebuilt in place below,
                 # possibly in the same storage as v, and that must not invalidate v_in.
-                v_in = _alias(v.tensor).requires_grad_(True)
+                v_in = storage_alias(v.tensor).requires_grad_(True)
                 fv = m.f(v_in)
             # Reconstruct u = y2 - f(v) first ...
             fv_data = fv.detach()
@@ -320,7 +320,7 @@ class CouplingStep(Step):
         return list(pgrads)
 
 
-def _alias(t: Tensor) -> Tensor:
+def storage_alias(t: Tensor) -> Tensor:
     """A detached tensor on ``t``'s memory with a version counter of its own."""
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
