@@ -557,16 +557,6 @@ class iUNet(nn.Module):
                 add(m, i)
         return steps
 
-    def _step_tensors(self, steps: list[eng.Step]) -> list[Tensor]:
-        """Assign each step its slice of the flat list of gradient-receiving tensors (parameters)."""
-        tensors: list[Tensor] = []
-        for step in steps:
-            start = len(tensors)
-            if isinstance(step, (eng.KernelStep, eng.CouplingStep, eng.InvertibleModuleStep)):
-                tensors += step.tensors()
-            step.tensor_slice = slice(start, len(tensors))
-        return tensors
-
     # ------------------------------------------------------------------ forward
     def _body(self, x: Tensor) -> Tensor:
         needs_graph = torch.is_grad_enabled() and (
@@ -578,9 +568,7 @@ class iUNet(nn.Module):
             return self._plain_body(x)
         if self.me_backend == "memcnn":
             return self._memcnn_body(x)
-        steps = self._steps()
-        tensors = self._step_tensors(steps)
-        return eng.FusedInvertibleFunction.apply(steps, x, *tensors)
+        return eng.apply_fused(self._steps(), x)
 
     def _plain_body(self, x: Tensor) -> Tensor:
         return self._decode(self._encode(x))

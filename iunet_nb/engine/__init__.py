@@ -9,6 +9,7 @@ from iunet_nb.engine.fused import (  # noqa: F401
     KernelStep,
     SplitStep,
     Step,
+    apply_fused,
     run_forward,
     storage_alias,
 )

@@ -121,6 +121,10 @@ class Step:
 
     tensor_slice: slice = slice(0, 0)
 
+    def tensors(self) -> list[Tensor]:
+        """The tensors the step's gradients are taken for (none by default)."""
+        return []
+
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
         raise NotImplementedError
 
@@ -554,3 +558,18 @@ class FusedInvertibleFunction(torch.autograd.Function):
         dx = full(gst.cur).tensor.to(ctx.x_meta[0])
         # ctx.records (RNG states) stay: backward(retain_graph=True) may come again.
         return (None, dx, *grads)
+
+
+def apply_fused(steps: Sequence[Step], x: Tensor) -> Tensor:
+    """``steps`` applied to ``x`` with memory-efficient backpropagation.
+
+    ``x``: ``(N, C, *spatial)``.  Only the output is kept for the backward, which
+    rebuilds every step's input from its output.  Each step's gradient-receiving
+    tensors (``step.tensors()``) get their gradients.
+    """
+    tensors: list[Tensor] = []
+    for step in steps:
+        start = len(tensors)
+        tensors += step.tensors()
+        step.tensor_slice = slice(start, len(tensors))
+    return FusedInvertibleFunction.apply(steps, x, *tensors)
