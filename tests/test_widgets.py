@@ -13,6 +13,7 @@ pytest.importorskip("ipywidgets")
 
 from iunet_nb.notebook import explorer as W  # noqa: E402
 from iunet_nb.arch.layout import compute_layout, count_parameters  # noqa: E402
+from iunet_nb.common import GiB  # noqa: E402
 from iunet_nb.measure.predict import max_batch_size as MAX_BATCH  # noqa: E402
 from iunet_nb.measure.predict import predict_step_memory as PREDICT  # noqa: E402
 
@@ -112,19 +113,19 @@ def test_explore_old_api_slice_mode():
 
 
 def test_explore_budget_gives_max_batch_size():
-    # Default predictor: iunet_nb.measure.predict, including its max_batch_size.
+    # Default predictor: iunet_nb.measure.predict; the largest batches agree with its max_batch_size.
     state = W.explore(dict(input_size="128", budget_gib=2.0))
     n = state.max_batch_size
     assert set(n) == set(W.MODES)
     assert n["fused"] >= n["conventional"] >= 1
-    budget = int(2.0 * W.GiB)
+    budget = int(2.0 * GiB)
     for mode in W.MODES:
         assert n[mode] == MAX_BATCH(state.layout, (1, 64, 128, 128), "float32", mode, budget)
         fits = PREDICT(state.layout, (n[mode], 64, 128, 128), "float32", mode).total
         too_big = PREDICT(state.layout, (n[mode] + 1, 64, 128, 128), "float32", mode).total
         assert fits <= budget < too_big
     assert "Largest batch size within 2 GiB" in state.memory_text
-    # The explorer's own search (used with an injected predictor) agrees.
+    # The same with the predictor passed explicitly.
     state2 = W.explore(dict(input_size="128", budget_gib=2.0), predictor=PREDICT)
     assert state2.max_batch_size == n
 
