@@ -266,9 +266,9 @@ def test_engine_output_is_not_an_input_alias() -> None:
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_slab_recompute_and_tiled_convolutions_match_autograd(dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the slab-wise recomputation and many convolution tiles on a small model."""
-    from iunet_nb.engine import fused as engine, tiled
+    from iunet_nb.engine import steps, tiled
 
-    monkeypatch.setattr(engine, "SLAB_MIN_BYTES", 0)
+    monkeypatch.setattr(steps, "SLAB_MIN_BYTES", 0)
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 24)
     torch.manual_seed(dim)
     model = iUNet(channels=(6, 3 * 2 ** dim), architecture=(3, 1), dim=dim, verbose=0).double()

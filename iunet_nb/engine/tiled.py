@@ -9,15 +9,22 @@ activation-sized buffer adds to the peak.
 
 All functions take and return ``(N, C, *S)`` tensors and give the same result
 as the untiled ``F.conv{1,2,3}d(x, weight, padding=1)`` and its gradients.
+
+The one place where the engine's numerics depend on the device is
+:func:`conv3_kernels_for`: tiled whole-tensor convolutions on CPU (sized for
+ATen's CPU im2col and oneDNN paths), plain ones elsewhere.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from iunet_nb.common import CONV_FN, CONV_TRANSPOSE_FN
 
 __all__ = [
     "tile_bounds",
@@ -30,14 +37,14 @@ __all__ = [
     "conv3_halo",
     "conv3_weight_grad_halo",
     "conv3_transpose_slab_rows",
+    "Conv3Kernels",
+    "TILED_CONV3",
+    "WHOLE_CONV3",
+    "conv3_kernels_for",
 ]
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 #: Elements per tile and sample (channels x pixels of one slab): 2 MiB of float32.
 TILE_ELEMENTS = 1 << 19
-
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def tile_bounds(size: int, plane: int, tile_elements: int | None = None) -> list[tuple[int, int]]:
@@ -126,7 +133,7 @@ def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int | None = None,
     With ``out`` given, the result is *added* to ``out`` (slab by slab, so no
     full-size temporary) and ``out`` is returned.
     """
-    conv = _CONV[x.dim() - 2]
+    conv = CONV_FN[x.dim() - 2]
     return _slabwise(x, weight.shape[0], lambda t: conv(t, weight, padding=1),
                      lambda h: conv3_halo(h, weight), tile_elements, out)
 
@@ -138,7 +145,7 @@ def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int | None 
     With ``out`` given, the result is added to it slab by slab.
     """
     dim = dy.dim() - 2
-    conv_t = _CONV_T[dim]
+    conv_t = CONV_TRANSPOSE_FN[dim]
     # On a slab that carries its own one-row halo, the transposed convolution needs
     # padding k - 1 - 0 = 2 along the tiled dimension to return exactly the slab's rows.
     pad = (2,) + (1,) * (dim - 1)
@@ -175,11 +182,58 @@ class _Conv3Tiled(torch.autograd.Function):
         return dx, dw
 
 
+@dataclass(frozen=True)
+class Conv3Kernels:
+    """How whole-tensor 3^dim convolutions (stride 1, padding 1, no bias) are computed.
+
+    ``tiled``: slab by slab along the first spatial dimension (:func:`conv3_tiled`
+    and its gradients), which keeps the CPU convolution's reordering and im2col
+    buffers tile-sized; otherwise one call on the whole tensor.  Both give the
+    same values.
+    """
+
+    tiled: bool
+
+    def conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``(N, C_in, *S) -> (N, C_out, *S)``."""
+        if self.tiled:
+            return conv3_tiled(x, weight)
+        return CONV_FN[x.dim() - 2](x, weight, padding=1)
+
+    def conv_transpose(self, dy: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+        """Input gradient ``(N, C_out, *S) -> (N, C_in, *S)``; added into ``out`` if given."""
+        if self.tiled:
+            return conv3_transpose_tiled(dy, weight, out=out)
+        dx = CONV_TRANSPOSE_FN[dy.dim() - 2](dy, weight, padding=1)
+        return dx if out is None else out.add_(dx)
+
+    def weight_grad(self, x: Tensor, dy: Tensor, weight: Tensor) -> Tensor:
+        """Weight gradient for input ``x`` and output gradient ``dy``."""
+        if self.tiled:
+            return conv3_weight_grad_tiled(x, dy, weight)
+        return _weight_grad(x, dy, weight, padding_first=1)
+
+
+TILED_CONV3 = Conv3Kernels(tiled=True)
+WHOLE_CONV3 = Conv3Kernels(tiled=False)
+
+
+def conv3_kernels_for(device: torch.device) -> Conv3Kernels:
+    """The kernels for ``device``: tiled on CPU, whole-tensor elsewhere (GPU convolutions
+    allocate no activation-sized reordering buffers)."""
+    return TILED_CONV3 if device.type == "cpu" else WHOLE_CONV3
+
+
 def conv3(x: Tensor, weight: Tensor) -> Tensor:
-    """3^dim convolution, stride 1, padding 1, no bias: tiled on CPU, plain elsewhere."""
-    if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and x.dtype == weight.dtype:
+    """3^dim convolution, stride 1, padding 1, no bias, with autograd (see :func:`conv3_kernels_for`).
+
+    Tiled only where the kernels for ``x``'s device are and the call is not
+    under autocast (the tiled function does not cast its inputs).
+    """
+    tiled = conv3_kernels_for(x.device).tiled
+    if tiled and not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype:
         return _Conv3Tiled.apply(x, weight)
-    return _CONV[x.dim() - 2](x, weight, padding=1)
+    return CONV_FN[x.dim() - 2](x, weight, padding=1)
 
 
 class ChannelParts:
@@ -221,6 +275,11 @@ class ChannelParts:
         for p, v in zip(self.parts, self._split(value)):
             p[:, :, lo:hi].add_(v, alpha=alpha)
 
+    def addcmul_rows_(self, lo: int, hi: int, a: Tensor, b: Tensor, value: float) -> None:
+        """``self[:, :, lo:hi] += value * a * b`` in place, part by part (``b`` may broadcast)."""
+        for p, a_k, b_k in zip(self.parts, self._split(a), self._split(b)):
+            p[:, :, lo:hi].addcmul_(a_k, b_k, value=value)
+
     def channel_sums(self) -> Tensor:
         """``(N, C)`` sums over all spatial positions."""
         return torch.cat([p.reshape(p.shape[0], p.shape[1], -1).sum(-1) for p in self.parts], dim=1)
@@ -229,7 +288,7 @@ class ChannelParts:
 def conv3_halo(halo: Tensor, weight: Tensor) -> Tensor:
     """The rows of a 3^dim convolution (padding 1) computed from a slab with its halo."""
     dim = halo.dim() - 2
-    return _CONV[dim](halo, weight, padding=(0,) + (1,) * (dim - 1))
+    return CONV_FN[dim](halo, weight, padding=(0,) + (1,) * (dim - 1))
 
 
 def conv3_weight_grad_halo(halo: Tensor, dy_slab: Tensor, weight: Tensor) -> Tensor:
@@ -251,7 +310,7 @@ def conv3_transpose_slab_rows(dy_slab: Tensor, weight: Tensor, lo: int, hi: int,
                               size: int) -> tuple[int, int, Tensor]:
     """Input-gradient contribution of output rows ``lo:hi``: ``(first_row, end_row, rows)``."""
     dim = dy_slab.dim() - 2
-    y = _CONV_T[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))  # rows lo-1 .. hi
+    y = CONV_TRANSPOSE_FN[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))  # rows lo-1 .. hi
     first, last = lo - 1, hi + 1
     y = y[:, :, (1 if first < 0 else 0): y.shape[2] - (1 if last > size else 0)]
     return max(first, 0), min(last, size), y

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, orthogonal_matrix
-from iunet_nb.nn.resampling import _check_dim, _check_method, check_input, random_special_orthogonal
+from iunet_nb.common import check_dim
+from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, check_method
+from iunet_nb.nn.resampling import check_input, random_special_orthogonal
 
 __all__ = ["MIXING_INITS", "OrthogonalChannelMixing"]
 
@@ -54,8 +55,8 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
-        _check_dim(dim)
-        _check_method(method)
+        check_dim(dim)
+        check_method(method)
         if init == "identity":
             base = torch.eye(channels, dtype=torch.float64)
         elif init == "random":
@@ -83,17 +84,6 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
             f"init={self.init!r}, learnable={self.learnable}"
         )
 
-    def kernel(self) -> Tensor:
-        """The orthogonal matrix ``base @ orthogonal_matrix(weight, method)``, shape ``(c, c)``.
-
-        Float32 if the parameter is half precision or autocast is active.
-        """
-        if self.weight is None:
-            return self.base
-        Q = orthogonal_matrix(self.weight, self.method)
-        with torch.autocast(device_type=Q.device.type, enabled=False):
-            return self.base.to(Q.dtype) @ Q
-
     def _apply_matrix(self, x: Tensor, Q: Tensor) -> Tensor:
         c = self.channels
         if Q.shape != (c, c):
@@ -103,9 +93,8 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         # autocast the kernel is float32; the product runs in the data's dtype.
         return torch.matmul(Q.to(x.dtype), x.reshape(x.shape[0], c, -1)).view(x.shape)
 
-    def forward_parts(self, parts: list[Tensor], kernel: Tensor,
-                      owned: list[bool] | None = None) -> list[Tensor]:
-        """``Q @ cat(parts, dim=1)`` without building the concatenation.
+    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool]) -> list[Tensor]:
+        """``Q @ cat(parts, dim=1)`` without building the concatenation; ``kernel``: ``(c, c)``.
 
         Written into the parts themselves (slice by slice, no activation-sized
         temporary) when every part may be overwritten (``owned``); otherwise
@@ -114,14 +103,14 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         return _apply_parts(kernel, parts, owned)
 
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
-                       need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
-                       dy_owned: list[bool] | None = None
-                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
+                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from ``y = Q x`` and ``dL/dy``, both as channel parts.
 
         ``x = Q^T y``, ``dL/dx = Q^T dL/dy``, ``dL/dQ = sum_n dy_n x_n^T``.
         Returns ``(x_parts, dx_parts, dQ)``; parts that may be overwritten are
-        reused in place (see :meth:`forward_parts`).
+        reused in place (see :meth:`forward_parts`), so the result keeps the
+        split of the input whatever ``allow_split`` says.
         """
         Qt = kernel.mT
         x_parts = _apply_parts(Qt, y_parts, y_owned)

@@ -21,12 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from iunet_nb.engine.contract import OrthogonalKernelModule
+
 __all__ = [
     "METHODS",
     "skew_symmetric",
     "orthogonal_matrix",
     "orthogonality_error",
     "reorthogonalize_",
+    "check_method",
     "OrthogonalBaseMixin",
 ]
 
@@ -36,7 +39,8 @@ METHODS: tuple[str, ...] = ("exp", "cayley", "householder")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is one of :data:`METHODS`."""
     if method not in METHODS:
         raise ValueError(
             f"unknown orthogonal parametrisation method {method!r}; "
@@ -113,7 +117,7 @@ def orthogonal_matrix(W: Tensor, method: str = "cayley") -> Tensor:
     Raises:
         ValueError: unknown ``method`` or non-square ``W``.
     """
-    _check_method(method)
+    check_method(method)
     _check_square(W)
     if W.dtype in _HALF_DTYPES or (
         torch.is_autocast_enabled(W.device.type) and W.dtype != torch.float64
@@ -163,14 +167,35 @@ def reorthogonalize_(Q: Tensor, steps: int = 2) -> Tensor:
     return Q
 
 
-class OrthogonalBaseMixin:
-    """Keeps a module's fixed orthogonal ``base`` buffer orthogonal across dtype changes.
+class OrthogonalBaseMixin(OrthogonalKernelModule):
+    """The kernel ``base @ orthogonal_matrix(weight, method)`` of an orthogonal module.
 
-    ``model.double()`` would otherwise turn a float32-rounded matrix into a
-    float64 one that is orthogonal only to ~1e-7; after every ``_apply`` (which
-    ``.to()``, ``.double()`` and ``.float()`` use) the buffer is polished in its
-    new dtype.
+    Used by the channel mixing and the invertible resampling, which set the
+    buffer ``base`` (the initial kernel, ``(..., n, n)``), the parameter
+    ``weight`` (same shape, zeros at init; None if not learnable) and
+    ``method``.
+
+    Keeps ``base`` orthogonal across dtype changes: ``model.double()`` would
+    otherwise turn a float32-rounded matrix into a float64 one that is
+    orthogonal only to ~1e-7; after every ``_apply`` (which ``.to()``,
+    ``.double()`` and ``.float()`` use) the buffer is polished in its new dtype.
     """
+
+    base: Tensor
+    weight: Tensor | None
+    method: str
+
+    def kernel(self) -> Tensor:
+        """The orthogonal kernel ``base @ orthogonal_matrix(weight, method)``, shape of ``base``.
+
+        The buffer ``base`` itself if not learnable.  Float32 if the parameter is
+        half precision or autocast is active (see :func:`orthogonal_matrix`).
+        """
+        if self.weight is None:
+            return self.base
+        Q = orthogonal_matrix(self.weight, self.method)
+        with torch.autocast(device_type=Q.device.type, enabled=False):
+            return self.base.to(Q.dtype) @ Q
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         out = super()._apply(fn, recurse)  # type: ignore[misc]

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from iunet_nb.nn.orthogonal import METHODS, OrthogonalBaseMixin, orthogonal_matrix, reorthogonalize_
+from iunet_nb.common import check_dim
+from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, check_method, reorthogonalize_
 
 __all__ = [
     "INITS",
@@ -58,18 +59,6 @@ INIT_ORTHOGONALITY_TOL: float = 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_dim(dim: int) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim not in (1, 2, 3):
-        raise ValueError(f"dim must be 1, 2 or 3 (number of spatial dims), got {dim!r}")
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; valid methods are {', '.join(repr(m) for m in METHODS)}"
-        )
-
-
 def normalize_stride(stride: int | Sequence[int], dim: int) -> tuple[int, ...]:
     """Return ``stride`` as a tuple of ``dim`` positive ints.
 
@@ -275,8 +264,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         dtype: torch.dtype | None,
     ) -> None:
         super().__init__()
-        _check_dim(dim)
-        _check_method(method)
+        check_dim(dim)
+        check_method(method)
         self.dim = dim
         self.stride = normalize_stride(stride, dim)
         self.block_size = math.prod(self.stride)
@@ -304,19 +293,13 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             f"init={self.init!r}, learnable={self.learnable}, shared={self.shared}"
         )
 
-    def kernel(self) -> Tensor:
-        """The orthogonal kernel ``base @ orthogonal_matrix(weight, method)``.
+    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool]) -> list[Tensor]:
+        """``forward(cat(parts, dim=1), kernel)`` as one new tensor (the block reordering copies anyway).
 
-        Returns:
-            Tensor of shape ``(C, s, s)`` (``(1, s, s)`` if ``shared``); the buffer
-            ``base`` itself if not learnable. Float32 if the parameter is half
-            precision or autocast is active (see :func:`orthogonal_matrix`).
+        ``kernel``: ``(C or 1, s, s)`` (:meth:`kernel`).
         """
-        if self.weight is None:
-            return self.base
-        Q = orthogonal_matrix(self.weight, self.method)
-        with torch.autocast(device_type=Q.device.type, enabled=False):
-            return self.base.to(Q.dtype) @ Q
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return [self(x, kernel=kernel)]
 
     def _resolve_kernel(self, kernel: Tensor | None, dtype: torch.dtype) -> Tensor:
         """The ``(C or 1, s, s)`` kernel in the data's dtype (computed once if not given)."""
@@ -357,8 +340,7 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
 
 
     def _down_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
-                             y_owned: list[bool] | None, dy_owned: list[bool] | None,
-                             join: bool = True
+                             y_owned: list[bool] | None, dy_owned: list[bool] | None, join: bool
                              ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """For ``y = down(x)`` (coarse parts): rebuild ``x`` and return ``(x, dL/dx, dL/dQ)``.
 
@@ -618,16 +600,16 @@ class InvertibleDownsampling(_InvertibleResampling):
         return self._up(y, kernel)
 
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
-                       need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
-                       dy_owned: list[bool] | None = None, join: bool = True
-                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
+                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from the output ``y = down(x)`` and ``dL/dy``, given as
         channel parts: returns ``(x parts, dL/dx parts, dL/dkernel)``; owned parts are reused.
 
-        ``join=False`` returns the fine tensors as parts (see :meth:`_reorder`).
+        With ``allow_split`` the fine tensors come back as one part per coarse
+        part, which lowers the peak (see :meth:`_reorder`); otherwise as one tensor each.
         """
         return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
-                                         dy_owned, join)
+                                         dy_owned, join=not allow_split)
 
 
 class InvertibleUpsampling(_InvertibleResampling):
@@ -658,7 +640,7 @@ class InvertibleUpsampling(_InvertibleResampling):
     ) -> None:
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        _check_dim(dim)
+        check_dim(dim)
         s = math.prod(normalize_stride(stride, dim))
         if in_channels % s != 0:
             raise ValueError(
@@ -683,9 +665,12 @@ class InvertibleUpsampling(_InvertibleResampling):
         return self._down(x, kernel)
 
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
-                       need_kernel_grad: bool = True, y_owned: list[bool] | None = None,
-                       dy_owned: list[bool] | None = None
-                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
+                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from the output ``y = up(x)`` and ``dL/dy``, given as
-        channel parts of the fine tensors: returns ``(x parts, dL/dx parts, dL/dkernel)``."""
+        channel parts of the fine tensors: returns ``(x parts, dL/dx parts, dL/dkernel)``.
+
+        The coarse tensors come back as one part per fine part whatever
+        ``allow_split`` says; every part is transformed in place after its reordering.
+        """
         return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad)

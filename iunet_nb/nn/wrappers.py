@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["ChannelLift"]
+from iunet_nb.common import CONV, check_dim
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+__all__ = ["ChannelLift"]
 
 
 class ChannelLift(nn.Module):
@@ -32,13 +32,12 @@ class ChannelLift(nn.Module):
     def __init__(self, body: nn.Module, in_channels: int, out_channels: int, body_channels: int,
                  dim: int = 2, residual: bool = False) -> None:
         super().__init__()
-        if dim not in _CONV:
-            raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
+        check_dim(dim)
         if residual and in_channels != out_channels:
             raise ValueError(
                 f"residual=True needs in_channels == out_channels, got {in_channels} and {out_channels}"
             )
-        conv = _CONV[dim]
+        conv = CONV[dim]
         self.lift = conv(in_channels, body_channels, kernel_size=1)
         self.body = body
         self.project = conv(body_channels, out_channels, kernel_size=1)

@@ -1,0 +1,172 @@
+"""The step contract: what the engine needs from a step, and from the modules inside steps.
+
+The engine (:mod:`iunet_nb.engine.fused`) runs a chain of :class:`Step` s on a
+:class:`~iunet_nb.engine.parts.State` of channel parts.  The forward pass
+keeps nothing but the chain's output; the backward pass walks the steps in
+reverse and asks each one to rebuild its input from its output *and* to turn
+the gradient of its output into the gradient of its input.
+
+Two module interfaces let the engine type against what a module inside a
+step declares, instead of probing it:
+
+* :class:`OrthogonalKernelModule` -- an orthogonal linear map given by a
+  kernel (channel mixing, invertible down-/upsampling), run by ``KernelStep``;
+* :class:`DeclaredCouplingFunction` -- a coupling function ``f`` that says
+  whether it is one conv -> LeakyReLU -> GroupNorm block
+  (:class:`ConvLeakyReLUGroupNorm`), whose recompute-and-backward the engine
+  computes with its own fused kernel (:mod:`iunet_nb.engine.coupling_backward`).
+
+Tensor ownership (the code cites these notes by number)
+--------------------------------------------------------
+1. **The caller's tensors are read-only.**  The chain's input ``x``, the output
+   ``y`` saved for the backward and the incoming gradient ``dy`` enter a state
+   as parts with ``owned=False``.  Nothing writes into them or frees them, and
+   the chain's output is never the caller's input (a non-owned output is copied).
+2. **Owned parts.**  A part with ``owned=True`` was allocated during this
+   forward or backward pass and nothing outside the state refers to it: the
+   step that receives it MAY overwrite it in place or drop it (freeing it).
+3. **Copy before writing.**  A step that must write into a part that is not
+   owned works on a copy (``owned_copy``, or the new tensor ``full`` makes of
+   several parts).
+4. **Parts do not overlap.**  The parts of a state and of its gradient state
+   cover disjoint elements.  Views made by ``narrow`` keep the owned flag of the
+   part they come from, so an in-place write to one part never changes another.
+5. **Autograd inside a step.**  A tensor handed to autograd during a
+   recomputation whose memory is written in place later (the coupling's ``v``,
+   whose buffer may also hold ``u``) is given as a ``storage_alias``: autograd's
+   version check then sees only the writes to that alias.
+6. **Skip parts are compacted.**  A part pushed on the skip stack in the backward
+   is copied if it is a view into a larger buffer (``compact``), so the rest of
+   that buffer can be freed while the coarser levels run.
+7. **Steps take over the lists.**  ``Step.backward`` receives ``state.cur`` and
+   ``grad_state.cur`` and replaces them: it MAY empty them early to free their
+   buffers, and MUST leave the rebuilt input in ``state.cur`` and its gradient
+   in ``grad_state.cur`` (as parts of any split).
+8. **Records live with the graph.**  What a step stores in its ``record`` during
+   the forward (RNG states) is kept until autograd frees the graph, so a second
+   backward (``retain_graph=True``) replays the same forward.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from iunet_nb.engine.parts import State
+
+__all__ = [
+    "Step", "OrthogonalKernelModule", "DeclaredCouplingFunction", "ConvLeakyReLUGroupNorm",
+]
+
+
+class Step(ABC):
+    """One invertible step of a chain run by the engine.
+
+    Implementers MUST define :meth:`forward` and :meth:`backward`; they CAN
+    override :meth:`tensors` (no gradient-receiving tensors by default).
+    """
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors the step's gradients are taken for (e.g. its module's parameters).
+
+        The engine passes exactly these, in this order, to :meth:`forward` and
+        :meth:`backward`, and hands back one gradient per tensor.
+        """
+        return []
+
+    @abstractmethod
+    def forward(self, state: State, tensors: Sequence[Tensor], record: dict[str, Any]) -> None:
+        """Replace ``state`` (this step's input) by this step's output, without a graph.
+
+        ``record``: a dict the step MAY fill with what its backward needs to
+        replay the forward exactly (RNG states; ownership note 8).
+        """
+
+    @abstractmethod
+    def backward(self, state: State, grad_state: State, tensors: Sequence[Tensor],
+                 record: dict[str, Any]) -> list[Tensor | None]:
+        """Rebuild the input from the output and its gradient from the output's gradient.
+
+        On entry ``state`` holds this step's output and ``grad_state`` the
+        gradient of the loss with respect to it; on return they hold the step's
+        input and the gradient with respect to that input (ownership note 7).
+
+        Returns:
+            one gradient per entry of ``tensors`` (``None`` where
+            ``requires_grad`` is False or the tensor was not used).
+        """
+
+
+class OrthogonalKernelModule(ABC):
+    """A module ``y = K x`` with an orthogonal kernel ``K``, run on channel parts.
+
+    Because ``K`` is orthogonal, the input is ``x = K^T y`` and its gradient is
+    ``dL/dx = K^T dL/dy``; only the kernel's gradient needs both ``x`` and
+    ``dL/dy``.  Implementers MUST define all three methods.
+    """
+
+    @abstractmethod
+    def kernel(self) -> Tensor:
+        """The kernel, differentiable with respect to the module's parameters."""
+
+    @abstractmethod
+    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool]) -> list[Tensor]:
+        """``y = K cat(parts, dim=1)`` as a list of channel parts.
+
+        Parts whose ``owned`` flag is True MAY be overwritten (ownership note 2).
+        """
+
+    @abstractmethod
+    def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
+                       need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
+                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """From the output ``y`` and ``dL/dy`` (channel parts), return ``(x, dL/dx, dL/dK)``.
+
+        ``x`` and ``dL/dx`` are returned as channel parts; owned input parts MAY
+        be overwritten, and the lists ``y_parts``/``dy_parts`` MAY be emptied to
+        free their buffers early (ownership note 7).  ``allow_split``: the module
+        MAY return ``x`` and ``dL/dx`` in more parts than it otherwise would, when
+        that lowers its peak memory.  ``dL/dK`` is None unless ``need_kernel_grad``.
+        """
+
+
+@dataclass(frozen=True)
+class ConvLeakyReLUGroupNorm:
+    """The block ``f(v) = GroupNorm(1, c)(LeakyReLU(conv3(v, conv_weight)))``.
+
+    ``conv3``: a 3^dim convolution with padding 1, stride 1 and no bias;
+    ``conv_weight``: ``(c, c_in, 3, ..., 3)``; ``norm_weight``, ``norm_bias``:
+    ``(c,)``, the GroupNorm's affine parameters.
+    """
+
+    conv_weight: Tensor
+    negative_slope: float
+    norm_weight: Tensor
+    norm_bias: Tensor
+    eps: float
+
+    def tensors(self) -> list[Tensor]:
+        """The gradient-receiving tensors, in the order the fused backward returns their gradients."""
+        return [self.conv_weight, self.norm_weight, self.norm_bias]
+
+
+class DeclaredCouplingFunction(ABC):
+    """A coupling function ``f`` that tells the engine what it is.
+
+    Implementers MUST define :meth:`fused_block`; they CAN set
+    :attr:`output_not_needed_for_backward`.
+    """
+
+    #: True if ``f``'s last layer's backward does not read ``f``'s output
+    #: (GroupNorm): the engine may then free ``f(v)`` before back-propagating.
+    output_not_needed_for_backward: bool = False
+
+    @abstractmethod
+    def fused_block(self) -> ConvLeakyReLUGroupNorm | None:
+        """``f`` as one conv -> LeakyReLU -> GroupNorm block, or None if it is not one.
+
+        For such a block the engine recomputes ``f`` and back-propagates through
+        it with its own fused kernel; otherwise with autograd.
+        """

@@ -1,0 +1,278 @@
+r"""The fused recompute-and-backward of the standard additive coupling.
+
+The standard coupling maps ``x = (x1, x2)`` to ``y = (y1, y2) = (x2, x1 + f(x2))``
+(the talk's equation (1), channels reordered so the untouched half comes first)
+with the single block
+
+.. math::
+
+    a = \mathrm{LeakyReLU}(W * v), \qquad
+    f(v) = \gamma \odot \hat a + \beta, \qquad
+    \hat a = (a - \mu) \, r, \quad r = (\sigma^2 + \epsilon)^{-1/2},
+
+where ``W * v`` is a 3^dim convolution (padding 1, no bias) and ``mu``,
+``sigma^2`` are the mean and variance of ``a`` over all channels and positions
+of one sample (GroupNorm with one group, ``M = c |S|`` elements).
+
+Given the output ``y`` and its gradient ``(dy1, dy2)``, the backward needs the
+input ``x`` and its gradient:
+
+* ``x2 = v = y1``; ``x1 = u = y2 - f(v)`` -- so ``f(v)`` is recomputed, once;
+* ``dx1 = dy2``; ``dx2 = dy1 + J_f(v)^T dy2`` -- the same evaluation of ``f`` is
+  back-propagated with ``g = dy2``.
+
+:func:`recompute_and_backward` does both in two passes over ``a``, writing
+``u`` into ``target`` (which holds ``y2``) and accumulating ``J_f^T g`` into
+``grad_v`` (which holds ``dy1``).  GroupNorm's backward, with the per-sample,
+per-channel sums ``s1 = sum_S g``, ``s2 = sum_S g a`` and
+``s_hat = sum_S g \hat a = r (s2 - mu s1)``:
+
+.. math::
+
+    \partial\beta_c = \sum_n s1_{nc}, \qquad
+    \partial\gamma_c = \sum_n \hat s_{nc}, \qquad
+    \partial a = \gamma r g - r A - (a - \mu) r^2 B,
+
+    A_n = \tfrac1M \sum_c \gamma_c s1_{nc}, \qquad
+    B_n = \tfrac1M \sum_c \gamma_c \hat s_{nc}.
+
+Then LeakyReLU's derivative (1 where ``a >= 0``, the slope elsewhere) and the
+convolution's: ``dW = sum v (x) da`` (correlation) and ``dv = W^T * da``
+(transposed convolution).
+
+*Pass 1* computes ``a`` and the statistics ``mu, sigma^2, s2`` (accumulated in
+float64, shifted by a first estimate of the mean, so that no cancellation
+occurs); *pass 2* subtracts ``f(v)`` from ``target`` and turns ``a`` into
+``da`` in place, then back-propagates through the convolution.
+
+``slabs=False`` computes ``a`` once for the whole tensor and keeps it between
+the passes: one activation-sized buffer ``(N, c, *S)``, plus a boolean mask.
+``slabs=True`` computes it slab by slab along the first spatial dimension in
+both passes: one extra convolution, but nothing activation-sized.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from iunet_nb.engine.contract import ConvLeakyReLUGroupNorm
+from iunet_nb.engine.tiled import (
+    ChannelParts,
+    Conv3Kernels,
+    conv3_halo,
+    conv3_kernels_for,
+    conv3_transpose_slab_rows,
+    conv3_weight_grad_halo,
+    conv_tile_bounds,
+)
+
+__all__ = ["recompute_and_backward"]
+
+#: Elements per sample of one chunk of the elementwise loops (statistics, mask).
+CHUNK_ELEMENTS = 1 << 16
+
+_ACCUMULATE = torch.float64
+
+
+@torch.no_grad()
+def recompute_and_backward(block: ConvLeakyReLUGroupNorm, v: list[Tensor], grad_fv: list[Tensor],
+                           target: list[Tensor], grad_v: list[Tensor] | None, *, slabs: bool,
+                           kernels: Conv3Kernels | None = None) -> tuple[Tensor | None, list[Tensor]]:
+    """Recompute ``f(v)``, subtract it from ``target`` and back-propagate ``grad_fv`` through it.
+
+    Args:
+        block: ``f`` (see the module docstring).
+        v: ``f``'s input ``(N, c_in, *S)`` as channel parts.
+        grad_fv: ``dL/df(v)``, ``(N, c, *S)`` as channel parts (read only).
+        target: ``(N, c, *S)`` channel parts that receive ``target -= f(v)`` in place.
+        grad_v: ``(N, c_in, *S)`` channel parts that receive ``+= dL/dv`` in place, or None.
+        slabs: recompute ``a`` slab by slab instead of keeping it (module docstring).
+        kernels: the whole-tensor convolutions of ``slabs=False``
+            (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for` the device).
+
+    Returns:
+        ``(dL/dv or None if accumulated into grad_v, [dL/dW, dL/dgamma, dL/dbeta])``.
+    """
+    v_parts, g_parts = ChannelParts(v), ChannelParts(grad_fv)
+    if kernels is None:
+        kernels = conv3_kernels_for(v[0].device)
+    if slabs:
+        source: _WholeActivation | _SlabwiseActivation = _SlabwiseActivation(block, v_parts, grad_v)
+    else:
+        source = _WholeActivation(block, v_parts, grad_v, kernels)
+    stats = _statistics(block, source, g_parts)
+    target_parts = ChannelParts(target)
+    for lo, hi in source.bounds:
+        da = _subtract_and_norm_backward(block, stats, source.activation(lo, hi), g_parts,
+                                         target_parts, lo, hi)
+        source.backward_conv(lo, hi, da)
+        del da
+    dtype = stats.scale.dtype
+    return source.input_grad, [source.weight_grad, stats.grad_gamma.to(dtype), stats.grad_beta.to(dtype)]
+
+
+@dataclass
+class _NormStatistics:
+    """GroupNorm's per-sample statistics and the coefficients of its backward.
+
+    Shapes: ``mean``, ``rstd``, ``coef_centered``, ``shift``: ``(N, 1, ..., 1)``;
+    ``scale`` (``r gamma``): ``(N, c, 1, ..., 1)``; ``beta``: ``(1, c, 1, ..., 1)``;
+    ``grad_gamma``, ``grad_beta``: ``(c,)`` in float64.
+    """
+
+    mean: Tensor
+    scale: Tensor
+    beta: Tensor
+    coef_centered: Tensor  # -r^2 B, the factor of (a - mu) in da
+    shift: Tensor  # r A, subtracted from da
+    grad_gamma: Tensor
+    grad_beta: Tensor
+
+
+def _chunks(a: Tensor) -> list[slice]:
+    """Channel ranges of ``a`` with about :data:`CHUNK_ELEMENTS` elements per sample each."""
+    per_channel = max(1, a[0, 0].numel())
+    step = max(1, CHUNK_ELEMENTS // per_channel)
+    return [slice(c, min(c + step, a.shape[1])) for c in range(0, a.shape[1], step)]
+
+
+def _statistics(block: ConvLeakyReLUGroupNorm, source: "_WholeActivation | _SlabwiseActivation",
+                g: ChannelParts) -> _NormStatistics:
+    """Pass 1: ``mu``, ``r`` and the sums of GroupNorm's backward (module docstring)."""
+    n, c = g.shape[0], g.shape[1]
+    zeros = dict(dtype=_ACCUMULATE, device=g.parts[0].device)
+    shift_estimate: Tensor | None = None
+    sum_centered, sum_squares = torch.zeros(n, **zeros), torch.zeros(n, **zeros)
+    sum_ga = torch.zeros(n, c, **zeros)  # s2 = sum_S g a
+    for lo, hi in source.bounds:
+        a, g_rows = source.activation(lo, hi), g.rows(lo, hi)
+        for sl in _chunks(a):
+            a_chunk = a[:, sl].reshape(n, sl.stop - sl.start, -1).to(_ACCUMULATE)
+            if shift_estimate is None:  # the first chunk's mean: shifted sums do not cancel
+                shift_estimate = a_chunk.mean((1, 2))
+            centered = a_chunk - shift_estimate.view(n, 1, 1)
+            sum_centered += centered.sum((1, 2))
+            sum_squares += centered.square().sum((1, 2))
+            g_chunk = g_rows[:, sl].reshape(n, sl.stop - sl.start, -1).to(_ACCUMULATE)
+            sum_ga[:, sl] += torch.einsum("ncl,ncl->nc", g_chunk, a_chunk)
+        del a, g_rows
+    assert shift_estimate is not None
+    count = c * math.prod(g.shape[2:])  # M
+    mean_shifted = sum_centered / count
+    var = (sum_squares / count - mean_shifted.square()).clamp_min(0)
+    mean, rstd = shift_estimate + mean_shifted, (var + block.eps).rsqrt()
+    return _backward_coefficients(block, g, mean, rstd, sum_ga, count)
+
+
+def _backward_coefficients(block: ConvLeakyReLUGroupNorm, g: ChannelParts, mean: Tensor,
+                           rstd: Tensor, sum_ga: Tensor, count: int) -> _NormStatistics:
+    """``A``, ``B``, ``s_hat`` and the parameter gradients from the float64 statistics."""
+    n, c, ndim = g.shape[0], g.shape[1], len(g.shape)
+    sum_g = g.channel_sums().to(_ACCUMULATE)  # s1, (N, c)
+    sum_g_normalized = rstd.view(n, 1) * (sum_ga - mean.view(n, 1) * sum_g)  # s_hat, (N, c)
+    gamma64 = block.norm_weight.to(_ACCUMULATE).view(1, c)
+    mean_gamma_g = (gamma64 * sum_g).sum(1) / count  # A, (N,)
+    mean_gamma_g_normalized = (gamma64 * sum_g_normalized).sum(1) / count  # B, (N,)
+    dtype = g.parts[0].dtype
+    per_sample = (n,) + (1,) * (ndim - 1)
+    per_channel = (1, c) + (1,) * (ndim - 2)
+    rstd_data = rstd.to(dtype).view(per_sample)
+    return _NormStatistics(
+        mean=mean.to(dtype).view(per_sample),
+        scale=rstd_data * block.norm_weight.view(per_channel),
+        beta=block.norm_bias.view(per_channel),
+        coef_centered=(-(rstd * rstd) * mean_gamma_g_normalized).to(dtype).view(per_sample),
+        shift=(rstd * mean_gamma_g).to(dtype).view(per_sample),
+        grad_gamma=sum_g_normalized.sum(0),
+        grad_beta=sum_g.sum(0),
+    )
+
+
+def _subtract_and_norm_backward(block: ConvLeakyReLUGroupNorm, stats: _NormStatistics, a: Tensor,
+                                g: ChannelParts, target: ChannelParts, lo: int, hi: int) -> Tensor:
+    """Pass 2 on rows ``lo:hi``: ``target -= f(v)``, then ``a`` becomes ``dL/d(W * v)`` in place."""
+    negative = a.lt(0)
+    a.sub_(stats.mean)  # a - mu
+    target.addcmul_rows_(lo, hi, a, stats.scale, value=-1.0)  # target -= (a - mu) r gamma ...
+    target.add_rows_(lo, hi, stats.beta, alpha=-1.0)  # ... + beta
+    # dL/da = (a - mu)(-r^2 B) + r gamma g - r A
+    a.mul_(stats.coef_centered).addcmul_(g.rows(lo, hi), stats.scale).sub_(stats.shift)
+    slope, one = a.new_tensor(block.negative_slope), a.new_tensor(1.0)
+    for sl in _chunks(a):  # LeakyReLU's derivative, chunk by chunk (no activation-sized factor)
+        a[:, sl].mul_(torch.where(negative[:, sl], slope, one))
+    return a
+
+
+class _WholeActivation:
+    """``a`` for the whole tensor, computed once and kept between the two passes.
+
+    ``input_grad``: after :meth:`backward_conv`, ``dL/dv`` or None if added into ``grad_v``.
+    """
+
+    def __init__(self, block: ConvLeakyReLUGroupNorm, v: ChannelParts, grad_v: list[Tensor] | None,
+                 kernels: Conv3Kernels) -> None:
+        self.block, self.kernels, self.grad_v = block, kernels, grad_v
+        self.v = v.rows(0, v.shape[2])
+        self.bounds = [(0, v.shape[2])]
+        self._kept: Tensor | None = None
+        self.weight_grad: Tensor | None = None
+        self.input_grad: Tensor | None = None
+
+    def activation(self, lo: int, hi: int) -> Tensor:
+        """``a`` (computed on the first call, handed over on the second)."""
+        if self._kept is None:
+            a = self.kernels.conv(self.v, self.block.conv_weight)
+            self._kept = F.leaky_relu_(a, self.block.negative_slope)
+            return self._kept
+        a, self._kept = self._kept, None
+        return a
+
+    def backward_conv(self, lo: int, hi: int, da: Tensor) -> None:
+        """``dW`` and ``dv = W^T * da`` (added into ``grad_v`` when given)."""
+        weight = self.block.conv_weight
+        self.weight_grad = self.kernels.weight_grad(self.v, da, weight)
+        if self.grad_v is not None and len(self.grad_v) == 1:
+            self.kernels.conv_transpose(da, weight, out=self.grad_v[0])
+            return
+        dv = self.kernels.conv_transpose(da, weight)
+        if self.grad_v is None:
+            self.input_grad = dv
+        else:
+            ChannelParts(self.grad_v).add_rows_(0, dv.shape[2], dv)
+
+
+class _SlabwiseActivation:
+    """``a`` computed slab by slab from the input rows with their halo, in both passes.
+
+    ``input_grad``: as for :class:`_WholeActivation`; with ``grad_v`` given, the
+    gradient is added into it row by row, so nothing activation-sized is allocated.
+    """
+
+    def __init__(self, block: ConvLeakyReLUGroupNorm, v: ChannelParts,
+                 grad_v: list[Tensor] | None) -> None:
+        self.block, self.v = block, v
+        first = v.parts[0]
+        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device)
+        self.weight_grad = torch.zeros_like(block.conv_weight)
+        self.input_grad: Tensor | None = None
+        if grad_v is None:
+            self.input_grad = first.new_zeros(v.shape)
+            grad_v = [self.input_grad]
+        self._grad_v = ChannelParts(grad_v)
+        self._halo: Tensor | None = None
+
+    def activation(self, lo: int, hi: int) -> Tensor:
+        self._halo = self.v.halo(lo, hi)
+        return F.leaky_relu_(conv3_halo(self._halo, self.block.conv_weight), self.block.negative_slope)
+
+    def backward_conv(self, lo: int, hi: int, da: Tensor) -> None:
+        """``dW`` of these rows, and their contribution to ``dv`` added into its rows."""
+        weight = self.block.conv_weight
+        self.weight_grad += conv3_weight_grad_halo(self._halo, da, weight)
+        self._halo = None
+        first, end, rows = conv3_transpose_slab_rows(da, weight, lo, hi, self.v.shape[2])
+        self._grad_v.add_rows_(first, end, rows)

@@ -1,0 +1,331 @@
+"""The engine's step types: one class per kind of invertible operation of an iUNet body.
+
+* :class:`CouplingStep` -- an additive coupling ``(u, v) -> (v, u + f(v))``;
+* :class:`InvertibleModuleStep` -- any module with ``forward`` and ``inverse``;
+* :class:`KernelStep` -- an orthogonal map given by a kernel (channel mixing,
+  invertible down- and upsampling);
+* :class:`SplitStep` / :class:`ConcatStep` -- the skip connections.
+
+Each implements the contract of :class:`~iunet_nb.engine.contract.Step`; the
+ownership notes cited below are those of :mod:`iunet_nb.engine.contract`.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from iunet_nb.engine.contract import DeclaredCouplingFunction, OrthogonalKernelModule, Step
+from iunet_nb.engine.coupling_backward import recompute_and_backward
+from iunet_nb.engine.parts import (
+    Part, Parts, State, compact, full, join, narrow, nbytes, num_channels, owned_copy,
+    split_like, storage_alias,
+)
+
+__all__ = [
+    "SLAB_MIN_BYTES", "private_buffers", "RecomputeContext", "CouplingStep",
+    "InvertibleModuleStep", "KernelStep", "SplitStep", "ConcatStep",
+]
+
+#: Couplings whose ``f(v)`` is at least this large are recomputed slab by slab (one extra
+#: convolution, no activation-sized buffer), and the finest level's downsampling hands
+#: back its input in parts.  Below it, the saving is smaller than the weight-sized
+#: temporaries of the coarse levels and not worth the time.
+SLAB_MIN_BYTES = 8 << 20
+
+
+class private_buffers:
+    """Context in which ``module`` (and its children) work on copies of their buffers.
+
+    A recomputation must not update state such as BatchNorm's running
+    statistics a second time (the forward already did).  The copies may be
+    saved by autograd and modified by the recomputation itself; the module's
+    own buffers are put back untouched on exit.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> "private_buffers":
+        self._saved: list[tuple[dict, str, Tensor]] = []
+        for m in self.module.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    self._saved.append((m._buffers, name, b))
+                    m._buffers[name] = b.detach().clone()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for buffers, name, b in self._saved:
+            buffers[name] = b
+        self._saved = []
+
+
+class RecomputeContext:
+    """Replays the forward's RNG state for ``module`` and gives it private buffers.
+
+    ``record`` is what :meth:`capture` returned when the forward ran.
+    """
+
+    def __init__(self, module: nn.Module, record: dict, preserve_rng_state: bool) -> None:
+        self.module = module
+        self.record = record
+        self.preserve_rng_state = preserve_rng_state
+
+    @staticmethod
+    def capture(module: nn.Module, x: Tensor, preserve_rng_state: bool) -> dict:
+        """The RNG states to replay (empty without ``preserve_rng_state``); ``x``: the input."""
+        record: dict[str, Any] = {}
+        if preserve_rng_state:
+            record["cpu_rng"] = torch.get_rng_state()
+            if x.is_cuda:
+                record["cuda_device"] = x.device
+                record["cuda_rng"] = torch.cuda.get_rng_state(x.device)
+        return record
+
+    def __enter__(self) -> None:
+        self._exit = ExitStack()
+        self._exit.enter_context(private_buffers(self.module))
+        if self.preserve_rng_state and "cpu_rng" in self.record:
+            devices = [self.record["cuda_device"]] if "cuda_device" in self.record else []
+            self._exit.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
+            torch.set_rng_state(self.record["cpu_rng"])
+            if devices:
+                torch.cuda.set_rng_state(self.record["cuda_rng"], devices[0])
+
+    def __exit__(self, *exc: Any) -> None:
+        self._exit.__exit__(*exc)
+
+
+def _gradients_for(tensors: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """``grads`` (one per tensor that requires grad, in order) spread over all ``tensors``."""
+    it = iter(grads)
+    return [next(it) if t.requires_grad else None for t in tensors]
+
+
+def _add_into_parts(grad: Tensor | None, parts: Parts) -> Parts:
+    """``grad + cat(parts)`` as parts: ``parts`` themselves if ``grad`` is None (already added)."""
+    if grad is None:
+        return parts
+    for piece, target in zip(parts, split_like(grad, parts)):
+        target.add_(piece.tensor)
+    return [Part(grad, True)]
+
+
+class CouplingStep(Step):
+    """Step for :class:`iunet_nb.nn.coupling.AdditiveCoupling` ``(u, v) -> (v, u + f(v))``.
+
+    The backward recomputes ``f(v)`` once, subtracts it to rebuild ``u`` and
+    back-propagates it: with the engine's fused kernel
+    (:mod:`iunet_nb.engine.coupling_backward`) when ``f`` declares itself one
+    conv -> LeakyReLU -> GroupNorm block (:class:`DeclaredCouplingFunction`),
+    with autograd otherwise.
+
+    Args:
+        module: the coupling (``f``, ``channels``, ``split``).
+        preserve_rng_state: replay the forward's RNG state when ``f`` is recomputed.
+        slabs: recompute ``f`` slab by slab when ``u`` has at least
+            :data:`SLAB_MIN_BYTES` (fused kernel only).
+    """
+
+    def __init__(self, module: nn.Module, preserve_rng_state: bool = True, slabs: bool = False) -> None:
+        self.module = module
+        self.preserve_rng_state = preserve_rng_state
+        self.slabs = slabs
+        f = module.f
+        self.block = f.fused_block() if isinstance(f, DeclaredCouplingFunction) else None
+
+    def tensors(self) -> list[Tensor]:
+        return self.block.tensors() if self.block is not None else list(self.module.f.parameters())
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        m = self.module
+        s, c = m.split, m.channels
+        u, v = narrow(st.cur, 0, s), narrow(st.cur, s, c - s)
+        v_full = full(v)
+        record.update(RecomputeContext.capture(m.f, v_full.tensor, self.preserve_rng_state))
+        fv = m.f(v_full.tensor)
+        if len(u) == 1 and u[0].owned:  # ownership note 2
+            u[0].tensor.add_(fv)
+            new_u = u[0]
+        else:
+            new_u = Part(join(u) + fv, True)
+        # Keep v as the single (possibly concatenated) part, so the next
+        # coupling, which transforms the other half, needs no copy.
+        st.cur = [v_full, new_u]
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        r = self.module.channels - self.module.split
+        s = self.module.split
+        y1, y2 = narrow(st.cur, 0, r), narrow(st.cur, r, s)
+        dy1, dy2 = narrow(gst.cur, 0, r), narrow(gst.cur, r, s)
+        if self.block is not None:
+            return self._fused_backward(st, gst, y1, y2, dy1, dy2, tensors)
+        return self._autograd_backward(st, gst, y1, y2, dy1, dy2, tensors, record)
+
+    def _fused_backward(self, st: State, gst: State, y1: Parts, y2: Parts, dy1: Parts, dy2: Parts,
+                        tensors: Sequence[Tensor]) -> list[Tensor | None]:
+        """``u = y2 - f(y1)`` and the gradients with the fused kernel, slab-wise for large ``u``."""
+        slabbed = self.slabs and nbytes(y2) >= SLAB_MIN_BYTES
+        if slabbed:  # the kernel reads and updates the parts as they are
+            v, u = y1, [owned_copy(p) for p in y2]
+        else:
+            v, dy2 = [full(y1)], [full(dy2)]
+            u = [owned_copy(y2[0]) if len(y2) == 1 else full(y2)]  # ownership note 3
+        # With owned gradient buffers, dL/dv accumulates straight into them (note 2).
+        accumulate = all(p.owned for p in dy1) and (slabbed or len(dy1) == 1)
+        dv, grads = recompute_and_backward(
+            self.block, [p.tensor for p in v], [p.tensor for p in dy2], [p.tensor for p in u],
+            [p.tensor for p in dy1] if accumulate else None, slabs=slabbed)
+        st.cur = u + v
+        gst.cur = dy2 + _add_into_parts(dv, dy1)
+        return [g if t.requires_grad else None for t, g in zip(tensors, grads)]
+
+    def _autograd_backward(self, st: State, gst: State, y1: Parts, y2: Parts, dy1: Parts,
+                           dy2: Parts, tensors: Sequence[Tensor], record: dict) -> list[Tensor | None]:
+        """``u = y2 - f(y1)`` and the gradients with one recomputation of ``f`` under autograd."""
+        f = self.module.f
+        v, dy2_full = full(y1), full(dy2)
+        wanted = [t for t in tensors if t.requires_grad]
+        # Buffers are restored only after the gradient: BatchNorm's backward reads them.
+        with RecomputeContext(f, record, self.preserve_rng_state):
+            with torch.enable_grad():
+                # u is rebuilt in place below, possibly in v's storage (ownership note 5).
+                v_in = storage_alias(v.tensor).requires_grad_(True)
+                fv = f(v_in)
+            fv_data = fv.detach()
+            if len(y2) == 1 and y2[0].owned:  # ownership note 2
+                u = y2[0]
+                u.tensor.sub_(fv_data)
+            else:
+                u = Part(join(y2) - fv_data, True)
+            del fv_data
+            if isinstance(f, DeclaredCouplingFunction) and f.output_not_needed_for_backward \
+                    and fv._base is None:
+                fv.untyped_storage().resize_(0)
+            grads = torch.autograd.grad(fv, [v_in] + wanted, dy2_full.tensor.to(fv.dtype),
+                                        allow_unused=True)
+        del fv
+        dv = None if grads[0] is None else grads[0].to(dy2_full.tensor.dtype)
+        st.cur = [u, v]
+        gst.cur = [dy2_full] + (_add_into_parts(dv, dy1) if dv is not None else [full(dy1)])
+        return _gradients_for(tensors, grads[1:])
+
+
+class InvertibleModuleStep(Step):
+    """Any module with ``forward`` and ``inverse``: undo, then recompute with grad (memcnn-style)."""
+
+    def __init__(self, module: nn.Module, preserve_rng_state: bool = True) -> None:
+        self.module = module
+        self.preserve_rng_state = preserve_rng_state
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.module.parameters())
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        x = join(st.cur)
+        record.update(RecomputeContext.capture(self.module, x, self.preserve_rng_state))
+        st.cur = [Part(self.module(x), True)]
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        y, dy = join(st.cur), join(gst.cur)
+        wanted = [t for t in tensors if t.requires_grad]
+        with RecomputeContext(self.module, record, self.preserve_rng_state):
+            x = self.module.inverse(y)
+        with RecomputeContext(self.module, record, self.preserve_rng_state):
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                y_re = self.module(x_in)
+            grads = torch.autograd.grad(y_re, [x_in] + wanted, dy.to(y_re.dtype), allow_unused=True)
+        dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        st.cur = [Part(x.detach(), True)]
+        gst.cur = [Part(dx.to(dy.dtype), True)]
+        return _gradients_for(tensors, grads[1:])
+
+
+class KernelStep(Step):
+    """An :class:`~iunet_nb.engine.contract.OrthogonalKernelModule` (resampling or channel mixing).
+
+    The step's tensors are the module's parameters (the parametrisation's
+    weight; none if the kernel is fixed), not the kernel: the kernel is
+    computed without a graph in the forward and recomputed, with its graph,
+    in the backward of this step only, so that no kernel and none of the
+    Cayley/exp graphs live through the whole training step.
+
+    ``split_output``: the module may hand back its input in several parts
+    (``allow_split``) when it is at least :data:`SLAB_MIN_BYTES` -- used at
+    the finest level, where the slab-wise couplings read parts directly.
+    """
+
+    def __init__(self, module: nn.Module, split_output: bool = False) -> None:
+        if not isinstance(module, OrthogonalKernelModule):
+            raise TypeError(f"KernelStep needs an OrthogonalKernelModule, got {type(module).__name__}")
+        self.module = module
+        self.split_output = split_output
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.module.parameters())
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        out = self.module.forward_parts([p.tensor for p in st.cur], self.module.kernel(),
+                                        [p.owned for p in st.cur])
+        st.cur = [Part(t, True) for t in out]
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        wanted = [t for t in tensors if t.requires_grad]
+        with torch.enable_grad():
+            kernel = self.module.kernel()
+        allow_split = self.split_output and nbytes(st.cur) >= SLAB_MIN_BYTES
+        ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
+        y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
+        st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early (note 7)
+        need = bool(wanted) and kernel.requires_grad
+        xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), need, y_owned, dy_owned,
+                                                 allow_split)
+        st.cur = [Part(t, True) for t in xs]
+        gst.cur = [Part(t, True) for t in dxs]
+        if not need or dk is None:
+            return [None] * len(tensors)
+        grads = torch.autograd.grad(kernel, wanted, dk.to(kernel.dtype), allow_unused=True)
+        return _gradients_for(tensors, grads)
+
+
+class SplitStep(Step):
+    """Keep the first ``kept`` channels on the skip stack, send the rest on."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        c = num_channels(st.cur)
+        st.stack.append(narrow(st.cur, 0, self.kept))
+        st.cur = narrow(st.cur, self.kept, c - self.kept)
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        st.cur = st.stack.pop() + st.cur
+        gst.cur = gst.stack.pop() + gst.cur
+        return []
+
+
+class ConcatStep(Step):
+    """Put the skip activation (``kept`` channels) back in front of the current one."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        st.cur = st.stack.pop() + st.cur
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        for s in (st, gst):
+            c = num_channels(s.cur)
+            s.stack.append([compact(p) for p in narrow(s.cur, 0, self.kept)])  # ownership note 6
+            s.cur = narrow(s.cur, self.kept, c - self.kept)
+        return []
