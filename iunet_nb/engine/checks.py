@@ -46,7 +46,7 @@ def _reference(step: Step, inputs: list[Tensor], skip_given: bool, tensors: Sequ
                grad: Tensor) -> tuple[Tensor, list[Tensor | None]]:
     """The step's output and autograd's gradients (inputs first, then tensors)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    state = _state(leaves[0], leaves[1] if skip_given else None, owned=False)
+    state = _state(leaves[-1], leaves[0] if skip_given else None, owned=False)
     with torch.enable_grad():
         step.forward(state, tensors, {})
         y = _as_tensor(state)
@@ -84,7 +84,7 @@ def check_step(step: Step, x: Tensor, skip: Tensor | None = None, *, input_owned
             or the caller's tensors were modified.
     """
     tensors = step.tensors()
-    inputs = [x] + ([skip] if skip is not None else [])
+    inputs = ([skip] if skip is not None else []) + [x]  # the state's order: stack, then cur
     originals = [t.detach().clone() for t in inputs]
     with torch.no_grad():
         probe = State([Part(x, False)], [[Part(skip, False)]] if skip is not None else [])
@@ -97,7 +97,7 @@ def check_step(step: Step, x: Tensor, skip: Tensor | None = None, *, input_owned
     record: dict = {}
     with torch.no_grad():
         run = [t.clone() for t in inputs] if input_owned else inputs
-        state = _state(run[0], run[1] if skip is not None else None, owned=input_owned)
+        state = _state(run[-1], run[0] if skip is not None else None, owned=input_owned)
         step.forward(state, tensors, record)
         y = _as_tensor(state)
         grad_state = _mirror(state, grad)
@@ -113,7 +113,8 @@ def check_step(step: Step, x: Tensor, skip: Tensor | None = None, *, input_owned
         raise AssertionError(f"backward returned {len(param_grads)} gradients for {len(tensors)} tensors")
     for i, (t, got) in enumerate(zip(tensors, param_grads)):
         _compare(f"gradient of tensor {i}", got, next(wanted_grads) if t.requires_grad else None, scale)
-    for name, now, before in (("input", x, originals[0]), ("output gradient", grad, grad_original)):
-        if not torch.equal(now, before):
+    for name, now, before in (("input", x, originals[-1]), ("skip input", skip, originals[0]),
+                              ("output gradient", grad, grad_original)):
+        if now is not None and not torch.equal(now, before):
             raise AssertionError(f"the step modified the caller's {name} (ownership note 1)")
     return y

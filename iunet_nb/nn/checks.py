@@ -76,7 +76,7 @@ def require_inverse_method(module: Any, where: str = "block") -> nn.Module:
 
 
 def check_invertible(module: Any, x: Tensor, where: str = "block", scale: float = 0.1,
-                     seed: int = 0) -> None:
+                     seed: int = 0, same_shape: bool = True) -> None:
     """Check the invertible-block contract (module docstring) by running ``module`` on ``x``.
 
     Args:
@@ -85,6 +85,8 @@ def check_invertible(module: Any, x: Tensor, where: str = "block", scale: float 
         where: how to name the block in error messages (e.g. ``"create_module_fn"``).
         scale: standard deviation of the perturbation added to the copy's parameters.
         seed: seed of the perturbation.
+        same_shape: require clause 2; False for a resampling, whose output has
+            another shape (its inverse must still map back to ``x``'s shape).
 
     Raises:
         TypeError: not an ``nn.Module`` or no ``inverse`` method.
@@ -98,7 +100,7 @@ def check_invertible(module: Any, x: Tensor, where: str = "block", scale: float 
         if isinstance(probe, AdditiveCoupling):
             _check_coupling_function(probe, x, where)
         y = probe(x)
-        if not isinstance(y, Tensor) or y.shape != x.shape:
+        if not isinstance(y, Tensor) or (same_shape and y.shape != x.shape):
             got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(
                 f"{where}: a block must map its input to a tensor of the same shape, but "
