@@ -40,9 +40,9 @@ Then LeakyReLU's derivative (1 where ``a >= 0``, the slope elsewhere) and the
 convolution's: ``dW = sum v (x) da`` (correlation) and ``dv = W^T * da``
 (transposed convolution).
 
-*Pass 1* computes ``a`` and the statistics ``mu, sigma^2, s2`` (accumulated in
-float64, shifted by a first estimate of the mean, so that no cancellation
-occurs); *pass 2* subtracts ``f(v)`` from ``target`` and turns ``a`` into
+*Pass 1* computes ``a`` and the statistics ``mu, sigma^2, s2`` (sums over
+chunks of ``a`` in the data's dtype, added up in float64, and shifted by a
+first estimate of the mean, so that no cancellation occurs); *pass 2* subtracts ``f(v)`` from ``target`` and turns ``a`` into
 ``da`` in place, then back-propagates through the convolution.
 
 ``slabs=False`` computes ``a`` once for the whole tensor and keeps it between
@@ -72,7 +72,7 @@ from iunet_nb.engine.tiled import (
 
 __all__ = ["recompute_and_backward"]
 
-#: Elements per sample of one chunk of the elementwise loops (statistics, mask).
+#: Elements per sample of one chunk of the elementwise loops (statistics, LeakyReLU mask).
 CHUNK_ELEMENTS = 1 << 16
 
 _ACCUMULATE = torch.float64
@@ -150,21 +150,22 @@ def _statistics(block: ConvLeakyReLUGroupNorm, source: "_WholeActivation | _Slab
     sum_ga = torch.zeros(n, c, **zeros)  # s2 = sum_S g a
     for lo, hi in source.bounds:
         a, g_rows = source.activation(lo, hi), g.rows(lo, hi)
-        for sl in _chunks(a):
-            a_chunk = a[:, sl].reshape(n, sl.stop - sl.start, -1).to(_ACCUMULATE)
+        for sl in _chunks(a):  # chunk sums in the data's dtype, added up in float64
+            a_chunk = a[:, sl].reshape(n, sl.stop - sl.start, -1)
             if shift_estimate is None:  # the first chunk's mean: shifted sums do not cancel
-                shift_estimate = a_chunk.mean((1, 2))
-            centered = a_chunk - shift_estimate.view(n, 1, 1)
-            sum_centered += centered.sum((1, 2))
-            sum_squares += centered.square().sum((1, 2))
-            g_chunk = g_rows[:, sl].reshape(n, sl.stop - sl.start, -1).to(_ACCUMULATE)
-            sum_ga[:, sl] += torch.einsum("ncl,ncl->nc", g_chunk, a_chunk)
+                shift_estimate = a_chunk.mean((1, 2), keepdim=True)
+            centered = a_chunk - shift_estimate
+            sum_centered += centered.sum((1, 2)).to(_ACCUMULATE)
+            sum_squares += centered.square().sum((1, 2)).to(_ACCUMULATE)
+            g_chunk = g_rows[:, sl].reshape(n, sl.stop - sl.start, -1)
+            sum_ga[:, sl] += torch.linalg.vecdot(g_chunk, a_chunk).to(_ACCUMULATE)
         del a, g_rows
     assert shift_estimate is not None
     count = c * math.prod(g.shape[2:])  # M
     mean_shifted = sum_centered / count
     var = (sum_squares / count - mean_shifted.square()).clamp_min(0)
-    mean, rstd = shift_estimate + mean_shifted, (var + block.eps).rsqrt()
+    mean = shift_estimate.view(n).to(_ACCUMULATE) + mean_shifted
+    rstd = (var + block.eps).rsqrt()
     return _backward_coefficients(block, g, mean, rstd, sum_ga, count)
 
 
@@ -201,9 +202,10 @@ def _subtract_and_norm_backward(block: ConvLeakyReLUGroupNorm, stats: _NormStati
     target.add_rows_(lo, hi, stats.beta, alpha=-1.0)  # ... + beta
     # dL/da = (a - mu)(-r^2 B) + r gamma g - r A
     a.mul_(stats.coef_centered).addcmul_(g.rows(lo, hi), stats.scale).sub_(stats.shift)
-    slope, one = a.new_tensor(block.negative_slope), a.new_tensor(1.0)
-    for sl in _chunks(a):  # LeakyReLU's derivative, chunk by chunk (no activation-sized factor)
-        a[:, sl].mul_(torch.where(negative[:, sl], slope, one))
+    # LeakyReLU's derivative: da *= slope where a < 0, as da += (slope - 1) da [a < 0], chunk
+    # by chunk (the boolean mask is converted to a's dtype, a chunk-sized temporary).
+    for sl in _chunks(a):
+        a[:, sl].addcmul_(a[:, sl], negative[:, sl], value=block.negative_slope - 1.0)
     return a
 
 
