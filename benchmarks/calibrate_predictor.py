@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
+import json
 import re
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from iunet_nb.measure import bench  # noqa: E402
 from iunet_nb.measure import predict as P  # noqa: E402
 from iunet_nb.arch.layout import compute_layout  # noqa: E402
+from iunet_nb.common import MiB  # noqa: E402
 
 GRID = {
     "tau": np.arange(0.0, 6.01, 0.25),
@@ -75,7 +77,8 @@ def fit_mode(mode: str, rows: list[dict]) -> tuple[dict, np.ndarray]:
 
 
 def write_constants(constants: dict, note: str) -> None:
-    path = REPO / "iunet_nb" / "predict.py"
+    """Replace the constants between ``# BEGIN CONSTANTS`` and ``# END CONSTANTS`` in the predictor's file."""
+    path = Path(P.__file__)
     text = path.read_text()
     body = "CONSTANTS: dict[str, dict[str, float]] = {\n"
     for mode in P.MODES:
@@ -89,7 +92,7 @@ def write_constants(constants: dict, note: str) -> None:
     print(f"wrote constants to {path}")
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", nargs="*", default=None,
                     help="table1 CSV(s) or .jsonl files of `_one --json` rows (default: data/results/table1-latest.csv)")
@@ -103,51 +106,54 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="store the fitted constants in predict.py")
     ap.add_argument("--keep", nargs="*", default=[], choices=P.MODES,
                     help="modes whose constants are kept as they are (only evaluated)")
-    args = ap.parse_args()
+    return ap
 
-    rows: list[dict] = []
-    if args.measure:
-        import json
 
-        from tqdm import tqdm
+def measure_rows(sizes: list[int], deltas: list[int], modes: list[str]) -> list[dict]:
+    """Measure every configuration in a fresh subprocess; the ok rows (also appended to a .jsonl file)."""
+    from tqdm import tqdm
 
-        saved = REPO / "data" / "results" / f"calibration-{dt.datetime.now():%Y%m%d-%H%M%S}.jsonl"
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        print(f"measured rows go to {saved}")
+    saved = REPO / "data" / "results" / f"calibration-{dt.datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    print(f"measured rows go to {saved}")
+    rows = []
+    for size, delta, mode in tqdm([(s, d, m) for s in sizes for d in deltas for m in modes]):
+        r = bench.run_config(mode, size, delta, repeats=0)
+        if r["status"] == "ok":
+            rows.append(r)
+            with open(saved, "a") as f:  # keep the measurements: --csv <file>.jsonl reuses them
+                f.write(json.dumps(r) + "\n")
+        else:
+            print(f"failed: {mode} {size} {delta}: {r.get('message')}")
+    return rows
 
-        for size, delta, mode in tqdm([(s, d, m) for s in args.measure_sizes for d in args.deltas for m in args.modes]):
-            r = bench.run_config(mode, size, delta, repeats=0)
-            if r["status"] == "ok":
-                rows.append(r)
-                with open(saved, "a") as f:  # keep the measurements: --csv <file>.jsonl reuses them
-                    f.write(json.dumps(r) + "\n")
-            else:
-                print(f"failed: {mode} {size} {delta}: {r.get('message')}")
-    if args.csv is not None or not args.measure:
-        paths = args.csv or [str(REPO / "data" / "results" / "table1-latest.csv")]
-        for p in paths:
-            if p.endswith(".jsonl"):  # rows as printed by `python -m iunet_nb.bench _one --json`
-                import json
 
-                rows += [json.loads(ln) for ln in open(p) if ln.startswith("{")]
-                rows = [r for r in rows if r["status"] == "ok"]
-            else:
-                rows += [r for r in bench.read_results(p) if r["status"] == "ok"]
-    rows = [r for r in rows if r["mode"] in args.modes and r["size"] in args.sizes
-            and r["delta"] in args.deltas]
-    if not rows:
-        print("no measured rows")
-        return 1
+def read_rows(paths: list[str]) -> list[dict]:
+    """The ok rows of table1 CSVs and of .jsonl files (rows as ``python -m iunet_nb.bench _one --json`` prints them)."""
+    rows = []
+    for p in paths:
+        if p.endswith(".jsonl"):
+            with open(p) as f:
+                rows += [r for r in (json.loads(ln) for ln in f if ln.startswith("{")) if r["status"] == "ok"]
+        else:
+            rows += [r for r in bench.read_results(p) if r["status"] == "ok"]
+    return rows
 
+
+def fit_and_report(rows: list[dict], modes: list[str], keep: list[str]) -> tuple[dict, dict]:
+    """Fit the constants of every mode not in ``keep`` and print predicted vs measured per row.
+
+    Returns ``(constants by mode, worst relative error by mode)``.
+    """
     constants = {m: dict(P.CONSTANTS[m]) for m in P.MODES}
     print(f"{'mode':<16} {'size':>5} {'delta':>5} {'measured step':>14} {'predicted':>10} {'err':>7}"
           f" {'total meas.':>12} {'total pred.':>12} {'err':>7} {'act. T meas':>11} {'pred':>6}  peak at")
     worst = {}
-    for mode in args.modes:
+    for mode in modes:
         mrows = sorted((r for r in rows if r["mode"] == mode), key=lambda r: (r["size"], r["delta"]))
         if not mrows:
             continue
-        if mode not in args.keep:
+        if mode not in keep:
             constants[mode], _ = fit_mode(mode, mrows)
             if mode in ("unet", "unet_checkpoint"):
                 constants[mode]["sigma"] = 0.0  # no couplings: sigma has no effect
@@ -159,10 +165,24 @@ def main() -> int:
             e_step = p.peak_step / r["peak_bytes"] - 1
             e_tot = p.total / r["total_bytes"] - 1
             worst[mode] = max(worst[mode], abs(e_step), abs(e_tot))
-            print(f"{mode:<16} {r['size']:>5} {r['delta']:>5} {r['peak_bytes'] / 2**20:>10.1f} MiB "
-                  f"{p.peak_step / 2**20:>10.1f} {100 * e_step:>+6.1f}% {r['total_bytes'] / 2**20:>8.1f} MiB "
-                  f"{p.total / 2**20:>8.1f} MiB {100 * e_tot:>+6.1f}% {r['overhead_tensors']:>11.2f} "
+            print(f"{mode:<16} {r['size']:>5} {r['delta']:>5} {r['peak_bytes'] / MiB:>10.1f} MiB "
+                  f"{p.peak_step / MiB:>10.1f} {100 * e_step:>+6.1f}% {r['total_bytes'] / MiB:>8.1f} MiB "
+                  f"{p.total / MiB:>8.1f} MiB {100 * e_tot:>+6.1f}% {r['overhead_tensors']:>11.2f} "
                   f"{p.overhead_tensors:>6.2f}  {p.details['peak_at']}")
+    return constants, worst
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    rows = measure_rows(args.measure_sizes, args.deltas, args.modes) if args.measure else []
+    if args.csv is not None or not args.measure:
+        rows += read_rows(args.csv or [str(REPO / "data" / "results" / "table1-latest.csv")])
+    rows = [r for r in rows if r["mode"] in args.modes and r["size"] in args.sizes
+            and r["delta"] in args.deltas]
+    if not rows:
+        print("no measured rows")
+        return 1
+    constants, worst = fit_and_report(rows, args.modes, args.keep)
     print()
     print("constants:")
     for mode in args.modes:

@@ -417,6 +417,38 @@ def _evaluate(task: Task, model: nn.Module, loader: DataLoader, procs: _Processe
     return metrics[0]
 
 
+def _model_and_optimizer(task: Task, opts: argparse.Namespace, procs: _Processes, device: torch.device,
+                         ckpt: dict | None, resume_from: Path | None
+                         ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """``(model, model as trained, Adam)``: the model, in several processes wrapped in
+    ``DistributedDataParallel``, with the checkpoint's states when resuming."""
+    seed_everything(opts.seed)  # the same initialisation in every process
+    model = task.model(opts).to(device)
+    if ckpt is not None:
+        _load_model_state(model, ckpt["model"], resume_from)
+    wrapped = model
+    if procs.world > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                          else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return model, wrapped, optimizer
+
+
+def _seed_streams(opts: argparse.Namespace, procs: _Processes, device: torch.device, ckpt: dict | None) -> None:
+    """One random stream per process: the checkpoint's when it was written by as many processes,
+    else derived from ``--seed`` (and the epoch when resuming)."""
+    if ckpt is None:
+        seed_everything(_derived_seed(opts.seed, procs.rank))
+    elif ckpt["world_size"] == procs.world:
+        _set_rng_state(ckpt["rng"][procs.rank], device)
+    else:
+        warnings.warn(f"checkpoint written by {ckpt['world_size']} processes, resumed by "
+                      f"{procs.world}: the random streams restart from --seed", stacklevel=3)
+        seed_everything(_derived_seed(opts.seed, ckpt["epoch"], procs.rank))
+
+
 def run_training(task: Task, opts: argparse.Namespace) -> Run:
     """Train ``task`` with parsed options ``opts`` (see :func:`train`)."""
     if opts.threads:
@@ -432,25 +464,8 @@ def run_training(task: Task, opts: argparse.Namespace) -> Run:
             _check_resumable(ckpt, resume_from, task, opts)
         train_loader, sampler, val_loader = _loaders(task, opts, procs, device)
 
-        seed_everything(opts.seed)  # the same initialisation in every process
-        model = task.model(opts).to(device)
-        if ckpt is not None:
-            _load_model_state(model, ckpt["model"], resume_from)
-        wrapped = model
-        if procs.world > 1:
-            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                              else None)
-        optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
-        if ckpt is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt["world_size"] == procs.world:
-                _set_rng_state(ckpt["rng"][procs.rank], device)
-            else:
-                warnings.warn(f"checkpoint written by {ckpt['world_size']} processes, resumed by "
-                              f"{procs.world}: the random streams restart from --seed", stacklevel=2)
-                seed_everything(_derived_seed(opts.seed, ckpt["epoch"], procs.rank))
-        else:
-            seed_everything(_derived_seed(opts.seed, procs.rank))  # one stream per process
+        model, wrapped, optimizer = _model_and_optimizer(task, opts, procs, device, ckpt, resume_from)
+        _seed_streams(opts, procs, device, ckpt)
         epoch, step = (ckpt["epoch"], ckpt["step"]) if ckpt is not None else (0, 0)
         history = [dict(row) for row in ckpt["history"]] if ckpt is not None else []
         if out is not None and procs.rank == 0:

@@ -1,8 +1,8 @@
 """Tests of the layout explorer (iunet_nb.notebook.explorer), driven from Python.
 
 The widgets are changed the way the frontend changes them (setting
-``widget.value``), and the rendered texts are compared with the seeds'
-printed layouts and adjustment messages.
+``widget.value``), and the rendered texts are compared with the layouts and
+adjustment messages that the reference README's 2D and 3D examples print.
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from iunet_nb.common import GiB  # noqa: E402
 from iunet_nb.measure.predict import max_batch_size as MAX_BATCH  # noqa: E402
 from iunet_nb.measure.predict import predict_step_memory as PREDICT  # noqa: E402
 
-SEED_2D = """\
+README_2D = """\
 64-64-(32/32)--------------------------------------------------------(32/32)-64-64
 ---------128-128-(64/64)---------------------------------(64/64)-128-128----------
 ---------------------256-256-(160/96)--------(160/96)-256-256---------------------
 ---------------------------------384-384--384-384---------------------------------"""
 
-SEED_3D = """\
+README_3D = """\
 7-7-(5/2)-------------------------------------------------(5/2)-7-7
 ------16-16-16-(12/4)------------------------(12/4)-16-16-16-------
 ------------------32-(9/23)------------(9/23)-32-------------------
 ------------------------92-92-92--92-92-92-------------------------"""
 
-SEED_3D_MESSAGE_HEAD = """\
+README_3D_MESSAGE_HEAD = """\
 Could not exactly create an iUNet with channels=(7, 15, 35, 91) and
 resampling_stride=[(2, 2, 2), (2, 2, 2), (1, 2, 2)]. Instead using closest
 achievable configuration: channels=(7, 16, 32, 92)."""
@@ -47,11 +47,11 @@ def set_values(ex, **values):
 
 # -- pure rendering ---------------------------------------------------------
 
-def test_explore_seed_2d_layout_and_parameters():
+def test_explore_readme_2d_layout_and_parameters():
     state = W.explore(dict(channels="64, 128, 256, 384", architecture="2, 2, 2, 2",
                            dim=2), predictor=PREDICT)
     assert state.ok and state.error is None
-    assert state.layout_text == SEED_2D
+    assert state.layout_text == README_2D
     assert state.adjustment_message is None
     layout = compute_layout((64, 128, 256, 384), (2, 2, 2, 2), 2)
     assert state.parameters == count_parameters(layout)["total"] == 2282752
@@ -61,13 +61,13 @@ def test_explore_seed_2d_layout_and_parameters():
         assert mode in state.memory_text
 
 
-def test_explore_seed_3d_adjustment_message():
+def test_explore_readme_3d_adjustment_message():
     state = W.explore(dict(channels=(7, 15, 35, 91), architecture=(2, 3, 1, 3),
                            dim=3, strides="2, 2, (1, 2, 2)", depth=3,
                            input_size="16, 64, 64"), predictor=PREDICT)
     assert state.ok
-    assert state.layout_text == SEED_3D
-    assert state.adjustment_message.startswith(SEED_3D_MESSAGE_HEAD)
+    assert state.layout_text == README_3D
+    assert state.adjustment_message.startswith(README_3D_MESSAGE_HEAD)
     assert "Average relative error: 0.0545" in state.adjustment_message
     assert state.channels == (7, 16, 32, 92)
 
@@ -153,8 +153,8 @@ def test_memory_figure_has_labelled_axes():
 
 # -- the widget -----------------------------------------------------------------
 
-def test_widget_renders_seed_layout(explorer):
-    assert explorer.state.layout_text == SEED_2D
+def test_widget_renders_readme_layout(explorer):
+    assert explorer.state.layout_text == README_2D
     assert "iunet-layout" in explorer.layout_html._dom_classes
     assert "iunet-memory" in explorer.memory_html._dom_classes
     assert "384-384--384-384" in explorer.layout_html.value
@@ -166,13 +166,13 @@ def test_widget_renders_seed_layout(explorer):
     assert descriptions["strides"] == "Strides"
 
 
-def test_widget_change_to_3d_seed(explorer):
+def test_widget_change_to_readme_3d(explorer):
     set_values(explorer, dim=3, depth=3, input_size="16, 64, 64")
     set_values(explorer, channels="7, 15, 35, 91")
     set_values(explorer, architecture="2, 3, 1, 3")
     assert "keeping zero channels" not in explorer.state.message_text
     set_values(explorer, strides="2, 2, (1, 2, 2)")
-    assert explorer.state.layout_text == SEED_3D
+    assert explorer.state.layout_text == README_3D
     assert "Average relative error: 0.0545" in explorer.message_html.value
     assert "iunet-adjustment" in explorer.message_html.value
     assert explorer.state.input_shape == (1, 7, 16, 64, 64)
@@ -246,7 +246,7 @@ def test_build_button_reconstructs(explorer):
     assert "Reconstruction error" in explorer.build_html.value
 
 
-def test_build_and_check_seed_2d():
+def test_build_and_check_readme_2d():
     result = W.build_and_check(dict(channels="64, 128, 256, 384",
                                     architecture="2, 2, 2, 2", dim=2))
     assert result.reconstruction_error < 1e-5

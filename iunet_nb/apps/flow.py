@@ -1,6 +1,7 @@
 """An iUNet as a normalizing flow on scikit-learn's 8x8 ``digits`` (the paper's flow experiment, small).
 
-Change of variables (the talk, seed 002): for a bijection ``z = phi(x)``
+Change of variables (as in the authors' talk "iUNets - Fully invertible U-Nets
+for Memory-Constrained Applications", 2020): for a bijection ``z = phi(x)``
 with a standard normal ``z``,
 
     log p(x) = log N(z; 0, I) + log |det d phi / d x|.
@@ -380,12 +381,6 @@ def model(opts: argparse.Namespace) -> nn.Module:
                      **engine_kwargs(getattr(opts, "engine", "fused")))
 
 
-TASK = Task(
-    name="flow",
-    description="normalizing flow on sklearn's 8x8 digits: iUNet flow or FrEIA RealNVP, bits/dim",
-    datasets=datasets,
-    model=model,
-    loss=_loss,
-    evaluate=evaluate,
-    add_arguments=add_arguments,
-)
+#: the task's functions, in the order of :class:`~iunet_nb.apps.task.Task`'s fields
+TASK = Task("flow", "normalizing flow on sklearn's 8x8 digits: iUNet flow or FrEIA RealNVP, bits/dim",
+            datasets, model, _loss, evaluate, add_arguments)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iunet_nb.common import check_dim
+
 __all__ = ["Voids", "sample_voids", "foam_phantom", "noisy_sinogram", "simulate_fbp", "fbp_of_sinogram"]
 
 
@@ -32,8 +34,7 @@ class Voids:
 
 
 def _check_size_dim(size: int, dim: int) -> None:
-    if dim not in (2, 3):
-        raise ValueError(f"dim must be 2 or 3, got dim={dim!r}")
+    check_dim(dim, (2, 3))
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
         raise ValueError(f"size must be an int >= 8 (pixels per side), got size={size!r}")
 

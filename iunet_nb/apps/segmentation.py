@@ -346,12 +346,6 @@ def _loss(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     return segmentation_loss(net(x), y)
 
 
-TASK = Task(
-    name="segmentation3d",
-    description="3D segmentation of MONAI's synthetic spheres: iUNet or U-Net, Dice per class",
-    datasets=datasets,
-    model=model,
-    loss=_loss,
-    evaluate=evaluate,
-    add_arguments=add_arguments,
-)
+#: the task's functions, in the order of :class:`~iunet_nb.apps.task.Task`'s fields
+TASK = Task("segmentation3d", "3D segmentation of MONAI's synthetic spheres: iUNet or U-Net, Dice per class",
+            datasets, model, _loss, evaluate, add_arguments)

@@ -2,8 +2,7 @@
 (and the largest trainable 3D volume: ``python -m iunet_nb.bench volume3d``, see
 :mod:`iunet_nb.measure.bench3d`).
 
-The paper (Etmann, Ke & Schönlieb, MLSP 2020; talk slides in seed 002,
-Table 1) compares memory-efficient (ME) and conventional backpropagation for a
+Table 1 of the paper (Etmann, Ke & Schönlieb, MLSP 2020) compares memory-efficient (ME) and conventional backpropagation for a
 64-channel 2D iUNet with 4 downsamplings (channels doubling per level:
 64/128/256/512/1024), ``delta`` additive coupling layers per block and side
 (architecture ``[delta] * 5``) on ``64 x 512 x 512`` inputs, batch 1, on a GPU.
@@ -46,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from iunet_nb.common import GiB
+
 __all__ = [
     "ALL_MODES",
     "ME_MODES",
@@ -75,10 +76,9 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEFAULT_DELTAS = (5, 10, 20, 30)
 CHANNELS = (64, 128, 256, 512, 1024)
 PAPER_SIZE = 512
-#: parameter counts of the reference configuration (anchors.md; the paper's parameter bytes)
+#: learnable parameters of the Table 1 model at delta = 5 and 30 as the reference implementation
+#: iunets 0.1 counts them; :func:`_parameter_check` compares both packages with these
 PAPER_PARAMETERS = {5: 32_158_080, 30: 189_390_080}
-GiB = 1024**3
-MiB = 1024**2
 
 CSV_COLUMNS = [
     "run", "mode", "size", "delta", "dtype", "device", "threads", "status", "parameters",
@@ -92,7 +92,8 @@ OPTIMIZER_CHOICES = ("none", "sgd", "adamw")
 #: learning rates used for the measured optimizer steps (the memory does not depend on them)
 OPTIMIZER_KWARGS = {"sgd": dict(lr=1e-3), "adamw": dict(lr=1e-3)}
 
-#: targets of the fused engine (issue #5); checked by :func:`summarize`
+#: the fused engine's targets (activation overhead, fraction of the paper's ME memory, runtime and
+#: memory relative to conventional); checked by :func:`summarize`
 TARGETS = dict(overhead_spread=0.05, overhead_tensors=5.0, paper_fraction=0.85,
                runtime_ratio=1.40, memory_ratio_512=0.15)
 
@@ -148,15 +149,11 @@ def _torch_dtype(name: str):
 
 def predicted_total(mode: str, size: int, delta: int, dtype: str = "float32") -> int | None:
     """Predicted total bytes of a configuration (memcnn's for the reference package)."""
-    from iunet_nb.arch.layout import compute_layout
-    from iunet_nb.measure.predict import predict_step_memory
-
-    layout = compute_layout(CHANNELS, [delta] * len(CHANNELS), 2)
-    pmode = "memcnn" if mode == "iunets" else mode
-    return predict_step_memory(layout, (1, CHANNELS[0], size, size), dtype, pmode).total
+    return _predicted(mode, size, delta, dtype).total
 
 
 def _predicted(mode: str, size: int, delta: int, dtype: str = "float32"):
+    """The :class:`~iunet_nb.measure.predict.MemoryPrediction` of a Table 1 configuration."""
     from iunet_nb.arch.layout import compute_layout
     from iunet_nb.measure.predict import predict_step_memory
 
@@ -347,43 +344,17 @@ def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
     sizes = sorted({r["size"] for r in ok})
     deltas = sorted({r["delta"] for r in ok})
     modes = [m for m in ALL_MODES if any(r["mode"] == m for r in ok)]
-    mem_ratio, run_ratio = {}, {}
-    for (mode, size, delta), r in cell.items():
-        conv = cell.get(("conventional", size, delta))
-        if conv:
-            mem_ratio[(mode, size, delta)] = r["total_bytes"] / conv["total_bytes"]
-            if conv.get("seconds"):
-                run_ratio[(mode, size, delta)] = r["seconds"] / conv["seconds"]
+    mem_ratio, run_ratio = _ratios_to_conventional(cell)
     extrap, act512, fits, unreliable = {}, {}, {}, {}
-    t512 = CHANNELS[0] * target_size * target_size * 4
     for mode in modes:
         for delta in deltas:
-            pts = [(s, cell[(mode, s, delta)]) for s in sizes if (mode, s, delta) in cell]
-            direct = [r for s, r in pts if s == target_size]
-            if direct:
-                extrap[(mode, delta)] = direct[0]["total_bytes"]
-                act512[(mode, delta)] = direct[0]["activation_bytes"] / t512
-                fits[(mode, delta)] = "measured"
+            pts = [(sz, cell[(mode, sz, delta)]) for sz in sizes if (mode, sz, delta) in cell]
+            estimate = _estimate_at(pts, mode, delta, target_size)
+            if estimate is None:
                 continue
-            pts = [(s, r) for s, r in pts if s < target_size]
-            if len(pts) < 2:
-                continue
-            pts = pts[-2:]  # the two largest sizes
-            xs = [s * s for s, _ in pts]
-            a, b = _fit_line(xs, [r["total_bytes"] for _, r in pts])
-            extrap[(mode, delta)] = a + b * target_size**2
-            aa, bb = _fit_line(xs, [r["activation_bytes"] for _, r in pts])
-            act512[(mode, delta)] = (aa + bb * target_size**2) / t512
-            fits[(mode, delta)] = f"fit {pts[0][0]}/{pts[1][0]}"
-            # The fit assumes the step peaks at the same place at every size.  At small
-            # sizes the peak sits late in the backward (gradients, weight temporaries of
-            # the coarse levels), at 512^2 early (full-resolution activations): then the
-            # affine fit is not valid and the predictor's figure is the better estimate.
-            where = [_peak_level(mode, sz, delta) for sz in (pts[0][0], pts[1][0], target_size)]
-            if None not in where and len(set(where)) > 1:
-                unreliable[(mode, delta)] = (
-                    f"peak moves (level {where[0]} at {pts[0][0]}^2, {where[1]} at {pts[1][0]}^2, "
-                    f"{where[2]} at {target_size}^2)")
+            extrap[(mode, delta)], act512[(mode, delta)], fits[(mode, delta)], why = estimate
+            if why:
+                unreliable[(mode, delta)] = why
     summary = dict(sizes=sizes, deltas=deltas, modes=modes, cell=cell, memory_ratio=mem_ratio,
                    runtime_ratio=run_ratio, extrapolated=extrap, overhead_512=act512, fits=fits,
                    unreliable=unreliable,
@@ -395,12 +366,56 @@ def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
     return summary
 
 
+def _ratios_to_conventional(cell: dict) -> tuple[dict, dict]:
+    """``(memory, runtime)``: each row's total and seconds / the conventional row's, by cell key."""
+    mem_ratio, run_ratio = {}, {}
+    for (mode, size, delta), r in cell.items():
+        conv = cell.get(("conventional", size, delta))
+        if conv:
+            mem_ratio[(mode, size, delta)] = r["total_bytes"] / conv["total_bytes"]
+            if conv.get("seconds"):
+                run_ratio[(mode, size, delta)] = r["seconds"] / conv["seconds"]
+    return mem_ratio, run_ratio
+
+
+def _estimate_at(pts: list[tuple[int, dict]], mode: str, delta: int, target_size: int
+                 ) -> tuple[float, float, str, str] | None:
+    """Total bytes and activation overhead (input tensors) at ``target_size`` from the rows ``pts``.
+
+    ``pts`` are ``(size, row)`` of one mode and delta.  Returns ``(total, overhead, how, why)``:
+    ``how`` is ``'measured'`` (a row at ``target_size``) or ``'fit a/b'`` (``a + b * H * W``
+    through the two largest sizes below it), ``why`` is non-empty where the fit is not valid;
+    ``None`` without a row at ``target_size`` or two below it.
+    """
+    tensor = CHANNELS[0] * target_size * target_size * 4
+    direct = [r for sz, r in pts if sz == target_size]
+    if direct:
+        return direct[0]["total_bytes"], direct[0]["activation_bytes"] / tensor, "measured", ""
+    pts = [(sz, r) for sz, r in pts if sz < target_size][-2:]  # the two largest sizes
+    if len(pts) < 2:
+        return None
+    xs = [sz * sz for sz, _ in pts]
+    a, b = _fit_line(xs, [r["total_bytes"] for _, r in pts])
+    aa, bb = _fit_line(xs, [r["activation_bytes"] for _, r in pts])
+    # The fit assumes the step peaks at the same place at every size.  At small
+    # sizes the peak sits late in the backward (gradients, weight temporaries of
+    # the coarse levels), at 512^2 early (full-resolution activations): then the
+    # affine fit is not valid and the predictor's figure is the better estimate.
+    where = [_peak_level(mode, sz, delta) for sz in (pts[0][0], pts[1][0], target_size)]
+    why = ""
+    if None not in where and len(set(where)) > 1:
+        why = (f"peak moves (level {where[0]} at {pts[0][0]}^2, {where[1]} at {pts[1][0]}^2, "
+               f"{where[2]} at {target_size}^2)")
+    return (a + b * target_size**2, (aa + bb * target_size**2) / tensor,
+            f"fit {pts[0][0]}/{pts[1][0]}", why)
+
+
 def _plain(row: dict) -> bool:
     """Whether a row is a step without optimizer (older CSVs have no ``optimizer`` column)."""
     return row.get("optimizer") in (None, "", "none")
 
 
-#: the optimizer-in-backward target of issue 13: fused + SGD in the backward at 512^2, delta=30
+#: the target of the optimizer in the backward: fused + SGD in the backward at 512^2, delta=30
 OPTIMIZER_TARGET = dict(mode="fused", optimizer="sgd-in-backward", size=512, delta=30, limit_gib=1.05)
 
 
@@ -534,17 +549,23 @@ def _fmt_target(t: dict) -> str:
 def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
     """The printed table: measured GiB, ratios, runtimes, overheads, 512^2 extrapolation, targets."""
     s = summary or summarize(rows)
-    cell, lines = s["cell"], []
-    lines.append("Table 1 re-measured: iUNet 64ch 2D, 4 downsamplings (64..1024 channels), batch 1; "
-                 "total = parameters + input + step peak (GiB)")
+    lines = _measured_lines(rows, s) + [""] + _estimate_lines(s) + [""] + _runtime_lines(s) + [""]
+    lines.append("Targets (fused engine):")
+    lines += [_fmt_target(t) for t in s["targets"]] or ["  (need the fused and conventional modes)"]
+    return "\n".join(lines + format_optimizer_section(rows))
+
+
+def _measured_lines(rows: Sequence[dict], s: dict) -> list[str]:
+    """The measured rows (GiB, ratios to conventional, runtime, overhead, prediction) and the failed ones."""
+    lines = ["Table 1 re-measured: iUNet 64ch 2D, 4 downsamplings (64..1024 channels), batch 1; "
+             "total = parameters + input + step peak (GiB)"]
     hdr = f"{'size':>5} {'delta':>5} {'mode':<16} {'total GiB':>9} {'/conv':>7} {'step s':>8} {'/conv':>7} " \
           f"{'act. T':>7} {'pred GiB':>9} {'err':>6}"
-    lines.append(hdr)
-    lines.append("-" * len(hdr))
+    lines += [hdr, "-" * len(hdr)]
     for size in s["sizes"]:
         for delta in s["deltas"]:
             for mode in s["modes"]:
-                r = cell.get((mode, size, delta))
+                r = s["cell"].get((mode, size, delta))
                 if not r:
                     continue
                 mr = s["memory_ratio"].get((mode, size, delta))
@@ -557,24 +578,26 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
                     f"{(f'{100 * rr:.0f}%' if rr is not None else '-'):>7} {r['overhead_tensors']:>7.2f} "
                     f"{(f'{pred / GiB:.3f}' if pred else '-'):>9} "
                     f"{(f'{100 * err:+.1f}%' if err is not None else '-'):>6}")
-    skipped = [r for r in rows if r.get("status") != "ok"]
-    skipped = [dict(r, mode=r["mode"] + ("" if _plain(r) else f"+{r['optimizer']}")) for r in skipped]
-    for r in skipped:
-        lines.append(f"{r['size']:>5} {r['delta']:>5} {r['mode']:<16} {r['status'].upper()}: {r.get('message', '')}")
+    for r in rows:
+        if r.get("status") != "ok":
+            mode = r["mode"] + ("" if _plain(r) else f"+{r['optimizer']}")
+            lines.append(f"{r['size']:>5} {r['delta']:>5} {mode:<16} {r['status'].upper()}: {r.get('message', '')}")
     lines.append("'/conv': ratio to the conventional iUNet of the same size and delta; 'act. T': "
                  "activation bytes (step peak - gradients) / bytes of one 64xHxW input tensor (in the run's dtype)")
-    lines.append("")
+    return lines
+
+
+def _estimate_lines(s: dict) -> list[str]:
+    """The estimates at the target size (fit / predictor) beside the paper's Table 1, and the overheads."""
     ts = s["target_size"]
-    lines.append(f"Estimate at {ts}x{ts}: a + b*H*W fitted through the two largest sizes ('fit'; '*' = not "
-                 "valid, the peak moves to another level) and the predictor ('pred'), GiB, beside the "
-                 "paper's Table 1 (GPU; its 'GB' read as GiB)")
+    lines = [f"Estimate at {ts}x{ts}: a + b*H*W fitted through the two largest sizes ('fit'; '*' = not "
+             "valid, the peak moves to another level) and the predictor ('pred'), GiB, beside the "
+             "paper's Table 1 (GPU; its 'GB' read as GiB)"]
     me_modes = [m for m in s["modes"] if m in ME_MODES]
     hdr = f"{'delta':>5} " + " ".join(f"{m[:15]:>15}" for m in s["modes"]) + \
           f" {'paper ME':>9} {'paper conv':>10} " + " ".join(f"{m + '/conv':>12}" for m in me_modes) + \
           f" {'paper ratio':>11}"
-    lines.append(hdr)
-    lines.append(f"{'':>5} " + " ".join(f"{'fit / pred':>15}" for _ in s["modes"]))
-    lines.append("-" * len(hdr))
+    lines += [hdr, f"{'':>5} " + " ".join(f"{'fit / pred':>15}" for _ in s["modes"]), "-" * len(hdr)]
     for delta in s["deltas"]:
         p = s["paper"].get(delta)
         vals = []
@@ -594,9 +617,8 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
                      + " ".join(ratios) + (f" {p['ratio_percent']:>10.1f}%" if p else f" {'-':>11}"))
     lines.append("ratios use the best estimate: a measured row ('='), else the fit where valid, else the "
                  "predictor")
-    for (m, d), why in sorted(s["unreliable"].items()):
-        if m in ("conventional", "fused"):
-            lines.append(f"  * {m} delta={d}: {why}")
+    lines += [f"  * {m} delta={d}: {why}" for (m, d), why in sorted(s["unreliable"].items())
+              if m in ("conventional", "fused")]
     if s["overhead_512"]:
         parts = []
         for m in me_modes:
@@ -604,14 +626,18 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
             parts.append(f"{m}: " + ", ".join(f"{v:.2f}{'p' if how == 'predictor' else ''}" for v, how in vals
                                                if v is not None))
         lines.append(f"activation overhead at {ts}^2 in input tensors ('p' = predictor): " + "; ".join(parts))
-    lines.append("")
-    lines.append("Runtime per training step (fastest timed step, s) and ratio to conventional, beside the paper's "
-                 "(GPU, 512x512):")
+    return lines
+
+
+def _runtime_lines(s: dict) -> list[str]:
+    """Seconds per training step of every mode, the ratio to conventional and the paper's."""
+    lines = ["Runtime per training step (fastest timed step, s) and ratio to conventional, beside the paper's "
+             "(GPU, 512x512):"]
     for size in s["sizes"]:
         for delta in s["deltas"]:
             parts = []
             for m in s["modes"]:
-                r = cell.get((m, size, delta))
+                r = s["cell"].get((m, size, delta))
                 rr = s["runtime_ratio"].get((m, size, delta))
                 if r:
                     parts.append(f"{m} {r['seconds']:.3f}s" + (f" ({100 * rr:.0f}%)" if rr and m != "conventional" else ""))
@@ -619,14 +645,7 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
             ptxt = f" | paper: ME {p['me_s']:.2f}s conv {p['conventional_s']:.2f}s ({p['runtime_ratio_percent']:.0f}%)" if p else ""
             if parts:
                 lines.append(f"  {size}^2 d={delta}: " + ", ".join(parts) + ptxt)
-    lines.append("")
-    lines.append("Targets (fused engine):")
-    if s["targets"]:
-        lines += [_fmt_target(t) for t in s["targets"]]
-    else:
-        lines.append("  (need the fused and conventional modes)")
-    lines += format_optimizer_section(rows)
-    return "\n".join(lines)
+    return lines
 
 
 def plot_results(rows: Sequence[dict], path: str | Path, summary: dict | None = None) -> Path:
@@ -771,7 +790,7 @@ def _timestamp(out: Path) -> str:
 
 
 def _parameter_check(log: Callable[[str], None]) -> list[str]:
-    """Compare the reference package's parameter counts with ours and the anchors."""
+    """Compare the parameter counts of the reference package iunets and of ours with :data:`PAPER_PARAMETERS`."""
     from iunet_nb.arch.layout import compute_layout, count_parameters
 
     msgs = []
@@ -812,51 +831,23 @@ def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEF
     sizes, deltas, modes = validate_table1_args(
         sizes, deltas, modes, device=device, dtype=dtype, threads=threads, repeats=repeats,
         max_gb=max_gb, out=out, optimizer=optimizer, in_backward=in_backward)
-    label = optimizer_label(optimizer, in_backward)
-    if modes is None:
-        modes = [m for m in ALL_MODES if m != "iunets" or iunets_available()]
-    modes = list(modes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_id = _timestamp(out)
     csv_path = out / f"table1-{run_id}.csv"
-    messages: list[str] = []
-    if "iunets" in modes:
-        if iunets_available():
-            messages += _parameter_check(log)
-        else:
-            messages.append("iunets: reference package not importable, mode dropped")
-            log(messages[-1])
-            modes.remove("iunets")
-    configs = [(s, d, m) for s in sizes for d in deltas for m in modes]
+    modes, messages = _available_modes(modes, log)
+    measure = dict(dtype=dtype, device=device, threads=threads, repeats=repeats, optimizer=optimizer,
+                   in_backward=in_backward)
     rows: list[dict] = []
-    bar = tqdm(configs, desc="table1", unit="config", disable=not progress, file=sys.stderr)
+    bar = tqdm([(s, d, m) for s in sizes for d in deltas for m in modes], desc="table1", unit="config",
+               disable=not progress, file=sys.stderr)
     for size, delta, mode in bar:
         bar.set_postfix_str(f"{mode} {size}² δ={delta}")
-        # the predictor knows steps without optimizer only
-        pred = predicted_total(mode, size, delta, dtype) if label == "none" else None
-        if max_gb is not None and pred is not None and pred > max_gb * GiB:
-            msg = (f"skipped {mode} {size}x{size} delta={delta}: predicted total "
-                   f"{pred / GiB:.2f} GiB > --max-gb {max_gb:g}")
-            row = _failed_row(mode, size, delta, dtype, device, threads, msg, status="skipped",
-                              optimizer=label)
-            messages.append(msg)
-            tqdm.write(msg, file=sys.stderr)
-        elif in_process:
-            row = measure_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
-                                 repeats=repeats, optimizer=optimizer, in_backward=in_backward)
-        else:
-            row = run_config(mode, size, delta, dtype=dtype, device=device, threads=threads,
-                             repeats=repeats, optimizer=optimizer, in_backward=in_backward)
-            if row["status"] != "ok":
-                msg = f"error in {mode} {size}x{size} delta={delta}: {row.get('message')}"
-                messages.append(msg)
-                tqdm.write(msg, file=sys.stderr)
-        row["run"] = run_id
-        row["predicted_total_bytes"] = pred
-        if row.get("status") == "ok" and pred:
-            row["prediction_error"] = pred / row["total_bytes"] - 1
-        rows.append(row)
+        row, message = _table1_row(mode, size, delta, max_gb, in_process, **measure)
+        if message:
+            messages.append(message)
+            tqdm.write(message, file=sys.stderr)
+        rows.append(dict(row, run=run_id))
         _write_csv_atomic(csv_path, rows)  # complete after every configuration
     latest = out / "table1-latest.csv"
     _write_csv_atomic(latest, rows)
@@ -865,8 +856,52 @@ def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEF
     if plot and summary["cell"]:
         png = plot_results(rows, out / f"table1-{run_id}.png", summary)
         shutil.copyfile(png, out / "table1-latest.png")
-    report = format_report(rows, summary)
-    return Table1Run(rows, csv_path, latest, png, summary, report, messages)
+    return Table1Run(rows, csv_path, latest, png, summary, format_report(rows, summary), messages)
+
+
+def _available_modes(modes: list[str] | None, log: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """``(modes to measure, messages)``: all by default; ``iunets`` only where it can be imported,
+    and then after checking its parameter counts (:func:`_parameter_check`)."""
+    if modes is None:
+        modes = [m for m in ALL_MODES if m != "iunets" or iunets_available()]
+    modes, messages = list(modes), []
+    if "iunets" in modes:
+        if iunets_available():
+            messages += _parameter_check(log)
+        else:
+            messages.append("iunets: reference package not importable, mode dropped")
+            log(messages[-1])
+            modes.remove("iunets")
+    return modes, messages
+
+
+def _table1_row(mode: str, size: int, delta: int, max_gb: float | None, in_process: bool,
+                **measure: Any) -> tuple[dict, str]:
+    """Measure one configuration (or skip it over ``max_gb``); ``(row, message or '')``.
+
+    ``measure`` holds the keyword arguments of :func:`measure_config`.  The row gets the
+    predicted total and the prediction's relative error (steps without an optimizer only:
+    the predictor knows no optimizer state).
+    """
+    dtype, device, threads = measure["dtype"], measure["device"], measure["threads"]
+    label = optimizer_label(measure["optimizer"], measure["in_backward"])
+    pred = predicted_total(mode, size, delta, dtype) if label == "none" else None
+    message = ""
+    if max_gb is not None and pred is not None and pred > max_gb * GiB:
+        message = (f"skipped {mode} {size}x{size} delta={delta}: predicted total "
+                   f"{pred / GiB:.2f} GiB > --max-gb {max_gb:g}")
+        row = _failed_row(mode, size, delta, dtype, device, threads, message, status="skipped",
+                          optimizer=label)
+    elif in_process:
+        row = measure_config(mode, size, delta, **measure)
+    else:
+        row = run_config(mode, size, delta, **measure)
+        if row["status"] != "ok":
+            message = f"error in {mode} {size}x{size} delta={delta}: {row.get('message')}"
+    row["predicted_total_bytes"] = pred
+    if row.get("status") == "ok" and pred:
+        row["prediction_error"] = pred / row["total_bytes"] - 1
+    return row, message
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from iunet_nb.common import GiB, MiB
 from iunet_nb.measure.bench import DEFAULT_OUT, REPO, check_modes, iunets_available
 
 __all__ = [
@@ -67,8 +68,6 @@ STEP = 8  # the body's downsampling factor per axis (3 downsamplings by 2)
 #: default budget: the whole run (6 modes, 2-4 measured steps each) takes about 6 minutes
 #: on one CPU thread here (unloaded; 0.25 GiB: 3 minutes)
 DEFAULT_BUDGET_GIB = 0.5
-GiB = 1024**3
-MiB = 1024**2
 
 CSV_COLUMNS = ["run", "mode", "budget_gib", "D", "voxels", "voxel_ratio_to_iunets", "total_bytes",
                "peak_bytes", "param_bytes", "grad_bytes", "activation_bytes", "overhead_tensors",
@@ -76,7 +75,7 @@ CSV_COLUMNS = ["run", "mode", "budget_gib", "D", "voxels", "voxel_ratio_to_iunet
                "message"]
 POINT_COLUMNS = ["run", "mode", "D", "total_bytes", "peak_bytes", "fits", "seconds", "status",
                  "message"]
-#: modes that are not built yet (issue 13 asks for them too); printed as a note
+#: modes that would belong in the comparison but are not built yet; printed as a note
 NOT_AVAILABLE = {"fused_consuming": "the fused engine's opt-in consuming mode does not exist yet"}
 
 

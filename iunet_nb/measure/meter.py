@@ -49,13 +49,7 @@ __all__ = [
     "optimizer_state_bytes",
     "peak_rss_of",
     "default_loss",
-    "predict_step_memory",
-    "max_batch_size",
-    "MemoryPrediction",
 ]
-
-GiB = 1024**3
-MiB = 1024**2
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -100,31 +94,6 @@ class StepMeasurement:
         """Parameters + input + step peak: the memory a training step needs
         at its peak, excluding optimizer state and framework overhead."""
         return self.param_bytes + self.input_bytes + self.peak_bytes
-
-    @property
-    def peak_mib(self) -> float:
-        """``peak_bytes`` in MiB."""
-        return self.peak_bytes / MiB
-
-    @property
-    def activation_mib(self) -> float:
-        """``activation_bytes`` in MiB."""
-        return self.activation_bytes / MiB
-
-    @property
-    def total_mib(self) -> float:
-        """``total_bytes`` in MiB."""
-        return self.total_bytes / MiB
-
-    @property
-    def peak_gib(self) -> float:
-        """``peak_bytes`` in GiB."""
-        return self.peak_bytes / GiB
-
-    @property
-    def total_gib(self) -> float:
-        """``total_bytes`` in GiB."""
-        return self.total_bytes / GiB
 
 
 def default_loss(output: Any) -> torch.Tensor:
@@ -418,7 +387,3 @@ def peak_rss_of(
     if not result["reset_ok"]:
         raise RuntimeError("peak_rss_of: could not reset VmHWM via /proc/self/clear_refs")
     return (result["hwm_kib"] - result["before_kib"]) * 1024
-
-
-# Re-exported for convenience: the predictor of the meter's figures (see iunet_nb.measure.predict).
-from iunet_nb.measure.predict import MemoryPrediction, max_batch_size, predict_step_memory  # noqa: E402,F401

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from iunet_nb.common import check_dim
+
 __all__ = ["smooth_random_images", "denoising_batch", "wiener_denoise", "wiener_mse", "load_photograph",
            "PHOTOGRAPHS"]
 
@@ -28,8 +30,7 @@ PHOTOGRAPHS: tuple[str, ...] = ("grace_hopper.jpg",)
 
 
 def _size_tuple(size: int | Sequence[int], dim: int) -> tuple[int, ...]:
-    if dim not in (1, 2, 3) or isinstance(dim, bool):
-        raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
+    check_dim(dim)
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size,) * dim
     size = tuple(int(s) for s in size)

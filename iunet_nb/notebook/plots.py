@@ -22,11 +22,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from iunet_nb.common import GiB, KiB, MiB
+
 __all__ = ["use_notebook_style", "STYLE", "plot_loss", "bar_chart", "plot_curves", "place_legend",
            "show_images", "BYTE_UNITS", "to_unit"]
 
 #: Divisors for byte counts.
-BYTE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+BYTE_UNITS = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB}
 
 
 #: The rcParams of the collection's style (see the module docstring).
@@ -144,6 +146,24 @@ def _as_2d(img) -> np.ndarray:
     return img
 
 
+def _colour_norm(group: Sequence[np.ndarray], vmin: float | None, vmax: float | None, symmetric: bool,
+                 log: bool):
+    """The colour scale of the images ``group``: their range, or ``vmin``/``vmax`` where given;
+    symmetric about 0 if ``symmetric``; logarithmic (from ``vmax / 1e4`` unless ``vmin > 0``) if ``log``."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    lo = min(float(a.min()) for a in group) if vmin is None else vmin
+    hi = max(float(a.max()) for a in group) if vmax is None else vmax
+    if symmetric:
+        m = max(abs(lo), abs(hi)) or 1.0
+        lo, hi = -m, m
+    if log:
+        hi = hi if hi > 0 else 1.0
+        lo = lo if (lo is not None and lo > 0 and vmin is not None) else hi * 1e-4
+        return LogNorm(vmin=lo, vmax=hi, clip=True)
+    return Normalize(vmin=lo, vmax=hi)
+
+
 def show_images(images: Sequence, titles: Sequence[str] | None = None, ncols: int | None = None,
                 cmap: str = "gray", symmetric: bool = False, colorbar_label: str | None = None,
                 size: float = 3.0, suptitle: str | None = None, share_range: bool = True,
@@ -167,8 +187,6 @@ def show_images(images: Sequence, titles: Sequence[str] | None = None, ncols: in
             pixels as blocks when it is magnified (> 3x).
         pixel_axes: label the axes "x (pixel)" / "y (pixel)" (else hide the ticks).
     """
-    from matplotlib.colors import LogNorm, Normalize
-
     arrays = [_as_2d(im) for im in images]
     n = len(arrays)
     if n == 0:
@@ -180,26 +198,14 @@ def show_images(images: Sequence, titles: Sequence[str] | None = None, ncols: in
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + (0.9 if colorbar_label else 0),
                                                     size * nrows + 0.3), squeeze=False,
                              layout="constrained")
-
-    def colour_range(group):
-        lo = min(float(a.min()) for a in group) if vmin is None else vmin
-        hi = max(float(a.max()) for a in group) if vmax is None else vmax
-        if symmetric:
-            m = max(abs(lo), abs(hi)) or 1.0
-            lo, hi = -m, m
-        if log:
-            hi = hi if hi > 0 else 1.0
-            lo = lo if (lo is not None and lo > 0 and vmin is not None) else hi * 1e-4
-            return LogNorm(vmin=lo, vmax=hi, clip=True)
-        return Normalize(vmin=lo, vmax=hi)
-
-    shared = colour_range(arrays) if share_range else None
+    scale = dict(vmin=vmin, vmax=vmax, symmetric=symmetric, log=log)
+    shared = _colour_norm(arrays, **scale) if share_range else None
     mappable = None
     for k, ax in enumerate(axes.flat):
         if k >= n:
             ax.axis("off")
             continue
-        norm = shared if share_range else colour_range([arrays[k]])
+        norm = shared if share_range else _colour_norm([arrays[k]], **scale)
         mappable = ax.imshow(arrays[k], cmap=cmap, norm=norm, interpolation=interpolation)
         ax.grid(False)
         if pixel_axes:

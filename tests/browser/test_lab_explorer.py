@@ -31,7 +31,7 @@ MEMORY = ".iunet-memory pre"
 # A sentence of the notebook's "What you just saw" summary (shown after every cell ran).
 DONE_TEXT = "has exactly the requested channels (64, 128, 256, 384)"
 
-SEED_2D_FIRST_ROW = "64-64-(32/32)--------------------------------------------------------(32/32)-64-64"
+README_2D_FIRST_ROW = "64-64-(32/32)--------------------------------------------------------(32/32)-64-64"
 
 
 def conventional_bytes(memory_text: str) -> int:
@@ -101,7 +101,7 @@ def test_explorer_in_jupyterlab(lab_server, chromium_browser):
         explorer.scroll_into_view_if_needed()
         layout_before = page.locator(LAYOUT).inner_text()
         memory_before = page.locator(MEMORY).inner_text()
-        assert layout_before.splitlines()[0] == SEED_2D_FIRST_ROW, layout_before
+        assert layout_before.splitlines()[0] == README_2D_FIRST_ROW, layout_before
         for mode in ("conventional", "fused", "memcnn"):
             assert mode in memory_before
         conv_before = conventional_bytes(memory_before)

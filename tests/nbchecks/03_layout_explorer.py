@@ -5,7 +5,7 @@ tests/test_notebooks.py runs the notebook with papermill parameters
 :func:`check`.
 """
 
-SEED_2D_LAYOUT = """\
+README_2D_LAYOUT = """\
 64-64-(32/32)--------------------------------------------------------(32/32)-64-64
 ---------128-128-(64/64)---------------------------------(64/64)-128-128----------
 ---------------------256-256-(160/96)--------(160/96)-256-256---------------------
@@ -20,11 +20,11 @@ MODES = ("conventional", "fused", "memcnn")
 
 
 def check(results: dict) -> None:
-    # The layout of seed 000 (2D), character for character.
-    assert results["layout_text"] == SEED_2D_LAYOUT, results["layout_text"]
-    assert results["explorer_layout_text"] == SEED_2D_LAYOUT
+    # The layout of the reference README's 2D example, character for character.
+    assert results["layout_text"] == README_2D_LAYOUT, results["layout_text"]
+    assert results["explorer_layout_text"] == README_2D_LAYOUT
 
-    # The closest-achievable message of seed 001 (3D, strides [2, 2, (1, 2, 2)]).
+    # The closest-achievable message of its 3D example (strides [2, 2, (1, 2, 2)]).
     message = results["adjusted_message"]
     assert message.startswith(ADJUSTED_HEAD), message
     assert "Average relative error: 0.0545" in message

@@ -1,8 +1,7 @@
-"""The explorer's text fields: text -> channels, strides and sizes, and back.
+"""The explorer's text fields -> channels, strides and sizes, and back.
 
-The parsers accept what a user types (``"64, 128, 256"``, ``"2, 2, (1, 2, 2)"``) or the
-Python value itself, and raise ``ValueError`` with a message that names the field and
-shows an example.
+The parsers take what a user types (``"2, 2, (1, 2, 2)"``) or the Python value, and raise
+``ValueError`` with a message that names the field and shows an example.
 """
 
 from __future__ import annotations
@@ -32,10 +31,9 @@ def as_int(value: Any) -> Optional[int]:
 
 def parse_int_list(value: Union[str, Sequence[int]], what: str = "channels",
                    example: str = "64, 128, 256, 384") -> tuple[int, ...]:
-    """``"64, 128, 256"`` (or ``"(64, 128, 256)"``, or a sequence) -> ints.
+    """``"64, 128, 256"`` (or ``"(64, 128, 256)"``, or a sequence) -> ints, at least one.
 
-    Raises ``ValueError`` for anything but a non-empty list of whole numbers (the message
-    names ``what`` and shows ``example``); positivity is left to ``compute_layout``.
+    Positivity is left to :func:`~iunet_nb.arch.layout.compute_layout`.
     """
     items = _literal(value, what, example) if isinstance(value, str) else list(value)
     if isinstance(value, str) and len(items) == 1 and isinstance(items[0], (list, tuple)):
@@ -93,11 +91,8 @@ def _format_stride(entry: Any) -> str:
 
 
 def format_field(value: Any, strides: bool = False) -> str:
-    """A config value as its text field shows it: ``(64, 128)`` -> ``"64, 128"``.
-
-    With ``strides=True`` a list has one entry per downsampling and a tuple is one
-    per-dimension stride: ``[2, (1, 2)]`` -> ``"2, (1, 2)"``, ``(1, 2)`` -> ``"(1, 2)"``.
-    """
+    """A config value as its text field shows it: ``(64, 128)`` -> ``"64, 128"``; strides:
+    ``[2, (1, 2)]`` (per downsampling) -> ``"2, (1, 2)"``, ``(1, 2)`` (per dimension) -> ``"(1, 2)"``."""
     if isinstance(value, (str, int)):
         return str(value)
     if strides and not isinstance(value, list):
@@ -108,10 +103,8 @@ def format_field(value: Any, strides: bool = False) -> str:
 def resize_int_list_text(text: str, n: int, multipliers: Optional[Sequence[int]] = None) -> str:
     """Resize a comma-separated list to ``n`` entries (unparsable text is returned unchanged).
 
-    Without ``multipliers`` the last entry is repeated (architecture).  With the channel
-    multipliers ``m_i`` of the downsamplings (channels), a new level ``i + 1`` gets
-    ``m_i * (c_i // 2)`` channels: level ``i`` keeps and sends half of its channels, which
-    is always a valid layout.
+    Without ``multipliers`` the last entry is repeated (architecture).  With the channel multipliers
+    ``m_i`` (channels), a new level gets ``m_i * (c_i // 2)``: level ``i`` keeps and sends half.
     """
     try:
         values = list(parse_int_list(text))
@@ -127,8 +120,7 @@ def resize_int_list_text(text: str, n: int, multipliers: Optional[Sequence[int]]
 def resize_strides_text(text: str, num_downsamplings: int) -> str:
     """Resize a per-level strides text to ``num_downsamplings`` entries (repeating the last).
 
-    A single stride (``"2"`` or ``"(1, 2, 2)"``) applies to every level and is kept as it
-    is; so is unparsable text.  One entry is written as that single stride.
+    A single stride (``"2"``, ``"(1, 2, 2)"``) is for every level and kept, as is unparsable text.
     """
     try:
         spec = parse_strides(text)
@@ -144,10 +136,7 @@ def resize_strides_text(text: str, num_downsamplings: int) -> str:
 
 
 def channel_multipliers(strides_text: str, dim: int, num_downsamplings: int) -> list[int]:
-    """The channel multiplier (product of the stride) of every downsampling.
-
-    Strides that cannot be read count as stride 2 in every dimension (``2**dim``).
-    """
+    """The channel multiplier (product of the stride) of every downsampling (``2**dim`` if unreadable)."""
     try:
         strides = normalize_strides(parse_strides(strides_text), dim, num_downsamplings)
     except (ValueError, TypeError):

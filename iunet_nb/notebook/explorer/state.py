@@ -1,10 +1,7 @@
-"""The explorer's state: a configuration in, the texts to show out (no widgets).
+"""The explorer's state: :func:`explore` renders an :class:`ExplorerConfig` into an :class:`ExplorerState`.
 
-:func:`explore` renders an :class:`ExplorerConfig` into an :class:`ExplorerState` from pure
-arithmetic: the layout and parameter count of :mod:`iunet_nb.arch.layout` and the memory of
-one training step of :mod:`iunet_nb.measure.predict`.  It builds no torch module and never
-raises for bad settings: their message is in the state.  :func:`build_and_check` is the one
-function that builds the iUNet.
+No widgets, and no model: the layout and parameter count come from :mod:`iunet_nb.arch.layout`, the
+memory of one training step from :mod:`iunet_nb.measure.predict`.  :func:`build_and_check` builds the iUNet.
 """
 
 from __future__ import annotations
@@ -59,10 +56,7 @@ class ExplorerConfig:
 
     @classmethod
     def of(cls, config: ConfigLike, **overrides: Any) -> "ExplorerConfig":
-        """``config`` (a config, a dict of its fields or ``None`` for the defaults) with ``overrides``.
-
-        Raises ``TypeError`` for unknown fields.
-        """
+        """``config`` (a config, a dict of its fields or ``None``: the defaults) with ``overrides``."""
         config = {} if config is None else config
         if not isinstance(config, cls):
             unknown = sorted(set(config) - {f.name for f in fields(cls)})
@@ -165,18 +159,10 @@ def _layout_state(config: ExplorerConfig) -> ExplorerState:
 
 def explore(config: ConfigLike = None, predictor: Predictor = predict_step_memory,
             **overrides: Any) -> ExplorerState:
-    """Render one configuration without building a model.
+    """Render ``config`` (see :meth:`ExplorerConfig.of`; default: the reference README's 2D example).
 
-    Args:
-        config: an :class:`ExplorerConfig` or a dict of its fields (default: the reference
-            README's 2D example ``channels=(64, 128, 256, 384)``, ``architecture=(2, 2, 2, 2)``).
-        predictor: ``predict_step_memory``-compatible callable (default:
-            :func:`iunet_nb.measure.predict.predict_step_memory`).
-        **overrides: fields replacing those of ``config``.
-
-    Returns:
-        An :class:`ExplorerState`.  Invalid settings never raise: their message is in
-        ``state.error`` (or ``state.memory_error``).
+    ``predictor`` is :func:`~iunet_nb.measure.predict.predict_step_memory` or a callable like it.
+    Invalid settings never raise: their message is in ``state.error`` (or ``state.memory_error``).
     """
     state = _layout_state(ExplorerConfig.of(config, **overrides))
     if state.ok:
@@ -284,10 +270,9 @@ class BuildCheck:
 def build_and_check(config: ConfigLike = None, seed: int = 0, **overrides: Any) -> BuildCheck:
     """Build the iUNet for ``config`` and check that it is invertible.
 
-    The input is ``(1, channels[0], *downsampling_factors)`` -- the smallest size that needs
-    no padding -- in ``float64`` if ``config.dtype`` is ``'float64'`` and ``float32``
-    otherwise (bfloat16 would hide the reconstruction error in rounding).  Raises
-    ``ValueError`` (the explorer's error) if the configuration has no layout.
+    The input is ``(1, channels[0], *downsampling_factors)`` (the smallest that needs no padding),
+    float64 if ``config.dtype`` is and float32 otherwise (bfloat16's rounding would hide the
+    reconstruction error).  ``ValueError`` (the explorer's error) if there is no layout.
     """
     state = _layout_state(ExplorerConfig.of(config, **overrides))
     if not state.ok:

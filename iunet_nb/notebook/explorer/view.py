@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from iunet_nb.arch.layout import SLICE_MODES
 from iunet_nb.common import GiB
 from iunet_nb.measure.predict import predict_step_memory
+from iunet_nb.notebook.plots import bar_chart
 from iunet_nb.notebook.explorer.parsing import (channel_multipliers, format_field, parse_int_list,
                                                 resize_int_list_text, resize_strides_text)
 from iunet_nb.notebook.explorer.state import (DTYPES, BuildCheck, ConfigLike, ExplorerConfig,
@@ -97,18 +98,15 @@ def memory_figure(state: ExplorerState, figsize: tuple = (4.6, 2.8)) -> Optional
     if not state.memory_bytes:
         return None
     fig = Figure(figsize=figsize, dpi=80)
-    ax = fig.add_subplot(1, 1, 1)
-    modes = list(state.memory_bytes)
-    values = [state.memory_bytes[m] / GiB for m in modes]
-    bars = ax.bar(modes, values, color=[MODE_COLORS[m] for m in modes])
-    ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=8)
+    ax = bar_chart({mode: total / GiB for mode, total in state.memory_bytes.items()},
+                   "training-step memory (GiB)", ax=fig.add_subplot(1, 1, 1), fmt="{:.3g}",
+                   colors=[MODE_COLORS[mode] for mode in state.memory_bytes])
     budget = state.config.budget_gib
     if budget:
         ax.axhline(budget, color="k", linestyle="--", linewidth=1, label=f"budget {budget:g} GiB")
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_ylabel("training-step memory (GiB)")
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1.18 * budget))
     ax.set_xlabel("backpropagation mode")
-    ax.set_ylim(0, max(values + [budget or 0]) * 1.18 or 1)
     ax.set_title("Predicted peak per training step", fontsize=9)
     fig.tight_layout()
     return fig
@@ -212,6 +210,7 @@ class LayoutExplorer:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
+
     def _on_build(self, _button: Any) -> None:
         try:
             self.build_and_check()
