@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from iunet_nb.engine.optim_in_backward import OptimizerInBackward
+
 __all__ = [
     "StepMeasurement",
     "measure_step",
@@ -280,14 +282,14 @@ def _measure(model: nn.Module, x: torch.Tensor, dev: torch.device, loss_fn: Opti
 def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of the tensors in an optimizer's state (0 for ``None``).
 
-    Accepts a ``torch.optim.Optimizer`` or anything with an ``optimizers``
-    attribute holding several (e.g. :class:`iunet_nb.engine.optim_in_backward.OptimizerInBackward`).
+    Accepts a ``torch.optim.Optimizer`` or an
+    :class:`~iunet_nb.engine.optim_in_backward.OptimizerInBackward` (the sum over its
+    per-parameter optimizers).
     """
     if optimizer is None:
         return 0
-    opts = getattr(optimizer, "optimizers", None)
-    if opts is not None:
-        return sum(optimizer_state_bytes(o) for o in (opts.values() if hasattr(opts, "values") else opts))
+    if isinstance(optimizer, OptimizerInBackward):
+        return sum(optimizer_state_bytes(o) for o in optimizer.optimizers.values())
     return sum(
         v.nbytes for state in optimizer.state.values() for v in state.values()
         if isinstance(v, torch.Tensor)

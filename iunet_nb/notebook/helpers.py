@@ -175,7 +175,7 @@ def in_jupyter_kernel() -> bool:
     """True inside an IPython kernel (Jupyter, papermill), False in a script or a plain terminal."""
     try:
         from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython is a dependency
+    except ImportError:  # IPython comes with the optional notebook dependencies
         return False
     shell = get_ipython()
     return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
