@@ -13,10 +13,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from iunet_nb.common import CONV, check_dim
+
 __all__ = ["ResidualBlock", "UNet"]
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 class ResidualBlock(nn.Module):
@@ -25,7 +26,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int, dim: int = 2) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _CONV[dim](channels, channels, 3, padding=1, bias=False),
+            CONV[dim](channels, channels, 3, padding=1, bias=False),
             nn.LeakyReLU(),
             nn.GroupNorm(1, channels),
         )
@@ -67,8 +68,7 @@ class UNet(nn.Module):
         checkpoint_levels: bool = False,
     ) -> None:
         super().__init__()
-        if dim not in _CONV:
-            raise ValueError(f"dim must be 1, 2 or 3, got {dim}")
+        check_dim(dim)
         if channels is None:
             if in_channels is None:
                 raise ValueError("give channels or in_channels")
@@ -99,7 +99,7 @@ class UNet(nn.Module):
         self.up_blocks = nn.ModuleList(
             self._blocks(channels[i], architecture[i]) for i in range(levels - 1)
         )
-        conv, conv_t = _CONV[dim], _CONV_T[dim]
+        conv, conv_t = CONV[dim], _CONV_TRANSPOSE[dim]
         self.downsample = nn.ModuleList(
             conv(channels[i], channels[i + 1], 2, stride=2, bias=False)
             for i in range(levels - 1)

@@ -14,12 +14,17 @@ reference package is accepted too: ``channels`` is then derived level by level
 (the next level's target is twice, ``'double'``, or the same, ``'constant'``,
 number of channels, rounded to the nearest achievable), see
 :func:`iunet_nb.arch.layout.channels_from_slice_mode`.
+
+The network's structure is its plan (:mod:`iunet_nb.arch.plan`): one ordered
+list of couplings, mixings, splits, resamplings and concatenations that the
+construction, the forward and inverse passes, ``encode``/``decode`` and both
+memory-efficient engines walk.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
-import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,9 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iunet_nb import engine as eng
+from iunet_nb.arch.layout import Layout, channels_from_slice_mode, compute_layout
+from iunet_nb.arch.plan import (
+    CONCAT, COUPLING, DECODER, DOWNSAMPLE, ENCODER, MIXING, SPLIT, UPSAMPLE, Op, Plan, build_plan,
+)
+from iunet_nb.common import check_dim
+from iunet_nb.engine.memcnn import apply_memcnn
 from iunet_nb.nn.checks import check_invertible, probe_input, require_inverse_method
 from iunet_nb.nn.coupling import AdditiveCoupling, create_standard_module
-from iunet_nb.arch.layout import Layout, channels_from_slice_mode, compute_layout
 from iunet_nb.nn.mixing import OrthogonalChannelMixing
 from iunet_nb.nn.resampling import InvertibleDownsampling, InvertibleUpsampling
 
@@ -55,100 +65,6 @@ class _SplitChannels(nn.Module):
         return torch.cat([kept, sent], dim=1)
 
 
-class _MemcnnSafe(nn.Module):
-    """Adapter that makes memcnn's recomputation replay the forward faithfully.
-
-    memcnn runs the real forward under ``no_grad``; in the backward it calls
-    ``inverse`` on the very output tensors of that forward and then the forward
-    again with grad enabled.  memcnn replays the random state only for the
-    inverse and lets both recomputations update buffers (BatchNorm statistics,
-    memcnn issue #12).  Here the forward's random state is remembered per output
-    tensor and replayed for the inverse and the recomputed forward, and both
-    work on private copies of the buffers.
-    """
-
-    def __init__(self, fn: nn.Module, preserve_rng_state: bool) -> None:
-        super().__init__()
-        self.fn = fn
-        self.preserve_rng_state = preserve_rng_state
-        self._records: dict[int, dict] = {}
-        self._pending: list[dict] = []
-
-    def forward(self, *x: Tensor) -> Any:
-        if torch.is_grad_enabled():  # memcnn's recomputation in the backward
-            record = self._pending.pop() if self._pending else {}
-            with eng.fused._RecomputeContext(self.fn, record, self.preserve_rng_state):
-                return self.fn(*x)
-        record = eng.fused._RecomputeContext.capture(self.fn, x[0], self.preserve_rng_state)
-        out = self.fn(*x)
-        # memcnn detaches its outputs in place, which torch refuses for views.
-        out = tuple(map(_not_a_view, out)) if isinstance(out, tuple) else _not_a_view(out)
-        first = out[0] if isinstance(out, tuple) else out
-        key = id(first)
-        self._records[key] = record
-        weakref.finalize(first, self._records.pop, key, None)
-        return out
-
-    def inverse(self, *y: Tensor) -> Any:
-        record = self._records.get(id(y[0]), {})
-        with eng.fused._RecomputeContext(self.fn, record, self.preserve_rng_state):
-            x = self.fn.inverse(*y)
-        self._pending.append(record)
-        return x
-
-
-def _empty_batch_output(x: Tensor, params: Any) -> Tensor:
-    """The body's output for an empty batch ``(0, C, *S)``: an empty tensor of the same shape,
-    connected to every parameter so that ``backward`` gives zero gradients (not ``None``)."""
-    zero = sum((p.reshape(-1)[:0].sum() for p in params if p.requires_grad), x.new_zeros(()))
-    return x + zero.to(x.dtype) if torch.is_grad_enabled() else x.clone()
-
-
-def _guard_memcnn_output(y: Tensor) -> Tensor:
-    """Make the memcnn engine fail loudly where it would silently give wrong gradients.
-
-    memcnn rebuilds every activation from the output tensor itself, so an
-    in-place change of the output before ``backward`` (``y.add_(1)``) would
-    corrupt all of them; its checkpoint function has no double backward; and
-    it can back-propagate each forward only once (keeping what a second pass
-    needs would keep every activation of the first one alive).  A hook on
-    ``y`` checks all three when the backward reaches it.
-    """
-    if not y.requires_grad:
-        return y
-    version = y._version
-    ref = weakref.ref(y)
-    passes = [0]
-
-    def check(grad: Tensor) -> None:
-        if torch.is_grad_enabled():
-            raise RuntimeError(eng.DOUBLE_BACKWARD_MESSAGE)
-        passes[0] += 1
-        if passes[0] > 1:
-            raise RuntimeError(
-                "me_backend='memcnn' can back-propagate through one forward only once (memcnn frees "
-                "what a second backward would need). For backward(retain_graph=True) followed by "
-                "another backward use me_backend='fused' (the default) or disable_custom_gradient=True, "
-                "or run the forward again."
-            )
-        out = ref()
-        if out is not None and out._version != version:
-            raise RuntimeError(
-                "the iUNet's output was modified in place before backward() (its version went from "
-                f"{version} to {out._version}); the memory-efficient engine rebuilds every activation from "
-                "the output, so the gradients would be wrong. Modify a copy instead (y = y.clone() first) "
-                "or use disable_custom_gradient=True."
-            )
-
-    y.register_hook(check)
-    return y
-
-
-def _not_a_view(t: Tensor) -> Tensor:
-    """``t`` itself, or a non-view tensor sharing its storage (no copy)."""
-    return t if t._base is None else eng.storage_alias(t)
-
-
 class _ConcatChannels(nn.Module):
     """Inverse of :class:`_SplitChannels`."""
 
@@ -161,6 +77,13 @@ class _ConcatChannels(nn.Module):
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x[:, : self.kept].clone(), x[:, self.kept :].clone()
+
+
+def _empty_batch_output(x: Tensor, params: Any) -> Tensor:
+    """The body's output for an empty batch ``(0, C, *S)``: an empty tensor of the same shape,
+    connected to every parameter so that ``backward`` gives zero gradients (not ``None``)."""
+    zero = sum((p.reshape(-1)[:0].sum() for p in params if p.requires_grad), x.new_zeros(()))
+    return x + zero.to(x.dtype) if torch.is_grad_enabled() else x.clone()
 
 
 def _check_bool(value: Any, name: str) -> bool:
@@ -208,6 +131,109 @@ def _check_kwargs(value: Any, name: str) -> dict:
     if not isinstance(value, dict):
         raise TypeError(f"{name} must be a dict of keyword arguments or None, got {type(value).__name__}")
     return dict(value)
+
+
+def _channels_and_architecture(channels: Any, architecture: Any, dim: Any, in_channels: Any,
+                               slice_mode: Any, resampling_stride: Any) -> tuple[Any, tuple]:
+    """The requested channels per level (derived from ``in_channels`` in the older API) and
+    the checked architecture; raises for missing or contradicting arguments."""
+    if architecture is None:
+        raise TypeError("iUNet() missing required argument 'architecture' (coupling layers per level)")
+    if dim is None:
+        raise TypeError("iUNet() missing required argument 'dim' (1, 2 or 3 spatial dimensions)")
+    check_dim(dim)
+    architecture = _check_architecture(architecture)
+    if isinstance(channels, int) and not isinstance(channels, bool) and in_channels is None:
+        channels, in_channels = None, channels  # iUNet(32, ...): the older positional in_channels
+    if channels is None and in_channels is None:
+        raise TypeError("iUNet() needs channels=(c0, c1, ...) (or the older in_channels=c0 with slice_mode)")
+    if channels is not None and in_channels is not None:
+        raise TypeError(
+            "give either channels=(...) or the older in_channels= (with slice_mode), not both"
+        )
+    if channels is None:
+        return channels_from_slice_mode(
+            in_channels, architecture, dim, resampling_stride,
+            "double" if slice_mode is None else slice_mode,
+        ), architecture
+    if slice_mode is not None:
+        warnings.warn(
+            f"slice_mode={slice_mode!r} has no effect when channels= is given: it only derives the "
+            "channels per level from in_channels= (older API). Remove slice_mode or use in_channels=.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return channels, architecture
+
+
+def _check_choices(me_backend: Any, padding_mode: Any, create_module_fn: Any) -> None:
+    if me_backend not in ME_BACKENDS:
+        raise ValueError(f"me_backend must be one of {ME_BACKENDS}, got me_backend={me_backend!r}")
+    if padding_mode is not None and padding_mode not in PADDING_MODES:
+        raise ValueError(
+            f"padding_mode must be one of {PADDING_MODES} or None, got padding_mode={padding_mode!r}"
+        )
+    if not callable(create_module_fn):
+        raise TypeError(f"create_module_fn must be callable, got {type(create_module_fn).__name__}")
+
+
+def _creation_key(op: Op) -> tuple[int, int, bool]:
+    """Sort key of a level's operations in the order their modules are created.
+
+    The order fixes which random numbers each initialisation draws, so that a
+    seed gives the same weights for the same arguments: along the level's chain
+    of couplings, the encoder's and the decoder's ``j``-th couplings together
+    (position ``2j + 1``), a mixing in the gap before the coupling that follows
+    it (position ``2 * couplings_before``), the encoder's module before the
+    decoder's; then the downsampling and the upsampling.
+    """
+    if op.kind in (DOWNSAMPLE, UPSAMPLE):
+        return (1, 0, op.kind == UPSAMPLE)
+    return (0, 2 * op.couplings_before + (op.kind == COUPLING), op.side == DECODER)
+
+
+class _ModuleFactory:
+    """Creates the module of an operation of the plan with the model's options."""
+
+    def __init__(self, model: "iUNet") -> None:
+        self.model = model
+        self.checked: set = set()  # (class, channels, split) of the blocks already checked
+
+    def coupling(self, op: Op) -> nn.Module:
+        m = self.model
+        coords = dict(dim=m.dim, LR=op.side, branch="encoder" if op.side == ENCODER else "decoder",
+                      level=op.level, module_index=op.index, architecture=m.architecture)
+        try:
+            module = m.create_module_fn(op.channels, **coords, **m.module_kwargs)
+        except TypeError as err:
+            raise TypeError(f"create_module_fn / module_kwargs: {err}") from None
+        require_inverse_method(module, "create_module_fn")
+        kind = (type(module), op.channels, getattr(module, "split", None))
+        if m.check_blocks and kind not in self.checked:
+            check_invertible(module, probe_input(op.channels, m.dim),
+                             where=f"create_module_fn (level {op.level}, side {op.side}, "
+                                   f"module_index {op.index})")
+            self.checked.add(kind)
+        return module
+
+    def mixing(self, op: Op) -> nn.Module:
+        m = self.model
+        try:
+            return OrthogonalChannelMixing(op.channels, dim=m.dim, method=m.channel_mixing_method,
+                                           learnable=m.learnable_channel_mixing,
+                                           **m.channel_mixing_kwargs)
+        except TypeError as err:
+            raise TypeError(f"channel_mixing_kwargs: {err}") from None
+
+    def resampling(self, op: Op) -> nn.Module:
+        m = self.model
+        cls = InvertibleDownsampling if op.kind == DOWNSAMPLE else InvertibleUpsampling
+        try:
+            return cls(op.channels, stride=op.stride, dim=m.dim, method=m.resampling_method,
+                       init=m.resampling_init, learnable=m.learnable_resampling,
+                       **m.resampling_kwargs)
+        except TypeError as err:
+            raise TypeError(f"resampling_kwargs: {err}") from None
 
 
 class iUNet(nn.Module):
@@ -285,52 +311,47 @@ class iUNet(nn.Module):
         check_blocks: bool = True,
     ) -> None:
         super().__init__()
-        if architecture is None:
-            raise TypeError("iUNet() missing required argument 'architecture' (coupling layers per level)")
-        if dim is None:
-            raise TypeError("iUNet() missing required argument 'dim' (1, 2 or 3 spatial dimensions)")
-        if dim not in (1, 2, 3) or isinstance(dim, bool):
-            raise ValueError(f"dim must be 1, 2 or 3 (number of spatial dimensions), got dim={dim!r}")
-        architecture = _check_architecture(architecture)
-        verbose = _check_verbose(verbose)
-        padding_value = _check_padding_value(padding_value)
-        if isinstance(channels, int) and not isinstance(channels, bool) and in_channels is None:
-            channels, in_channels = None, channels  # iUNet(32, ...): the older positional in_channels
-        if channels is None and in_channels is None:
-            raise TypeError("iUNet() needs channels=(c0, c1, ...) (or the older in_channels=c0 with slice_mode)")
-        if channels is not None and in_channels is not None:
-            raise TypeError(
-                "give either channels=(...) or the older in_channels= (with slice_mode), not both"
-            )
-        if channels is None:
-            channels = channels_from_slice_mode(
-                in_channels, architecture, dim, resampling_stride,
-                "double" if slice_mode is None else slice_mode,
-            )
-        elif slice_mode is not None:
-            warnings.warn(
-                f"slice_mode={slice_mode!r} has no effect when channels= is given: it only derives the "
-                "channels per level from in_channels= (older API). Remove slice_mode or use in_channels=.",
-                UserWarning,
-                stacklevel=2,
-            )
-        if me_backend not in ME_BACKENDS:
-            raise ValueError(f"me_backend must be one of {ME_BACKENDS}, got me_backend={me_backend!r}")
-        if padding_mode is not None and padding_mode not in PADDING_MODES:
-            raise ValueError(
-                f"padding_mode must be one of {PADDING_MODES} or None, got padding_mode={padding_mode!r}"
-            )
-        if not isinstance(channel_mixing_freq, int) or channel_mixing_freq < -1:
-            raise ValueError(
-                "channel_mixing_freq must be -1 (once per side and level), 0 (none) or a positive int "
-                f"(after every k-th coupling), got {channel_mixing_freq!r}"
-            )
-        if not callable(create_module_fn):
-            raise TypeError(f"create_module_fn must be callable, got {type(create_module_fn).__name__}")
-
+        super().__init__()
+        channels, architecture = _channels_and_architecture(
+            channels, architecture, dim, in_channels, slice_mode, resampling_stride)
+        _check_choices(me_backend, padding_mode, create_module_fn)
         self._layout: Layout = compute_layout(channels, architecture, dim, resampling_stride)
-        layout = self._layout
-        self.dim = dim
+        self.plan: Plan = build_plan(self._layout, channel_mixing_freq)
+        self._set_layout_attributes(self._layout)
+        # Every constructor argument, checked (channels, architecture and strides as built above).
+        self.in_channels = self.channels[0]
+        self.slice_mode = slice_mode
+        self.create_module_fn = create_module_fn
+        self.module_kwargs = _check_kwargs(module_kwargs, "module_kwargs")
+        self.learnable_resampling = _check_bool(learnable_resampling, "learnable_resampling")
+        self.resampling_method = resampling_method
+        self.resampling_init = resampling_init
+        self.resampling_kwargs = _check_kwargs(resampling_kwargs, "resampling_kwargs")
+        self.learnable_channel_mixing = _check_bool(learnable_channel_mixing, "learnable_channel_mixing")
+        self.channel_mixing_freq = self.plan.channel_mixing_freq
+        self.channel_mixing_method = channel_mixing_method
+        # Identity-initialised mixing (as in the reference), so that with zero-initialised
+        # couplings the whole iUNet starts as the identity map; init='random' can be asked for.
+        self.channel_mixing_kwargs = {"init": "identity",
+                                      **_check_kwargs(channel_mixing_kwargs, "channel_mixing_kwargs")}
+        self.padding_mode = padding_mode
+        self.padding_value = _check_padding_value(padding_value)
+        self.revert_input_padding = _check_bool(revert_input_padding, "revert_input_padding")
+        self.disable_custom_gradient = _check_bool(disable_custom_gradient, "disable_custom_gradient")
+        self.verbose = _check_verbose(verbose)
+        self.me_backend = me_backend
+        self.preserve_rng_state = _check_bool(preserve_rng_state, "preserve_rng_state")
+        self.check_blocks = _check_bool(check_blocks, "check_blocks")
+        if self.verbose >= 1 and self._layout.adjusted:
+            print(self._layout.adjustment_message())
+        self._create_modules()
+        # memcnn's wrapper of each module (a plain dict: the wrappers hold the same modules).
+        self._memcnn_wrappers: dict[int, nn.Module] = {}
+        # split/concat modules of the memcnn engine (not registered: they have no state).
+        self._channel_modules: dict[Op, nn.Module] = {}
+
+    def _set_layout_attributes(self, layout: Layout) -> None:
+        self.dim = layout.dim
         self.architecture = layout.architecture
         self.channels = layout.channels
         self.num_levels = len(self.channels)
@@ -339,93 +360,44 @@ class iUNet(nn.Module):
         self.downsampling_factors = layout.downsampling_factors
         self.skipped_channels = [lv.kept for lv in layout.levels[:-1]]
         self.channels_before_downsampling = [lv.sent for lv in layout.levels[:-1]]
-        self.padding_mode = padding_mode
-        self.padding_value = padding_value
-        self.revert_input_padding = _check_bool(revert_input_padding, "revert_input_padding")
-        self.disable_custom_gradient = _check_bool(disable_custom_gradient, "disable_custom_gradient")
-        self.learnable_resampling = _check_bool(learnable_resampling, "learnable_resampling")
-        self.learnable_channel_mixing = _check_bool(learnable_channel_mixing, "learnable_channel_mixing")
-        self.me_backend = me_backend
-        self.preserve_rng_state = _check_bool(preserve_rng_state, "preserve_rng_state")
-        check_blocks = _check_bool(check_blocks, "check_blocks")
-        self.verbose = verbose
-        self.module_kwargs = _check_kwargs(module_kwargs, "module_kwargs")
-        resampling_kwargs = _check_kwargs(resampling_kwargs, "resampling_kwargs")
-        channel_mixing_kwargs = _check_kwargs(channel_mixing_kwargs, "channel_mixing_kwargs")
-        # Identity-initialised mixing (as in the reference), so that with zero-initialised
-        # couplings the whole iUNet starts as the identity map; init='random' can be asked for.
-        channel_mixing_kwargs.setdefault("init", "identity")
 
-        if verbose >= 1 and layout.adjusted:
-            print(layout.adjustment_message())
+    def _create_modules(self) -> None:
+        """One module per operation of the plan that has one, level by level.
 
-        self.encoder_modules = nn.ModuleList()
-        self.decoder_modules = nn.ModuleList()
+        ``encoder_modules[i]`` / ``decoder_modules[i]`` hold the couplings and
+        mixings of level ``i`` of each side in forward order (the ops' ``slot``);
+        ``downsampling_layers[i]`` and ``upsampling_layers[i]`` its resamplings.
+        Each upsampling starts as the exact inverse of its downsampling, so that
+        with zero-initialised couplings the whole iUNet starts as the identity.
+        """
+        factory = _ModuleFactory(self)
+        self.encoder_modules = nn.ModuleList(nn.ModuleList() for _ in range(self.num_levels))
+        self.decoder_modules = nn.ModuleList(nn.ModuleList() for _ in range(self.num_levels))
         self.downsampling_layers = nn.ModuleList()
         self.upsampling_layers = nn.ModuleList()
+        for level in range(self.num_levels):
+            for op in sorted(self.plan.level_ops(level), key=_creation_key):
+                if op.kind in (COUPLING, MIXING):
+                    sides = self.encoder_modules if op.side == ENCODER else self.decoder_modules
+                    make = factory.coupling if op.kind == COUPLING else factory.mixing
+                    sides[op.level].append(make(op))
+                elif op.kind == DOWNSAMPLE:
+                    self.downsampling_layers.append(factory.resampling(op))
+                elif op.kind == UPSAMPLE:
+                    up = factory.resampling(op)
+                    up.load_state_dict(self.downsampling_layers[op.level].state_dict())
+                    self.upsampling_layers.append(up)
 
-        def mixing(c: int) -> nn.Module:
-            try:
-                return OrthogonalChannelMixing(
-                    c, dim=dim, method=channel_mixing_method,
-                    learnable=learnable_channel_mixing, **channel_mixing_kwargs,
-                )
-            except TypeError as err:
-                raise TypeError(f"channel_mixing_kwargs: {err}") from None
-
-        def coupling(c: int, side: str, level: int, index: int) -> nn.Module:
-            coords = dict(dim=dim, LR=side, branch="encoder" if side == "L" else "decoder",
-                          level=level, module_index=index, architecture=self.architecture)
-            try:
-                module = create_module_fn(c, **coords, **self.module_kwargs)
-            except TypeError as err:
-                raise TypeError(f"create_module_fn / module_kwargs: {err}") from None
-            require_inverse_method(module, "create_module_fn")
-            kind = (type(module), c, getattr(module, "split", None))
-            if check_blocks and kind not in checked:
-                check_invertible(module, probe_input(c, dim),
-                                 where=f"create_module_fn (level {level}, side {side}, module_index {index})")
-                checked.add(kind)
-            return module
-
-        checked: set = set()
-
-        last = self.num_levels - 1
-        for i, lv in enumerate(layout.levels):
-            c = lv.channels
-            enc, dec = nn.ModuleList(), nn.ModuleList()
-            if channel_mixing_freq == -1 and i < last:
-                dec.append(mixing(c))
-            for j in range(lv.blocks):
-                enc.append(coupling(c, "L", i, j))
-                # module_index runs from 0 on each side; the standard module continues
-                # the encoder's parity on the decoder side itself (create_standard_module).
-                dec.append(coupling(c, "R", i, j))
-                if channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
-                    enc.append(mixing(c))
-                    dec.append(mixing(c))
-            if channel_mixing_freq == -1 and i < last:
-                enc.append(mixing(c))
-            self.encoder_modules.append(enc)
-            self.decoder_modules.append(dec)
-            if i < last:
-                try:
-                    down = InvertibleDownsampling(
-                        lv.sent, stride=lv.stride, dim=dim, method=resampling_method,
-                        init=resampling_init, learnable=learnable_resampling, **resampling_kwargs,
-                    )
-                    up = InvertibleUpsampling(
-                        lv.sent * lv.multiplier, stride=lv.stride, dim=dim, method=resampling_method,
-                        init=resampling_init, learnable=learnable_resampling, **resampling_kwargs,
-                    )
-                except TypeError as err:
-                    raise TypeError(f"resampling_kwargs: {err}") from None
-                # Start the upsampling as the exact inverse of the downsampling, so that
-                # with zero-initialised couplings the whole iUNet starts as the identity.
-                up.load_state_dict(down.state_dict())
-                self.downsampling_layers.append(down)
-                self.upsampling_layers.append(up)
-        self._memcnn_wrappers: dict[int, nn.Module] | None = None
+    def module_of(self, op: Op) -> nn.Module | None:
+        """The registered module of ``op`` (``None`` for splits and concats, which only slice)."""
+        if op.kind == DOWNSAMPLE:
+            return self.downsampling_layers[op.level]
+        if op.kind == UPSAMPLE:
+            return self.upsampling_layers[op.level]
+        if op.kind in (COUPLING, MIXING):
+            sides = self.encoder_modules if op.side == ENCODER else self.decoder_modules
+            return sides[op.level][op.slot]
+        return None
 
     # ------------------------------------------------------------------ layout
     def print_layout(self) -> None:
@@ -436,9 +408,7 @@ class iUNet(nn.Module):
         """The layout as data: levels, blocks, kept/sent channels, strides, parameter counts."""
         levels = []
         for i, lv in enumerate(self._layout.levels):
-            mods: list[nn.Module] = [self.encoder_modules[i], self.decoder_modules[i]]
-            if i < self.num_levels - 1:
-                mods += [self.downsampling_layers[i], self.upsampling_layers[i]]
+            mods = [self.module_of(op) for op in self.plan.level_ops(i) if op.has_module]
             n_params = sum(p.numel() for m in mods for p in m.parameters())
             levels.append(dict(level=i, channels=lv.channels, blocks=lv.blocks, kept=lv.kept,
                                sent=lv.sent, stride=lv.stride, multiplier=lv.multiplier,
@@ -529,33 +499,36 @@ class iUNet(nn.Module):
             index.append(slice(left, x.shape[len(index)] - right))
         return x[tuple(index)]
 
-    # ------------------------------------------------------------------ kernels and steps
+    # ------------------------------------------------------------------ engines
     def _steps(self) -> list[eng.Step]:
-        steps: list[eng.Step] = []
+        """The fused engine's steps, one per operation of the plan."""
+        return [self._step(op) for op in self.plan.ops]
 
-        def add(module: nn.Module, level: int = -1) -> None:
-            if isinstance(module, (OrthogonalChannelMixing, InvertibleDownsampling, InvertibleUpsampling)):
-                split = level == 0 and isinstance(module, InvertibleDownsampling)
-                steps.append(eng.KernelStep(module, split_output=split))
-            elif isinstance(module, AdditiveCoupling):
-                steps.append(eng.CouplingStep(module, self.preserve_rng_state, slabs=True))
-            else:
-                steps.append(eng.InvertibleModuleStep(module, self.preserve_rng_state))
+    def _step(self, op: Op) -> eng.Step:
+        if op.kind == SPLIT:
+            return eng.SplitStep(op.kept)
+        if op.kind == CONCAT:
+            return eng.ConcatStep(op.kept)
+        module = self.module_of(op)
+        if op.kind == COUPLING:
+            if isinstance(module, AdditiveCoupling):
+                return eng.CouplingStep(module, self.preserve_rng_state, slabs=True)
+            return eng.InvertibleModuleStep(module, self.preserve_rng_state)
+        # Mixings and resamplings are orthogonal kernels; the finest level's downsampling
+        # may hand its input back in parts (the slab-wise couplings there read parts).
+        return eng.KernelStep(module, split_output=op.kind == DOWNSAMPLE and op.level == 0)
 
-        last = self.num_levels - 1
-        for i in range(self.num_levels):
-            for m in self.encoder_modules[i]:
-                add(m, i)
-            if i < last:
-                steps.append(eng.SplitStep(self.skipped_channels[i]))
-                add(self.downsampling_layers[i], i)
-        for i in range(last, -1, -1):
-            if i < last:
-                add(self.upsampling_layers[i])
-                steps.append(eng.ConcatStep(self.skipped_channels[i]))
-            for m in self.decoder_modules[i]:
-                add(m, i)
-        return steps
+    def _channel_module(self, op: Op) -> nn.Module:
+        """The split or concat module of ``op`` for the memcnn engine (created once)."""
+        if op not in self._channel_modules:
+            cls = _SplitChannels if op.kind == SPLIT else _ConcatChannels
+            self._channel_modules[op] = cls(op.kept)
+        return self._channel_modules[op]
+
+    def _memcnn_body(self, x: Tensor) -> Tensor:
+        modules = [self.module_of(op) if op.has_module else self._channel_module(op)
+                   for op in self.plan.ops]
+        return apply_memcnn(self.plan, modules, x, self.preserve_rng_state, self._memcnn_wrappers)
 
     # ------------------------------------------------------------------ forward
     def _body(self, x: Tensor) -> Tensor:
@@ -575,62 +548,6 @@ class iUNet(nn.Module):
 
     def _plain_body_inverse(self, y: Tensor) -> Tensor:
         return self.encoder_inverse(self.decoder_inverse(y))
-
-    def _memcnn_body(self, x: Tensor) -> Tensor:
-        from iunet_nb.engine.memcnn import import_memcnn
-
-        memcnn = import_memcnn()
-        if self._memcnn_wrappers is None:
-            # Plain dict: the wrappers hold the same modules, not new parameters.
-            self._memcnn_wrappers = {}
-        wrappers = self._memcnn_wrappers
-
-        def wrap(module: nn.Module) -> nn.Module:
-            key = id(module)
-            if key not in wrappers:
-                wrappers[key] = memcnn.InvertibleModuleWrapper(
-                    fn=_MemcnnSafe(module, self.preserve_rng_state), keep_input=False,
-                    keep_input_inverse=False,
-                    preserve_rng_state=self.preserve_rng_state,
-                )
-            return wrappers[key]
-
-        # memcnn frees each wrapper's input storage and assigns ``.grad`` of its inputs by
-        # hand: never hand it the caller's tensor, give it a copy (freed at once).
-        first = True
-        skips: list[Tensor] = []
-
-        def apply(module: nn.Module, *inputs: Tensor) -> Any:
-            nonlocal first
-            if first:
-                inputs = tuple(t.clone() for t in inputs)
-            out = wrap(module)(*inputs)
-            first = False
-            return out
-
-        with warnings.catch_warnings():
-            # memcnn frees storages with the deprecated ``Tensor.storage()``; torch's
-            # one-time UserWarning about it says nothing the user can act on.
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
-            y = self._memcnn_walk(x, apply, skips)
-        return _guard_memcnn_output(y)
-
-    def _memcnn_walk(self, x: Tensor, apply: Callable[..., Any], skips: list[Tensor]) -> Tensor:
-        last = self.num_levels - 1
-        for i in range(self.num_levels):
-            for m in self.encoder_modules[i]:
-                x = apply(m, x)
-            if i < last:
-                kept, x = apply(_split_module(self, i, "split"), x)
-                skips.append(kept)
-                x = apply(self.downsampling_layers[i], x)
-        for i in range(last, -1, -1):
-            if i < last:
-                x = apply(self.upsampling_layers[i], x)
-                x = apply(_split_module(self, i, "concat"), skips.pop(), x)
-            for m in self.decoder_modules[i]:
-                x = apply(m, x)
-        return x
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, channels[0], *spatial) -> (N, channels[0], *spatial)`` (padded if not reverted)."""
@@ -680,7 +597,7 @@ class iUNet(nn.Module):
                     f"{self.downsampling_factors}; with revert_input_padding=False, forward() returns "
                     "padded outputs, so pass such an output to inverse()"
                 )
-        with torch.no_grad() if not torch.is_grad_enabled() else _nullcontext():
+        with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
             x = self._plain_body_inverse(y_full)
         if any(padding):
             x = self._crop(x, padding)
@@ -699,14 +616,12 @@ class iUNet(nn.Module):
 
     def _encode(self, x: Tensor) -> tuple[Tensor, ...]:
         codes: list[Tensor] = []
-        last = self.num_levels - 1
-        for i in range(self.num_levels):
-            for m in self.encoder_modules[i]:
-                x = m(x)
-            if i < last:
-                k = self.skipped_channels[i]
-                codes.append(x[:, :k])
-                x = self.downsampling_layers[i](x[:, k:])
+        for op in self.plan.encoder_ops:
+            if op.kind == SPLIT:
+                codes.append(x[:, : op.kept])
+                x = x[:, op.kept :]
+            else:
+                x = self.module_of(op)(x)
         codes.append(x)
         return tuple(codes)
 
@@ -715,11 +630,11 @@ class iUNet(nn.Module):
         codes = list(codes)
         self._check_codes(codes)
         x = codes[-1]
-        for i in range(self.num_levels - 1, -1, -1):
-            if i < self.num_levels - 1:
-                x = torch.cat([codes[i], self.downsampling_layers[i].inverse(x)], dim=1)
-            for m in reversed(self.encoder_modules[i]):
-                x = m.inverse(x)
+        for op in reversed(self.plan.encoder_ops):
+            if op.kind == SPLIT:
+                x = torch.cat([codes[op.level], x], dim=1)
+            else:
+                x = self.module_of(op).inverse(x)
         return x
 
     def decode(self, *codes: Tensor) -> Tensor:
@@ -735,24 +650,22 @@ class iUNet(nn.Module):
 
     def _decode(self, codes_l: Sequence[Tensor]) -> Tensor:
         x = codes_l[-1]
-        for i in range(self.num_levels - 1, -1, -1):
-            if i < self.num_levels - 1:
-                x = torch.cat([codes_l[i], self.upsampling_layers[i](x)], dim=1)
-            for m in self.decoder_modules[i]:
-                x = m(x)
+        for op in self.plan.decoder_ops:
+            if op.kind == CONCAT:
+                x = torch.cat([codes_l[op.level], x], dim=1)
+            else:
+                x = self.module_of(op)(x)
         return x
 
     def decoder_inverse(self, y: Tensor) -> tuple[Tensor, ...]:
         """Inverse of :meth:`decode`: the codes that decode to ``y``."""
         codes: list[Tensor] = []
-        last = self.num_levels - 1
-        for i in range(self.num_levels):
-            for m in reversed(self.decoder_modules[i]):
-                y = m.inverse(y)
-            if i < last:
-                k = self.skipped_channels[i]
-                codes.append(y[:, :k])
-                y = self.upsampling_layers[i].inverse(y[:, k:])
+        for op in reversed(self.plan.decoder_ops):
+            if op.kind == CONCAT:
+                codes.append(y[:, : op.kept])
+                y = y[:, op.kept :]
+            else:
+                y = self.module_of(op).inverse(y)
         codes.append(y)
         return tuple(codes)
 
@@ -762,19 +675,10 @@ class iUNet(nn.Module):
                 f"expected {self.num_levels} codes (one skip per non-bottom level plus the bottom), "
                 f"got {len(codes)}"
             )
-        for i, c in enumerate(codes):
-            want = self.skipped_channels[i] if i < self.num_levels - 1 else self.channels[-1]
+        for i, (c, want) in enumerate(zip(codes, self.plan.code_channels)):
             if c.dim() != self.dim + 2 or c.shape[1] != want:
                 raise ValueError(f"code {i} must have {want} channels and {self.dim + 2} dims, "
                                  f"got shape {tuple(c.shape)}")
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _pairs(padding: list[int]) -> list[tuple[int, int]]:
@@ -782,12 +686,3 @@ def _pairs(padding: list[int]) -> list[tuple[int, int]]:
     pairs = [(padding[k], padding[k + 1]) for k in range(0, len(padding), 2)]
     return list(reversed(pairs))
 
-
-def _split_module(model: iUNet, level: int, kind: str) -> nn.Module:
-    """Cached split/concat modules for the memcnn backend (not registered as submodules)."""
-    cache = model.__dict__.setdefault("_split_cache", {})
-    key = (level, kind)
-    if key not in cache:
-        k = model.skipped_channels[level]
-        cache[key] = _SplitChannels(k) if kind == "split" else _ConcatChannels(k)
-    return cache[key]

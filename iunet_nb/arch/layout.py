@@ -578,21 +578,6 @@ def format_layout(layout: Layout) -> str:
 # Parameter counts
 # --------------------------------------------------------------------------
 
-def _coupling_parameters(c: int, index: int, dim: int, depth: int) -> int:
-    """Parameters of one additive coupling layer on ``c`` channels.
-
-    Even ``index`` (encoder ``j``, decoder ``blocks + j``: the parity
-    :func:`iunet_nb.nn.coupling.create_standard_module` uses): ``a = ceil(c/2)``, ``b = floor(c/2)``;
-    odd: the other way round.  ``f: b -> a`` channels is ``depth`` times
-    (conv ``3**dim`` kernel, no bias -> LeakyReLU -> GroupNorm(1, a) with
-    affine weight and bias).
-    """
-    hi, lo = (c + 1) // 2, c // 2
-    a, b = (hi, lo) if index % 2 == 0 else (lo, hi)
-    k = 3 ** dim
-    return k * b * a + 2 * a + (depth - 1) * (k * a * a + 2 * a)
-
-
 def count_parameters(layout: Layout, depth: int = 1,
                      learnable_resampling: bool = True,
                      learnable_channel_mixing: bool = True,
@@ -600,11 +585,13 @@ def count_parameters(layout: Layout, depth: int = 1,
                      resampling_shared: bool = False) -> dict:
     """Count the learnable parameters of the default iUNet, without torch.
 
-    Modules counted at level ``i`` with ``c`` channels:
+    The operations of :func:`iunet_nb.arch.plan.build_plan` are counted with
+    :meth:`iunet_nb.arch.plan.Plan.op_parameters`, at level ``i`` with ``c``
+    channels:
 
-    * ``2 * architecture[i]`` additive coupling layers (see
-      :func:`_coupling_parameters`): ``3**dim*b*a + 2a`` for the first block
-      of ``f`` plus ``(depth-1) * (3**dim*a*a + 2a)``;
+    * ``2 * architecture[i]`` additive coupling layers:
+      ``3**dim*b*a + 2a`` for the first block of ``f`` plus
+      ``(depth-1) * (3**dim*a*a + 2a)``;
     * learnable channel mixing, ``c * c`` parameters each:
       ``channel_mixing_freq=-1`` -- one per side at every non-bottom level;
       ``k > 0`` -- one after every ``k``-th coupling on each side at every
@@ -618,45 +605,25 @@ def count_parameters(layout: Layout, depth: int = 1,
         'resampling', 'total'}, ...], 'coupling': int, 'channel_mixing': int,
         'resampling': int, 'total': int}``.
     """
+    # plan.py builds on this module; importing it here keeps layout.py
+    # loadable on its own (without the package and torch) for layouts only.
+    from iunet_nb.arch.plan import (COUPLING, DOWNSAMPLE, MIXING, UPSAMPLE,
+                                    build_plan)
+
     if not _is_int(depth) or depth < 1:
         raise ValueError(f"depth must be an int >= 1, got depth={depth!r}.")
-    if not _is_int(channel_mixing_freq) or channel_mixing_freq < -1:
-        raise ValueError(
-            f"channel_mixing_freq must be -1 (one mixing per side at every "
-            f"non-bottom level), 0 (none) or a positive int k (after every "
-            f"k-th coupling), got channel_mixing_freq={channel_mixing_freq!r}."
-        )
-    levels = []
-    for lv in layout.levels:
-        c = lv.channels
-        # The standard module continues the encoder's parity on the decoder side (blocks + j),
-        # so that the zero-initialised couplings of a level cancel for odd c too.
-        coupling = sum(_coupling_parameters(c, j, layout.dim, depth)
-                       for j in range(2 * lv.blocks))
-        if not learnable_channel_mixing or channel_mixing_freq == 0:
-            n_mix = 0
-        elif channel_mixing_freq == -1:
-            n_mix = 0 if lv.is_bottom else 2
-        else:
-            n_mix = 2 * (lv.blocks // channel_mixing_freq)
-        mixing = n_mix * c * c
-        if lv.is_bottom or not learnable_resampling:
-            resampling = 0
-        else:
-            kernels = 1 if resampling_shared else lv.sent
-            resampling = 2 * kernels * lv.multiplier ** 2
-        levels.append({
-            "level": lv.level,
-            "channels": c,
-            "coupling": coupling,
-            "channel_mixing": mixing,
-            "resampling": resampling,
-            "total": coupling + mixing + resampling,
-        })
-    return {
-        "levels": levels,
-        "coupling": sum(d["coupling"] for d in levels),
-        "channel_mixing": sum(d["channel_mixing"] for d in levels),
-        "resampling": sum(d["resampling"] for d in levels),
-        "total": sum(d["total"] for d in levels),
-    }
+    plan = build_plan(layout, channel_mixing_freq)
+    category = {COUPLING: "coupling", MIXING: "channel_mixing",
+                DOWNSAMPLE: "resampling", UPSAMPLE: "resampling"}
+    levels = [{"level": lv.level, "channels": lv.channels, "coupling": 0,
+               "channel_mixing": 0, "resampling": 0, "total": 0}
+              for lv in layout.levels]
+    for op in plan.ops:
+        n = plan.op_parameters(op, depth, learnable_resampling,
+                               learnable_channel_mixing, resampling_shared)
+        if n:
+            levels[op.level][category[op.kind]] += n
+            levels[op.level]["total"] += n
+    totals = {key: sum(d[key] for d in levels)
+              for key in ("coupling", "channel_mixing", "resampling", "total")}
+    return {"levels": levels, **totals}

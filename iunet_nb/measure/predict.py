@@ -18,9 +18,10 @@ not fit in memory.
 
 How it works (first principles, a few calibrated constants)
 -----------------------------------------------------------
-The body of the network is written as the list of steps the model runs
-(couplings, channel mixings, split, down/upsampling, concat; for the U-Net
-baselines residual blocks, strided and transposed convolutions, 1x1 fusions).
+The body of the network is the model's plan (:mod:`iunet_nb.arch.plan`):
+its couplings, channel mixings and down/upsamplings (splits and concats only
+slice); for the U-Net baseline the same plan read as residual blocks, strided
+and transposed convolutions and 1x1 fusions.
 Let ``t_i`` be the bytes of one full activation at level ``i`` (``c_i`` channels
 at that level's resolution; with channels doubling and 2x2 strides
 ``t_i = T / 2**i`` with ``T`` the bytes of the input tensor).  The backward
@@ -74,6 +75,11 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from iunet_nb.arch.layout import Layout, compute_layout
+from iunet_nb.arch.plan import (
+    CONCAT, COUPLING, DECODER, DOWNSAMPLE, ENCODER, MIXING, UPSAMPLE, Op, Plan, build_plan,
+    check_channel_mixing_freq, coupling_halves,
+)
+from iunet_nb.common import GiB, format_bytes
 
 __all__ = [
     "MODES",
@@ -98,9 +104,6 @@ CONSTANTS: dict[str, dict[str, float]] = {
 }
 CALIBRATION = 'fitted 2026-11-23 by benchmarks/calibrate_predictor.py on sizes [64, 128, 256, 512], deltas [5, 20, 30]; worst |error| fused 3.1%'
 # END CONSTANTS
-
-GiB = 1024**3
-MiB = 1024**2
 
 _DTYPE_SIZES = {
     "float32": 4, "float": 4, "float64": 8, "double": 8, "float16": 2, "half": 2,
@@ -152,15 +155,11 @@ def _check_shape(input_shape: Any, dim: int) -> list[int]:
 def _check_options(depth: Any, channel_mixing_freq: Any) -> None:
     if not _is_int(depth) or int(depth) < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
-    if not _is_int(channel_mixing_freq) or int(channel_mixing_freq) < -1:
-        raise ValueError(
-            f"channel_mixing_freq must be an integer >= -1 (-1: once per level, 0: never, "
-            f"k: after every k-th coupling), got {channel_mixing_freq!r}"
-        )
+    check_channel_mixing_freq(channel_mixing_freq)
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / GiB:.3f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+    return format_bytes(n, gib_digits=3)
 
 
 @dataclass
@@ -214,18 +213,21 @@ class MemoryPrediction:
 
 # ---------------------------------------------------------------------------- layout
 def layout_of(model_or_layout: Any) -> tuple[Layout, dict]:
-    """The layout of an iUNet (or the layout itself) and the model options it implies."""
+    """The layout of an iUNet (or the layout itself) and the model options it implies.
+
+    For an :class:`iunet_nb.iUNet` the options are its ``plan``, ``depth``,
+    ``learnable_resampling``, ``learnable_channel_mixing`` and ``param_bytes``.
+    """
     if isinstance(model_or_layout, Layout):
         return model_or_layout, {}
-    lay = getattr(model_or_layout, "_layout", None)
-    if isinstance(lay, Layout):
+    plan = getattr(model_or_layout, "plan", None)
+    if isinstance(plan, Plan):
         m = model_or_layout
-        opts = dict(learnable_resampling=m.learnable_resampling)
         depth = m.module_kwargs.get("depth", m.module_kwargs.get("block_depth", 1))
-        opts["depth"] = depth or 1
-        opts["param_bytes"] = sum(p.numel() * p.element_size() for p in m.parameters())
-        opts["param_list"] = None
-        return lay, opts
+        opts = dict(plan=plan, depth=depth or 1, learnable_resampling=m.learnable_resampling,
+                    learnable_channel_mixing=m.learnable_channel_mixing,
+                    param_bytes=sum(p.numel() * p.element_size() for p in m.parameters()))
+        return plan.layout, opts
     channels = getattr(model_or_layout, "channels", None)
     arch = getattr(model_or_layout, "architecture", None)
     if channels is not None and arch is not None:  # e.g. iunet_nb.arch.baselines.UNet
@@ -263,96 +265,84 @@ def _level_tensors(layout: Layout, spatial: Sequence[int], n: int, esize: int) -
     return out
 
 
-def _coupling_ops(c: int, index: int, dim: int, depth: int, esize: int
-                  ) -> tuple[int, int, float, float]:
-    """(parameter bytes, largest conv weight bytes, saved fraction of t, fraction per sigma)."""
-    hi, lo = (c + 1) // 2, c // 2
-    a, b = (hi, lo) if index % 2 == 0 else (lo, hi)
+def _coupling_op(op: Op, dim: int, depth: int, t: int, params: int, esize: int) -> _Op:
+    """A standard coupling: it saves its input storage (``t``) and the GroupNorm outputs fed
+    to deeper convolutions, plus ``sigma`` f-output-sized tensors per block (plain ``nn``
+    layers: convolution and LeakyReLU output, sigma = 2)."""
+    a, b = coupling_halves(op.channels, op.chain_index)
     k = 3**dim
-    params = k * b * a + 2 * a + (depth - 1) * (k * a * a + 2 * a)
-    weight = max(k * b * a, k * a * a if depth > 1 else 0)
-    # input storage + GroupNorm outputs fed to deeper convs, plus sigma f-output-sized tensors
-    # per block (plain nn layers: conv output and LeakyReLU output, sigma = 2)
-    saved = 1.0 + (depth - 1) * a / c
-    return params * esize, weight * esize, saved, depth * a / c
+    weight = max(k * b * a, k * a * a if depth > 1 else 0) * esize
+    saved = 1.0 + (depth - 1) * a / op.channels
+    per_sigma = depth * a / op.channels
+    return _Op(op.name, op.level, t, params, weight, saved=int(saved * t), out=t,
+               saved_var=int(per_sigma * t))
 
 
-def _iunet_ops(layout: Layout, t: list[int], esize: int, depth: int, learnable_resampling: bool,
-               channel_mixing_freq: int, learnable_channel_mixing: bool = True) -> list[_Op]:
-    dim = layout.dim
+def _iunet_ops(plan: Plan, t: list[int], esize: int, depth: int, learnable_resampling: bool,
+               learnable_channel_mixing: bool = True) -> list[_Op]:
+    """The plan's operations that compute (splits and concats only slice), ``t[i]`` the bytes of
+    a full activation at level ``i``."""
     ops: list[_Op] = []
-    last = layout.num_levels - 1
-    mix_p = (lambda c: c * c * esize) if learnable_channel_mixing else (lambda c: 0)
-
-    def couplings(i: int, side: str) -> None:
-        lv = layout.levels[i]
-        c = lv.channels
-        for j in range(lv.blocks):
-            p, w, s, sv = _coupling_ops(c, j, dim, depth, esize)
-            ops.append(_Op(f"{side}{i}.coupling{j}", i, t[i], p, w, saved=int(s * t[i]), out=t[i],
-                           saved_var=int(sv * t[i])))
-            if channel_mixing_freq > 0 and (j + 1) % channel_mixing_freq == 0:
-                ops.append(_Op(f"{side}{i}.mix", i, t[i], mix_p(c), 0, saved=t[i], out=t[i]))
-
-    for i in range(layout.num_levels):
-        couplings(i, "L")
-        lv = layout.levels[i]
-        if i < last:
-            c = lv.channels
-            if channel_mixing_freq == -1:
-                ops.append(_Op(f"L{i}.mix", i, t[i], mix_p(c), 0, saved=t[i], out=t[i]))
-            rp = 2 * lv.sent * lv.multiplier**2 * esize if learnable_resampling else 0
+    for op in plan.ops:
+        i = op.level
+        params = plan.op_parameters(op, depth, learnable_resampling, learnable_channel_mixing) * esize
+        c = plan.layout.levels[i].channels
+        if op.kind == COUPLING:
+            ops.append(_coupling_op(op, plan.dim, depth, t[i], params, esize))
+        elif op.kind == MIXING:
+            ops.append(_Op(op.name, i, t[i], params, 0, saved=t[i], out=t[i]))
+        elif op.kind == DOWNSAMPLE:
             # the downsampling convolution saves a contiguous copy of the sent channels
-            ops.append(_Op(f"L{i}.down", i, t[i], rp // 2, 0, saved=t[i] * lv.sent // c,
-                           out=t[i + 1]))
-    for i in range(last, -1, -1):
-        lv = layout.levels[i]
-        if i < last:
-            c = lv.channels
-            rp = 2 * lv.sent * lv.multiplier**2 * esize if learnable_resampling else 0
-            # upsampling keeps its input (the coarse level's output); concat keeps nothing
-            ops.append(_Op(f"R{i}.up", i, t[i], rp - rp // 2, 0, saved=t[i + 1],
-                           out=t[i] * lv.sent // c))
-            if channel_mixing_freq == -1:
-                ops.append(_Op(f"R{i}.mix", i, t[i], mix_p(c), 0, saved=t[i], out=t[i]))
-        couplings(i, "R")
+            ops.append(_Op(op.name, i, t[i], params, 0, saved=t[i] * op.sent // c, out=t[i + 1]))
+        elif op.kind == UPSAMPLE:
+            # upsampling keeps its input (the coarse level's output); the concat keeps nothing
+            ops.append(_Op(op.name, i, t[i], params, 0, saved=t[i + 1], out=t[i] * op.sent // c))
     return ops
 
 
-def _unet_ops(layout: Layout, t: list[int], esize: int, checkpoint: bool) -> list[_Op]:
-    """Ops of :class:`iunet_nb.arch.baselines.UNet` with the layout's channels and blocks."""
-    dim = layout.dim
-    k = 3**dim
-    s = [math.prod(st) for st in layout.strides]
-    ch = layout.channels
+def _unet_ops(plan: Plan, t: list[int], esize: int, checkpoint: bool) -> list[_Op]:
+    """Ops of :class:`iunet_nb.arch.baselines.UNet` with the plan's channels and blocks.
+
+    The plan read as a U-Net: each coupling is a residual block (the bottom level
+    has one sequence, so its decoder couplings have no counterpart), a downsampling
+    a strided convolution, an upsampling a transposed convolution and a concat the
+    1x1 fusion; with ``checkpoint`` each side of each level is one segment.
+    """
+    k = 3**plan.dim
+    ch = plan.layout.channels
+    last = plan.num_levels - 1
     ops: list[_Op] = []
-    last = layout.num_levels - 1
-    group = 0
-
-    def blocks(i: int, side: str) -> None:
-        nonlocal group
-        c = ch[i]
-        n = layout.levels[i].blocks
-        for j in range(n):
-            w = k * c * c * esize
+    for op in plan.ops:
+        i = op.level
+        if op.kind == COUPLING and not (op.side == DECODER and i == last):
+            side = "D" if op.side == ENCODER else "U"
+            group = (i if op.side == ENCODER else plan.num_levels + i) if checkpoint else -1
+            w = k * ch[i] * ch[i] * esize
             # input + conv output + LeakyReLU output
-            ops.append(_Op(f"{side}{i}.block{j}", i, t[i], w + 2 * c * esize, w, saved=3 * t[i],
-                           group=group if checkpoint else -1, out=t[i]))
-        group += 1
-
-    for i in range(layout.num_levels):
-        blocks(i, "D")
-        if i < last:
-            w = ch[i] * ch[i + 1] * s[i] * esize
+            ops.append(_Op(f"{side}{i}.block{op.index}", i, t[i], w + 2 * ch[i] * esize, w,
+                           saved=3 * t[i], group=group, out=t[i]))
+        elif op.kind == DOWNSAMPLE:
+            w = ch[i] * ch[i + 1] * op.multiplier * esize
             # the strided convolution keeps its input (the skip, also used by the concatenation)
             ops.append(_Op(f"D{i}.down", i, t[i], w, w, saved=t[i], out=t[i + 1]))
-    for i in range(last - 1, -1, -1):
-        w = ch[i] * ch[i + 1] * s[i] * esize
-        ops.append(_Op(f"U{i}.up", i, t[i], w, w, saved=t[i + 1], out=t[i]))
-        wf = 2 * ch[i] * ch[i] * esize
-        ops.append(_Op(f"U{i}.fuse", i, t[i], wf, wf, saved=2 * t[i], out=t[i]))
-        blocks(i, "U")
+        elif op.kind == UPSAMPLE:
+            w = ch[i] * ch[i + 1] * op.multiplier * esize
+            ops.append(_Op(f"U{i}.up", i, t[i], w, w, saved=t[i + 1], out=t[i]))
+        elif op.kind == CONCAT:
+            wf = 2 * ch[i] * ch[i] * esize
+            ops.append(_Op(f"U{i}.fuse", i, t[i], wf, wf, saved=2 * t[i], out=t[i]))
     return ops
+
+
+def _body_ops(mode: str, layout: Layout, opts: dict, t: list[int], esize: int, depth: int,
+              learnable_resampling: bool, channel_mixing_freq: int) -> list[_Op]:
+    """The simulated ops of ``mode``: the model's own plan when a model was given."""
+    plan = opts["plan"] if "plan" in opts else build_plan(layout, channel_mixing_freq)
+    if mode in ("unet", "unet_checkpoint"):
+        return _unet_ops(plan, t, esize, checkpoint=mode == "unet_checkpoint")
+    return _iunet_ops(plan, t, esize, opts.get("depth", depth),
+                      opts.get("learnable_resampling", learnable_resampling),
+                      opts.get("learnable_channel_mixing", True))
 
 
 def _features_autograd(ops: list[_Op], T: int, checkpoint: bool,
@@ -451,11 +441,7 @@ def prediction_features(model_or_layout: Any, input_shape: Sequence[int], dtype:
     spatial = _padded_spatial(layout, shape[2:])
     t = _level_tensors(layout, spatial, shape[0], esize)
     input_bytes = shape[0] * shape[1] * math.prod(shape[2:]) * esize
-    if mode in ("unet", "unet_checkpoint"):
-        ops = _unet_ops(layout, t, esize, checkpoint=mode == "unet_checkpoint")
-    else:
-        ops = _iunet_ops(layout, t, esize, opts.get("depth", depth),
-                         opts.get("learnable_resampling", learnable_resampling), channel_mixing_freq)
+    ops = _body_ops(mode, layout, opts, t, esize, depth, learnable_resampling, channel_mixing_freq)
     base, coef, names = _features(mode, layout, ops, t, t[0], t[0] != input_bytes)
     return dict(base=base, coef=coef, names=names, params=sum(op.params for op in ops),
                 kind=_kind(mode), input=input_bytes, tensor=t[0])
@@ -485,8 +471,8 @@ def predict_step_memory(
     """Predict parameters, gradients, activations and totals of one training step.
 
     Args:
-        model_or_layout: an :class:`iunet_nb.iUNet` (its options override
-            ``depth``/``learnable_resampling``) or a :class:`iunet_nb.arch.layout.Layout`.
+        model_or_layout: an :class:`iunet_nb.iUNet` (its plan and options override
+            ``depth``/``learnable_resampling``/``channel_mixing_freq``) or a :class:`iunet_nb.arch.layout.Layout`.
             For ``mode='unet'``/``'unet_checkpoint'`` the layout's channels and
             architecture define the :class:`iunet_nb.arch.baselines.UNet`.
         input_shape: ``(N, C, *spatial)``; spatial sizes are padded up to the
@@ -504,10 +490,6 @@ def predict_step_memory(
         raise ValueError(f"constants must be a dict of {CONSTANT_NAMES[_kind(mode)]} or None, "
                          f"got {constants!r}")
     layout, opts = layout_of(model_or_layout)
-    depth = opts.get("depth", depth)
-    learnable_resampling = opts.get("learnable_resampling", learnable_resampling)
-    if hasattr(model_or_layout, "_layout"):
-        channel_mixing_freq = _mixing_freq_of(model_or_layout, channel_mixing_freq)
     shape = _check_shape(input_shape, layout.dim)
     n, c = shape[0], shape[1]
     if c != layout.channels[0]:
@@ -521,10 +503,7 @@ def predict_step_memory(
     k = dict(CONSTANTS[mode])
     if constants:
         k.update(constants)
-    if mode in ("unet", "unet_checkpoint"):
-        ops = _unet_ops(layout, t, esize, checkpoint=mode == "unet_checkpoint")
-    else:
-        ops = _iunet_ops(layout, t, esize, depth, learnable_resampling, channel_mixing_freq)
+    ops = _body_ops(mode, layout, opts, t, esize, depth, learnable_resampling, channel_mixing_freq)
     params = sum(op.params for op in ops)
     if "param_bytes" in opts and mode not in ("unet", "unet_checkpoint"):
         params = opts["param_bytes"]
@@ -541,23 +520,6 @@ def predict_step_memory(
         details=dict(level_tensors=t, constants=k, peak_at=where, padded_spatial=spatial,
                      calibration=CALIBRATION),
     )
-
-
-def _mixing_freq_of(model: Any, default: int) -> int:
-    from iunet_nb.nn.mixing import OrthogonalChannelMixing  # local: keep this module torch-free at import
-
-    enc = model.encoder_modules
-    last = len(enc) - 1
-    if last == 0:
-        return default
-    mods = list(enc[0])
-    n_mix = sum(isinstance(m, OrthogonalChannelMixing) for m in mods)
-    if n_mix == 0:
-        return 0
-    if n_mix == 1 and isinstance(mods[-1], OrthogonalChannelMixing):
-        return -1
-    first = next(j for j, m in enumerate(mods) if isinstance(m, OrthogonalChannelMixing))
-    return first  # mixing after every k-th coupling sits at index k
 
 
 def max_batch_size(
