@@ -42,8 +42,9 @@ convolution's: ``dW = sum v (x) da`` (correlation) and ``dv = W^T * da``
 
 *Pass 1* computes ``a`` and the statistics ``mu, sigma^2, s2`` (sums over
 chunks of ``a`` in the data's dtype, added up in float64, and shifted by a
-first estimate of the mean, so that no cancellation occurs); *pass 2* subtracts ``f(v)`` from ``target`` and turns ``a`` into
-``da`` in place, then back-propagates through the convolution.
+first estimate of the mean, so that no cancellation occurs); *pass 2*
+subtracts ``f(v)`` from ``target`` and turns ``a`` into ``da`` in place, then
+back-propagates through the convolution.
 
 ``slabs=False`` computes ``a`` once for the whole tensor and keeps it between
 the passes: one activation-sized buffer ``(N, c, *S)``, plus a boolean mask.
@@ -119,7 +120,7 @@ def recompute_and_backward(block: ConvLeakyReLUGroupNorm, v: list[Tensor], grad_
 class _NormStatistics:
     """GroupNorm's per-sample statistics and the coefficients of its backward.
 
-    Shapes: ``mean``, ``rstd``, ``coef_centered``, ``shift``: ``(N, 1, ..., 1)``;
+    Shapes: ``mean``, ``coef_centered``, ``shift``: ``(N, 1, ..., 1)``;
     ``scale`` (``r gamma``): ``(N, c, 1, ..., 1)``; ``beta``: ``(1, c, 1, ..., 1)``;
     ``grad_gamma``, ``grad_beta``: ``(c,)`` in float64.
     """
