@@ -27,34 +27,35 @@ L = _load_standalone()
 
 
 # --------------------------------------------------------------------------
-# The four layouts printed in the seeds (verbatim)
+# The four layouts printed in the reference package's READMEs (verbatim):
+# iunets master (channels= API) and iunets 0.1 on PyPI (in_channels= API)
 # --------------------------------------------------------------------------
 
-SEED_000_2D = """\
+MASTER_README_2D = """\
 64-64-(32/32)--------------------------------------------------------(32/32)-64-64
 ---------128-128-(64/64)---------------------------------(64/64)-128-128----------
 ---------------------256-256-(160/96)--------(160/96)-256-256---------------------
 ---------------------------------384-384--384-384---------------------------------"""
 
-SEED_000_3D = """\
+MASTER_README_3D = """\
 7-7-(5/2)-------------------------------------------------(5/2)-7-7
 ------16-16-16-(12/4)------------------------(12/4)-16-16-16-------
 ------------------32-(9/23)------------(9/23)-32-------------------
 ------------------------92-92-92--92-92-92-------------------------"""
 
-SEED_001_2D = """\
+PYPI_README_2D = """\
 64-64-(32/32)---------------------------------------------------------(32/32)-64-64
 ---------128-128-(64/64)----------------------------------(64/64)-128-128----------
 ---------------------256-256-(128/128)-------(128/128)-256-256---------------------
 ---------------------------------512-512--512-512----------------------------------"""
 
-SEED_001_3D = """\
+PYPI_README_3D = """\
 7-7-(5/2)-------------------------------------------------(5/2)-7-7
 ------16-16-16-(12/4)------------------------(12/4)-16-16-16-------
 ------------------32-(24/8)------------(24/8)-32-------------------
 ------------------------64-64-64--64-64-64-------------------------"""
 
-SEED_000_MESSAGE_HEAD = """\
+MASTER_README_MESSAGE_HEAD = """\
 Could not exactly create an iUNet with channels=(7, 15, 35, 91) and
 resampling_stride=[(2, 2, 2), (2, 2, 2), (1, 2, 2)]. Instead using closest
 achievable configuration: channels=(7, 16, 32, 92)."""
@@ -64,13 +65,13 @@ achievable configuration: channels=(7, 16, 32, 92)."""
     "channels, architecture, dim, stride, expected_channels, expected",
     [
         ((64, 128, 256, 384), (2, 2, 2, 2), 2, 2, (64, 128, 256, 384),
-         SEED_000_2D),
+         MASTER_README_2D),
         ((7, 15, 35, 91), (2, 3, 1, 3), 3, [2, 2, (1, 2, 2)],
-         (7, 16, 32, 92), SEED_000_3D),
+         (7, 16, 32, 92), MASTER_README_3D),
     ],
-    ids=["seed000-2d", "seed000-3d"],
+    ids=["master-2d", "master-3d"],
 )
-def test_seed_000_layouts(channels, architecture, dim, stride,
+def test_master_readme_layouts(channels, architecture, dim, stride,
                           expected_channels, expected):
     layout = L.compute_layout(channels, architecture, dim, stride)
     assert layout.channels == expected_channels
@@ -82,12 +83,12 @@ def test_seed_000_layouts(channels, architecture, dim, stride,
 @pytest.mark.parametrize(
     "in_channels, architecture, dim, expected_channels, expected",
     [
-        (64, [2, 2, 2, 2], 2, (64, 128, 256, 512), SEED_001_2D),
-        (7, [2, 3, 1, 3], 3, (7, 16, 32, 64), SEED_001_3D),
+        (64, [2, 2, 2, 2], 2, (64, 128, 256, 512), PYPI_README_2D),
+        (7, [2, 3, 1, 3], 3, (7, 16, 32, 64), PYPI_README_3D),
     ],
-    ids=["seed001-2d", "seed001-3d"],
+    ids=["pypi-2d", "pypi-3d"],
 )
-def test_seed_001_layouts(in_channels, architecture, dim, expected_channels,
+def test_pypi_readme_layouts(in_channels, architecture, dim, expected_channels,
                           expected):
     channels = L.channels_from_slice_mode(in_channels, architecture, dim, 2,
                                           "double")
@@ -101,13 +102,13 @@ def test_seed_001_layouts(in_channels, architecture, dim, expected_channels,
 # Adjustment message
 # --------------------------------------------------------------------------
 
-def test_adjustment_message_seed_wording():
+def test_adjustment_message_reference_wording():
     layout = L.compute_layout((7, 15, 35, 91), (2, 3, 1, 3), 3,
                               [2, 2, (1, 2, 2)])
     assert layout.adjusted
     msg = layout.adjustment_message()
     lines = msg.split("\n")
-    assert "\n".join(lines[:3]) == SEED_000_MESSAGE_HEAD
+    assert "\n".join(lines[:3]) == MASTER_README_MESSAGE_HEAD
     assert lines[3] == "Average relative error: 0.0545"
     assert lines[4] == ("Relative error per level: level 1: 0.0667, "
                         "level 2: 0.0857, level 3: 0.0110")
@@ -135,11 +136,11 @@ def test_mean_over_all_levels_as_in_the_reference_docs():
 
 
 @pytest.mark.parametrize("width", range(74, 85))
-def test_seed_message_wraps_same_for_nearby_widths(width):
+def test_reference_message_wraps_same_for_nearby_widths(width):
     layout = L.compute_layout((7, 15, 35, 91), (2, 3, 1, 3), 3,
                               [2, 2, (1, 2, 2)])
     assert layout.adjustment_message(width=width).startswith(
-        SEED_000_MESSAGE_HEAD + "\n")
+        MASTER_README_MESSAGE_HEAD + "\n")
 
 
 def test_message_does_not_break_inside_values():

@@ -1,7 +1,8 @@
-"""Tests of :class:`iunet_nb.iUNet` (issue #4).
+"""Tests of :class:`iunet_nb.iUNet`.
 
-1. the four constructor calls of the reference README (seeds 000 and 001) run as
-   written, with only the import changed, and print the same layouts;
+1. the four constructor calls of the reference package's READMEs (iunets master and
+   iunets 0.1 on PyPI) run as written, with only the import changed, and print the
+   same layouts;
 2. the layout data, encoder/decoder halves and their inverses;
 3. automatic padding (only when needed, silently) and exact inversion for odd
    and prime sizes in 1D/2D/3D, float32 and float64;
@@ -60,17 +61,17 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-# --------------------------------------------------------------------------- 1. seeds
+# --------------------------------------------------------------------------- 1. reference READMEs
 
-# Seed 000 (iunets GitHub master, channels= API), outputs verbatim.
-SEED000_2D_OUTPUT = """\
+# The README of iunets on GitHub master (channels= API), outputs verbatim.
+MASTER_README_2D_OUTPUT = """\
 64-64-(32/32)--------------------------------------------------------(32/32)-64-64
 ---------128-128-(64/64)---------------------------------(64/64)-128-128----------
 ---------------------256-256-(160/96)--------(160/96)-256-256---------------------
 ---------------------------------384-384--384-384---------------------------------
 """
 
-SEED000_3D_OUTPUT = """\
+MASTER_README_3D_OUTPUT = """\
 Could not exactly create an iUNet with channels=(7, 15, 35, 91) and
 resampling_stride=[(2, 2, 2), (2, 2, 2), (1, 2, 2)]. Instead using closest
 achievable configuration: channels=(7, 16, 32, 92).
@@ -81,15 +82,15 @@ Average relative error: 0.0508
 ------------------------92-92-92--92-92-92-------------------------
 """
 
-# Seed 001 (iunets 0.1 on PyPI, in_channels= API), outputs verbatim.
-SEED001_2D_OUTPUT = """\
+# The README of iunets 0.1 on PyPI (in_channels= API), outputs verbatim.
+PYPI_README_2D_OUTPUT = """\
 64-64-(32/32)---------------------------------------------------------(32/32)-64-64
 ---------128-128-(64/64)----------------------------------(64/64)-128-128----------
 ---------------------256-256-(128/128)-------(128/128)-256-256---------------------
 ---------------------------------512-512--512-512----------------------------------
 """
 
-SEED001_3D_OUTPUT = """\
+PYPI_README_3D_OUTPUT = """\
 7-7-(5/2)-------------------------------------------------(5/2)-7-7
 ------16-16-16-(12/4)------------------------(12/4)-16-16-16-------
 ------------------32-(24/8)------------(24/8)-32-------------------
@@ -97,18 +98,18 @@ SEED001_3D_OUTPUT = """\
 """
 
 
-def test_seed000_2d_as_written(capsys):
+def test_master_readme_2d_as_written(capsys):
     model = iUNet(
         channels=(64,128,256,384),
         architecture=(2,2,2,2),
         dim=2
     )
     model.print_layout()
-    assert capsys.readouterr().out == SEED000_2D_OUTPUT
+    assert capsys.readouterr().out == MASTER_README_2D_OUTPUT
     assert model.channels == (64, 128, 256, 384)
 
 
-def test_seed000_3d_as_written(capsys):
+def test_master_readme_3d_as_written(capsys):
     with pytest.warns(UserWarning, match=r"slice_mode='double' has no effect when channels= is given"):
         model = iUNet(
             channels=(7,15,35,91),
@@ -127,31 +128,31 @@ def test_seed000_3d_as_written(capsys):
             verbose=1
         )
         model.print_layout()
-    # The seed's 0.0508 averaged the wrong levels; the mean of 1/15, 3/35 and 1/91
+    # The README's 0.0508 averaged the wrong levels; the mean of 1/15, 3/35 and 1/91
     # is 0.0545, and one line with the per-level errors follows.
     assert abs((1 / 15 + 3 / 35 + 1 / 91) / 3 - 0.0545) < 5e-5
-    expected = SEED000_3D_OUTPUT.replace(
+    expected = MASTER_README_3D_OUTPUT.replace(
         "Average relative error: 0.0508\n",
         "Average relative error: 0.0545\n"
         "Relative error per level: level 1: 0.0667, level 2: 0.0857, level 3: 0.0110\n",
     )
-    assert expected != SEED000_3D_OUTPUT
+    assert expected != MASTER_README_3D_OUTPUT
     assert capsys.readouterr().out == expected
     assert model.channels == (7, 16, 32, 92)
 
 
-def test_seed001_2d_as_written(capsys):
+def test_pypi_readme_2d_as_written(capsys):
     model = iUNet(
         in_channels=64,
         architecture=[2,2,2,2],
         dim=2
     )
     model.print_layout()
-    assert capsys.readouterr().out == SEED001_2D_OUTPUT
+    assert capsys.readouterr().out == PYPI_README_2D_OUTPUT
     assert model.channels == (64, 128, 256, 512)
 
 
-def test_seed001_3d_as_written(capsys):
+def test_pypi_readme_3d_as_written(capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = iUNet(
@@ -172,7 +173,7 @@ def test_seed001_3d_as_written(capsys):
             )
         model.print_layout()
     assert [str(w.message) for w in caught] == []
-    assert capsys.readouterr().out == SEED001_3D_OUTPUT
+    assert capsys.readouterr().out == PYPI_README_3D_OUTPUT
     # block_depth=3: three conv blocks in every coupling function
     f = model.encoder_modules[0][0].f
     assert sum(isinstance(m, nn.Conv3d) for m in f.modules()) == 3
@@ -186,14 +187,14 @@ def test_verbose_0_prints_nothing(capsys):
 
 # --------------------------------------------------------------------------- 2. layout and halves
 
-def seed000_3d() -> iUNet:
+def master_readme_3d() -> iUNet:
     return iUNet(channels=(7, 15, 35, 91), dim=3, architecture=(2, 3, 1, 3),
                  module_kwargs={"depth": 3}, resampling_stride=[2, 2, (1, 2, 2)],
                  padding_mode="reflect", verbose=0)
 
 
-def test_layout_data_seed000_3d():
-    model = seed000_3d()
+def test_layout_data_master_readme_3d():
+    model = master_readme_3d()
     info = model.layout()
     assert info["dim"] == 3
     assert info["channels"] == (7, 16, 32, 92)
@@ -244,7 +245,7 @@ def test_layout_multipliers_and_parameter_counts(dim, channels, stride, multipli
     ((2, 7, 1, 8, 9), [4, 8, 16], [3, 4, 0, 0, 1, 2]),
 ])
 def test_get_padding(shape, padded, padding):
-    model = seed000_3d()
+    model = master_readme_3d()
     assert model.get_padding(torch.zeros(shape)) == (padded, padding)
 
 

@@ -17,6 +17,12 @@ channels by ``m_i = prod(strides[i])``, so::
 
 and every non-bottom level must keep at least one and send at least one
 channel.
+
+Where the channel mixings go and in which order the operations run is the
+plan's business (:mod:`iunet_nb.arch.plan`, built from a :class:`Layout`);
+:func:`count_parameters` counts the plan's operations.  The dimension check
+is this module's own (:func:`iunet_nb.common.check_dim` lives in a module
+that imports torch).
 """
 
 from __future__ import annotations
