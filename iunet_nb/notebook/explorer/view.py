@@ -18,12 +18,12 @@ from matplotlib.figure import Figure
 from iunet_nb.arch.layout import SLICE_MODES
 from iunet_nb.common import GiB
 from iunet_nb.measure.predict import predict_step_memory
-from iunet_nb.notebook.plots import bar_chart
 from iunet_nb.notebook.explorer.parsing import (channel_multipliers, format_field, parse_int_list,
                                                 resize_int_list_text, resize_strides_text)
 from iunet_nb.notebook.explorer.state import (DTYPES, BuildCheck, ConfigLike, ExplorerConfig,
                                               ExplorerState, Predictor, build_and_check,
                                               error_text, explore)
+from iunet_nb.notebook.plots import bar_chart
 
 #: All of the explorer's markup: its title, and the ``<pre>`` block of every text
 #: output with its CSS class and the extra style of that class.
@@ -42,10 +42,12 @@ CONFIG_CONTROLS = ("dim", "channels", "architecture", "strides", "api", "in_chan
 
 
 def _pre(text: str, cls: str) -> str:
+    """``text`` (escaped) as the ``<pre>`` block of CSS class ``cls``."""
     return PRE.format(cls=cls, style=PRE_STYLE.get(cls, ""), text=html.escape(text))
 
 
 def _classed(widget: Any, cls: str) -> Any:
+    """``widget`` with the CSS class ``cls`` added."""
     widget.add_class(cls)
     return widget
 
