@@ -244,6 +244,11 @@ class iUNet(nn.Module):
     :attr:`downsampling_factors` are padded automatically (and the padding is
     removed from the output when ``revert_input_padding``).
 
+    The model keeps every argument as an attribute of the same name
+    (``channels``, ``architecture`` and ``resampling_stride`` as built), its
+    layout's plan as :attr:`plan` (:class:`iunet_nb.arch.plan.Plan`) and the
+    module of each operation of the plan, found with :meth:`module_of`.
+
     Args:
         channels: channels per level, e.g. ``(64, 128, 256, 384)``.  If they
             cannot be built exactly, the closest achievable channels are used
@@ -310,7 +315,6 @@ class iUNet(nn.Module):
         preserve_rng_state: bool = True,
         check_blocks: bool = True,
     ) -> None:
-        super().__init__()
         super().__init__()
         channels, architecture = _channels_and_architecture(
             channels, architecture, dim, in_channels, slice_mode, resampling_stride)

@@ -5,11 +5,11 @@ how many it keeps and sends, the strides and the couplings per level.  The
 plan adds the option that places the channel mixings (``channel_mixing_freq``)
 and lists every operation of the network in the order the forward runs them::
 
-    encoder, level 0 .. bottom       decoder, bottom .. level 0
-    couplings (and mixings)          upsample   (not at the bottom)
-    split                            concat     (not at the bottom)
-    downsample                       couplings (and mixings)
-    (split and downsample not at the bottom)
+    encoder side, per level           decoder side, per level
+    (level 0 down to the bottom)      (the bottom up to level 0)
+    couplings and mixings             upsample    } not at
+    split       } not at              concat      } the bottom
+    downsample  } the bottom          couplings and mixings
 
 With ``channel_mixing_freq=-1`` every non-bottom level has one mixing per
 side: on the encoder side after the couplings (just before the split), on

@@ -25,12 +25,13 @@ with ``tensor.storage().resize_(0)``.  Under torch 2.13 ``Tensor.storage()``
 emits no FutureWarning or DeprecationWarning; it emits torch's "TypedStorage
 is deprecated" warning, which is a plain *UserWarning*, and only once per
 process (torch remembers it has warned).  memcnn's global UserWarning filter
-used to hide it; since we no longer install that filter, a user of memcnn's
-wrapper sees it once.  We leave it visible on purpose -- it is torch telling
-the truth about memcnn's code, and silencing it would mean touching the
-process-wide filters this module promises to leave alone.  (The forward also
-frees the storage of the *caller's* tensor, so pass it ``x * 1`` or
-``x.clone()``, never a tensor you still need.)
+would hide it; as :func:`import_memcnn` keeps that filter out, a user of
+memcnn's wrapper sees it once.  It stays visible on purpose -- it is torch
+telling the truth about memcnn's code, and silencing it would mean touching
+the process-wide filters this module promises to leave alone (the iUNet's
+memcnn engine below hides it only inside its own forward, where the user
+cannot act on it).  The forward also frees the storage of the *caller's*
+tensor, so pass it ``x * 1`` or ``x.clone()``, never a tensor you still need.
 
 The second half of this module is the ``me_backend='memcnn'`` engine of
 :class:`iunet_nb.iUNet`: :func:`apply_memcnn` wraps every operation of the
