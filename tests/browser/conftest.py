@@ -174,13 +174,9 @@ def _stop(server: LabServer) -> None:
         pass
 
 
-@pytest.fixture
-def lab_server(tmp_path) -> LabServer:
-    root = tmp_path / "notebooks"
-    root.mkdir()
-    _clear_outputs(NOTEBOOKS / "03_layout_explorer.ipynb", root / "03_layout_explorer.ipynb")
-
-    home = tmp_path / "jupyter"
+def _isolated_env(home: Path) -> dict:
+    """This process's environment with fresh Jupyter/IPython directories under ``home``
+    (none of the user's settings leak in) and the test's JupyterLab settings."""
     dirs = {name: home / name for name in ("config", "runtime", "data", "settings",
                                            "workspaces", "ipython")}
     for d in dirs.values():
@@ -203,16 +199,11 @@ def lab_server(tmp_path) -> LabServer:
         JUPYTER_PLATFORM_DIRS="1",
         PYTHONUNBUFFERED="1",
     )
+    return env
 
-    # The widgets' frontend must come from the environment, with no manual step.
-    listing = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"],
-                             env=env, capture_output=True, text=True, timeout=60)
-    out = listing.stdout + listing.stderr
-    assert "@jupyter-widgets/jupyterlab-manager" in out and "enabled" in out, out
 
-    token = secrets.token_hex(16)
-    port = _free_port()
-    log = tmp_path / "jupyter-lab.log"
+def _lab_command(port: int, token: str, root: Path) -> list[str]:
+    """``jupyter lab`` on localhost:``port`` serving ``root``, with nothing fetched from the network."""
     cmd = [
         sys.executable, "-m", "jupyter", "lab",
         "--no-browser",
@@ -229,25 +220,50 @@ def lab_server(tmp_path) -> LabServer:
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # CI runs as root
+    return cmd
+
+
+def _wait_until_ready(server: LabServer, seconds: float = 90) -> None:
+    """Poll the server's status API until it answers (``RuntimeError`` if it exits or times out)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited with {server.process.returncode}:\n"
+                               f"{server.log_tail()}")
+        try:
+            server.api("/api/status")
+            return
+        except (OSError, urllib.error.URLError, ValueError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"jupyter lab did not answer within {seconds:.0f} s:\n"
+                                   + server.log_tail())
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def lab_server(tmp_path) -> LabServer:
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    _clear_outputs(NOTEBOOKS / "03_layout_explorer.ipynb", root / "03_layout_explorer.ipynb")
+    env = _isolated_env(tmp_path / "jupyter")
+
+    # The widgets' frontend must come from the environment, with no manual step.
+    listing = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    out = listing.stdout + listing.stderr
+    assert "@jupyter-widgets/jupyterlab-manager" in out and "enabled" in out, out
+
+    token = secrets.token_hex(16)
+    port = _free_port()
+    log = tmp_path / "jupyter-lab.log"
     with open(log, "wb") as fh:
-        process = subprocess.Popen(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(_lab_command(port, token, root), cwd=root, env=env, stdout=fh,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
     server = LabServer(url=f"http://127.0.0.1:{port}", token=token, root=root,
                        process=process, env=env, log=log)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited with {process.returncode}:\n"
-                                   f"{server.log_tail()}")
-            try:
-                server.api("/api/status")
-                break
-            except (OSError, urllib.error.URLError, ValueError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("jupyter lab did not answer within 90 s:\n"
-                                       + server.log_tail())
-                time.sleep(0.5)
+        _wait_until_ready(server)
         yield server
     finally:
         _stop(server)

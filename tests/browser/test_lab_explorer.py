@@ -70,6 +70,59 @@ def _wait_kernel_idle(page, timeout_ms: int) -> None:
     page.wait_for_function(KERNEL_IDLE, timeout=timeout_ms, polling=250)
 
 
+def _open_and_run_all(page, lab_server) -> None:
+    """Open the notebook, wait for its kernel, run every cell and wait until all have run."""
+    page.goto(lab_server.lab_url(NOTEBOOK), timeout=90_000)
+    page.locator(".jp-NotebookPanel").first.wait_for(state="visible", timeout=90_000)
+    # Wait until the kernel is connected and idle (accepting a kernel-selection dialog if one
+    # shows up) before running anything.
+    deadline = time.monotonic() + 90
+    while not page.evaluate(KERNEL_IDLE):
+        assert time.monotonic() < deadline, "the kernel did not start within 90 s"
+        _dismiss_kernel_dialog(page)
+        page.wait_for_timeout(500)
+    _run_all_cells(page)
+    page.locator(LAYOUT).first.wait_for(state="attached", timeout=120_000)
+    # Wait for the whole notebook to finish, so that the kernel is free to answer the
+    # widget changes.
+    page.wait_for_function(f"() => document.body.textContent.includes({DONE_TEXT!r})",
+                           timeout=150_000, polling=500)
+    assert page.locator(LAYOUT).count() == 1
+
+
+def _type_architecture(page, text: str, memory_before: str) -> tuple[str, str]:
+    """Type ``text`` into the architecture field as a user does (click, select all, type, Enter);
+    returns the layout and memory texts once the page shows three couplings per level and side."""
+    field = page.locator(".iunet-architecture input")
+    field.scroll_into_view_if_needed()
+    field.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        f"""() => {{
+            const pre = document.querySelector({LAYOUT!r});
+            return pre && pre.textContent.startsWith('64-64-64-(32/32)');
+        }}""",
+        timeout=60_000, polling=250)
+    page.wait_for_function(
+        f"""(before) => {{
+            const pre = document.querySelector({MEMORY!r});
+            return pre && pre.textContent !== before;
+        }}""",
+        arg=memory_before, timeout=30_000, polling=250)
+    return page.locator(LAYOUT).inner_text(), page.locator(MEMORY).inner_text()
+
+
+def _build_and_check(page) -> str:
+    """Click *Build and check* and return the text the kernel shows once it has built the model."""
+    _wait_kernel_idle(page, 30_000)
+    page.locator(".iunet-build-button").click()
+    build = page.locator(".iunet-build pre")
+    build.wait_for(state="attached", timeout=60_000)
+    return build.inner_text()
+
+
 def test_explorer_in_jupyterlab(lab_server, chromium_browser):
     t0 = time.monotonic()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -79,24 +132,7 @@ def test_explorer_in_jupyterlab(lab_server, chromium_browser):
     console: list[str] = []
     page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
     try:
-        page.goto(lab_server.lab_url(NOTEBOOK), timeout=90_000)
-        page.locator(".jp-NotebookPanel").first.wait_for(state="visible", timeout=90_000)
-        # Wait until the kernel is connected and idle before running anything.
-        # Wait for the kernel (accepting a kernel-selection dialog if one shows up).
-        deadline = time.monotonic() + 90
-        while not page.evaluate(KERNEL_IDLE):
-            assert time.monotonic() < deadline, "the kernel did not start within 90 s"
-            _dismiss_kernel_dialog(page)
-            page.wait_for_timeout(500)
-
-        _run_all_cells(page)
-        page.locator(LAYOUT).first.wait_for(state="attached", timeout=120_000)
-        # Wait for the whole notebook to finish, so that the kernel is free to
-        # answer the widget changes below.
-        page.wait_for_function(f"() => document.body.textContent.includes({DONE_TEXT!r})",
-                               timeout=150_000, polling=500)
-        assert page.locator(LAYOUT).count() == 1
-
+        _open_and_run_all(page, lab_server)
         explorer = page.locator(".iunet-explorer")
         explorer.scroll_into_view_if_needed()
         layout_before = page.locator(LAYOUT).inner_text()
@@ -110,28 +146,7 @@ def test_explorer_in_jupyterlab(lab_server, chromium_browser):
         assert chart.count() == 1
         assert chart.evaluate("img => img.complete && img.naturalWidth > 100")
 
-        # Type a new architecture the way a user does: click, select all, type, Enter.
-        field = page.locator(".iunet-architecture input")
-        field.scroll_into_view_if_needed()
-        field.click()
-        page.keyboard.press("Control+A")
-        page.keyboard.type("3, 3, 3, 3")
-        page.keyboard.press("Enter")
-
-        page.wait_for_function(
-            f"""() => {{
-                const pre = document.querySelector({LAYOUT!r});
-                return pre && pre.textContent.startsWith('64-64-64-(32/32)');
-            }}""",
-            timeout=60_000, polling=250)
-        page.wait_for_function(
-            f"""(before) => {{
-                const pre = document.querySelector({MEMORY!r});
-                return pre && pre.textContent !== before;
-            }}""",
-            arg=memory_before, timeout=30_000, polling=250)
-        layout_after = page.locator(LAYOUT).inner_text()
-        memory_after = page.locator(MEMORY).inner_text()
+        layout_after, memory_after = _type_architecture(page, "3, 3, 3, 3", memory_before)
         rows = layout_after.splitlines()
         assert len(rows) == 4
         # Three coupling layers per side at every level now.
@@ -142,11 +157,7 @@ def test_explorer_in_jupyterlab(lab_server, chromium_browser):
         assert conv_after > conv_before, (memory_before, memory_after)
 
         # Build and check: the kernel builds the model and inverts its output.
-        _wait_kernel_idle(page, 30_000)
-        page.locator(".iunet-build-button").click()
-        build = page.locator(".iunet-build pre")
-        build.wait_for(state="attached", timeout=60_000)
-        build_text = build.inner_text()
+        build_text = _build_and_check(page)
         m = re.search(r"max\|inverse\(forward\(x\)\) - x\| = ([0-9.e+-]+)", build_text)
         assert m, build_text
         assert float(m.group(1)) < 1e-5, build_text
