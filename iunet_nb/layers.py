@@ -63,67 +63,22 @@ def _no_dim(kwargs: dict[str, Any], name: str, dim: int) -> None:
         raise TypeError(f"{name} is {dim}D: it takes no dim argument (got dim={kwargs['dim']!r})")
 
 
-# ------------------------------------------------------------------ up- and downsampling
-class _Downsampling(InvertibleDownsampling):
+# ------------------------------------------------------------------ up-/downsampling, channel mixing
+class _FixedDimResampling:
+    """Mixin: the reference's resampling keywords, ``dim`` fixed by the class attribute ``_dim``."""
+
     _dim = 0
 
     def __init__(self, in_channels: int, stride: Any = 2, method: str = "cayley",
                  init: Any = "haar", learnable: bool = True, **kwargs: Any) -> None:
         _no_dim(kwargs, type(self).__name__, self._dim)
-        super().__init__(in_channels, stride, dim=self._dim, method=method, init=init,
+        super().__init__(in_channels, stride, dim=self._dim, method=method, init=init,  # type: ignore[call-arg]
                          learnable=learnable, **kwargs)
 
 
-class _Upsampling(InvertibleUpsampling):
-    _dim = 0
+class _FixedDimMixing(OrthogonalChannelMixing):
+    """The reference's channel-mixing keywords (identity init), ``dim`` fixed by ``_dim``."""
 
-    def __init__(self, in_channels: int, stride: Any = 2, method: str = "cayley",
-                 init: Any = "haar", learnable: bool = True, **kwargs: Any) -> None:
-        _no_dim(kwargs, type(self).__name__, self._dim)
-        super().__init__(in_channels, stride, dim=self._dim, method=method, init=init,
-                         learnable=learnable, **kwargs)
-
-
-class InvertibleDownsampling1D(_Downsampling):
-    """``(N, C, L) -> (N, C*s, L/s)``, ``s = stride``; see :class:`~iunet_nb.nn.resampling.InvertibleDownsampling`."""
-
-    _dim = 1
-
-
-class InvertibleDownsampling2D(_Downsampling):
-    """``(N, C, H, W) -> (N, C*s1*s2, H/s1, W/s2)``; see :class:`~iunet_nb.nn.resampling.InvertibleDownsampling`."""
-
-    _dim = 2
-
-
-class InvertibleDownsampling3D(_Downsampling):
-    """``(N, C, D, H, W) -> (N, C*s1*s2*s3, D/s1, H/s2, W/s3)``; see
-    :class:`~iunet_nb.nn.resampling.InvertibleDownsampling`."""
-
-    _dim = 3
-
-
-class InvertibleUpsampling1D(_Upsampling):
-    """``(N, C, L) -> (N, C/s, L*s)`` (``in_channels = C``); see :class:`~iunet_nb.nn.resampling.InvertibleUpsampling`."""
-
-    _dim = 1
-
-
-class InvertibleUpsampling2D(_Upsampling):
-    """``(N, C, H, W) -> (N, C/(s1*s2), H*s1, W*s2)``; see :class:`~iunet_nb.nn.resampling.InvertibleUpsampling`."""
-
-    _dim = 2
-
-
-class InvertibleUpsampling3D(_Upsampling):
-    """``(N, C, D, H, W) -> (N, C/(s1*s2*s3), D*s1, H*s2, W*s3)``; see
-    :class:`~iunet_nb.nn.resampling.InvertibleUpsampling`."""
-
-    _dim = 3
-
-
-# ------------------------------------------------------------------ channel mixing
-class _ChannelMixing(OrthogonalChannelMixing):
     _dim = 0
 
     def __init__(self, in_channels: int, method: str = "cayley", learnable: bool = True,
@@ -134,23 +89,30 @@ class _ChannelMixing(OrthogonalChannelMixing):
         self.in_channels = self.out_channels = self.channels
 
 
-class InvertibleChannelMixing1D(_ChannelMixing):
-    """Orthogonal mixing of the channels of ``(N, C, L)``; see :class:`~iunet_nb.nn.mixing.OrthogonalChannelMixing`."""
-
-    _dim = 1
+_SHAPES = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
-class InvertibleChannelMixing2D(_ChannelMixing):
-    """Orthogonal mixing of the channels of ``(N, C, H, W)``; see :class:`~iunet_nb.nn.mixing.OrthogonalChannelMixing`."""
+def _fixed_dim_class(layer: type, dim: int) -> type:
+    """``layer`` with ``dim`` fixed: the class the reference names ``<Layer><dim>D``."""
+    name = f"{layer.__name__.replace('Orthogonal', 'Invertible')}{dim}D"
+    mixin = _FixedDimMixing if layer is OrthogonalChannelMixing else _FixedDimResampling
+    bases = (mixin,) if mixin is _FixedDimMixing else (mixin, layer)
+    doc = (f"{layer.__name__} of inputs ``{_SHAPES[dim]}`` with the reference's keywords; "
+           f"see :class:`{layer.__module__}.{layer.__name__}`.")
+    return type(name, bases, {"_dim": dim, "__doc__": doc, "__module__": __name__, "__qualname__": name})
 
-    _dim = 2
 
+InvertibleDownsampling1D = _fixed_dim_class(InvertibleDownsampling, 1)
+InvertibleDownsampling2D = _fixed_dim_class(InvertibleDownsampling, 2)
+InvertibleDownsampling3D = _fixed_dim_class(InvertibleDownsampling, 3)
 
-class InvertibleChannelMixing3D(_ChannelMixing):
-    """Orthogonal mixing of the channels of ``(N, C, D, H, W)``; see
-    :class:`~iunet_nb.nn.mixing.OrthogonalChannelMixing`."""
+InvertibleUpsampling1D = _fixed_dim_class(InvertibleUpsampling, 1)
+InvertibleUpsampling2D = _fixed_dim_class(InvertibleUpsampling, 2)
+InvertibleUpsampling3D = _fixed_dim_class(InvertibleUpsampling, 3)
 
-    _dim = 3
+InvertibleChannelMixing1D = _fixed_dim_class(OrthogonalChannelMixing, 1)
+InvertibleChannelMixing2D = _fixed_dim_class(OrthogonalChannelMixing, 2)
+InvertibleChannelMixing3D = _fixed_dim_class(OrthogonalChannelMixing, 3)
 
 
 # ------------------------------------------------------------------ coupling, split, concatenate

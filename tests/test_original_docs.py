@@ -4,7 +4,7 @@ Source: the ``docs/`` folder of the reference repository (GitHub ``cetmann/iunet
 1-5, ``training_iunets.rst``, ``invertible_layers.rst``, ``invertible_downsampling.rst``,
 ``invertible_channel_mixing.rst``, ``padding.rst``), in the versions stored for it (the older
 ``in_channels=`` API and the newer ``channels=`` API where they differ), and its README
-(seeds 000 and 001).  The snippets are the users' code: copied as written, with
+(iunets master and 0.1).  The snippets are the users' code: copied as written, with
 ``iunets`` -> ``iunet_nb``; every other change is named in a comment:
 
 * ``.to('cuda')`` -> ``.to(DEVICE)`` (CPU here) and smaller inputs / fewer steps where the
@@ -23,9 +23,9 @@ Source: the ``docs/`` folder of the reference repository (GitHub ``cetmann/iunet
     SyntaxWarning since Python 3.8); ``==`` here.
 
 Printed outputs are compared with the docs' outputs; where this package deliberately differs
-(the "Average relative error" of seed 000, see tests/test_model.py) the comment says so.
-The README examples themselves (seed 000 / 001 layouts) are checked verbatim in
-tests/test_model.py (``test_seed00*_as_written``); here they are also run as a network.
+(the "Average relative error" of the iunets master README, see tests/test_model.py) the comment says so.
+The README examples themselves (the layouts of the iunets master and 0.1 READMEs) are checked verbatim in
+tests/test_model.py (``test_*_readme_*_as_written``); here they are also run as a network.
 """
 from __future__ import annotations
 
@@ -61,11 +61,11 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return nn.functional.mse_loss(a, b).item()
 
 
-# =============================================================== README (seeds 000 and 001)
+# =============================================================== README (iunets master and 0.1)
 def test_readme_models_run_as_networks():
     """"This model can now be integrated into the normal Pytorch workflow": the README's four
     models (layouts checked in tests/test_model.py) train one step and invert."""
-    with pytest.warns(UserWarning, match="slice_mode"):  # seed 000 passes slice_mode with channels=
+    with pytest.warns(UserWarning, match="slice_mode"):  # the iunets master README passes slice_mode with channels=
         models = [
             iUNet(channels=(64,128,256,384), architecture=(2,2,2,2), dim=2),
             iUNet(in_channels=64, architecture=[2,2,2,2], dim=2),

@@ -7,7 +7,7 @@ parts), :mod:`~iunet_nb.engine.steps` (one step class per kind of operation),
 the standard coupling), :mod:`~iunet_nb.engine.tiled` (slab-wise convolutions),
 :mod:`~iunet_nb.engine.fused` (the autograd function over a chain of steps),
 :mod:`~iunet_nb.engine.checks` (the step conformance checker),
-:mod:`~iunet_nb.engine.memcnn` (the memcnn import) and
+:mod:`~iunet_nb.engine.memcnn` (the memcnn backend: memcnn's wrappers walked along the plan) and
 :mod:`~iunet_nb.engine.optim_in_backward` (optimizer steps inside the backward).
 
 Writing a step (a subclass of :class:`Step`)
@@ -51,7 +51,6 @@ from iunet_nb.engine.fused import (  # noqa: F401
 )
 from iunet_nb.engine.parts import Part, State, storage_alias  # noqa: F401
 from iunet_nb.engine.steps import (  # noqa: F401
-    SLAB_MIN_BYTES,
     ConcatStep,
     CouplingStep,
     InvertibleModuleStep,

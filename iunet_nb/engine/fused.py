@@ -28,13 +28,9 @@ from torch import Tensor
 
 from iunet_nb.engine.contract import Step
 from iunet_nb.engine.parts import Part, State, full
-from iunet_nb.engine.steps import RecomputeContext
 
 __all__ = ["DOUBLE_BACKWARD_MESSAGE", "EARLY_GRADIENTS", "run_forward", "FusedInvertibleFunction",
            "apply_fused"]
-
-#: The name the memcnn wrapper of :mod:`iunet_nb.arch.iunet` imports.
-_RecomputeContext = RecomputeContext
 
 #: The error for ``torch.autograd.grad(..., create_graph=True)`` through an engine.
 DOUBLE_BACKWARD_MESSAGE = (

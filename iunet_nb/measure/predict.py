@@ -522,14 +522,8 @@ def predict_step_memory(
     )
 
 
-def max_batch_size(
-    model_or_layout: Any,
-    input_shape: Sequence[int],
-    dtype: Any = "float32",
-    mode: str = "fused",
-    budget_bytes: int = 0,
-    **kwargs: Any,
-) -> int:
+def max_batch_size(model_or_layout: Any, input_shape: Sequence[int], dtype: Any = "float32",
+                   mode: str = "fused", budget_bytes: int = 0, **kwargs: Any) -> int:
     """Largest batch size whose predicted ``total`` fits in ``budget_bytes`` (0 if none).
 
     ``input_shape`` is ``(N, C, *spatial)``; its ``N`` is ignored.

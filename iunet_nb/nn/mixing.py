@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from iunet_nb.common import check_dim
-from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, check_method
+from iunet_nb.nn.orthogonal import OrthogonalBaseMixin
 from iunet_nb.nn.resampling import check_input, random_special_orthogonal
 
 __all__ = ["MIXING_INITS", "OrthogonalChannelMixing"]
@@ -53,10 +52,7 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
-        check_dim(dim)
-        check_method(method)
+        self._check_arguments(channels, "channels", dim, method)
         if init == "identity":
             base = torch.eye(channels, dtype=torch.float64)
         elif init == "random":
@@ -70,13 +66,7 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         self.dim = dim
         self.method = method
         self.init = init
-        self.learnable = bool(learnable)
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self.register_buffer("base", base.to(device=device, dtype=dtype))
-        if self.learnable:
-            self.weight = nn.Parameter(torch.zeros(channels, channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
+        self._init_kernel(base, learnable, device, dtype)
 
     def extra_repr(self) -> str:
         return (

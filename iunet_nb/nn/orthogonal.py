@@ -19,8 +19,10 @@ linear algebra kernels are not implemented for half types on every device.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch import Tensor
 
+from iunet_nb.common import check_dim
 from iunet_nb.engine.contract import OrthogonalKernelModule
 
 __all__ = [
@@ -196,6 +198,23 @@ class OrthogonalBaseMixin(OrthogonalKernelModule):
         Q = orthogonal_matrix(self.weight, self.method)
         with torch.autocast(device_type=Q.device.type, enabled=False):
             return self.base.to(Q.dtype) @ Q
+
+    @staticmethod
+    def _check_arguments(channels: int, channels_name: str, dim: int, method: str) -> None:
+        """Raise ``ValueError`` unless ``channels`` is a positive int, ``dim`` 1-3 and ``method`` known."""
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"{channels_name} must be a positive int, got {channels!r}")
+        check_dim(dim)
+        check_method(method)
+
+    def _init_kernel(self, base: Tensor, learnable: bool, device: torch.device | str | None,
+                     dtype: torch.dtype | None) -> None:
+        """Register ``base`` (rounded once to ``dtype``) and, if ``learnable``, a zero ``weight``."""
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.learnable = bool(learnable)
+        self.register_buffer("base", base.to(device=device, dtype=dtype))  # type: ignore[attr-defined]
+        weight = nn.Parameter(torch.zeros_like(self.base)) if self.learnable else None
+        self.register_parameter("weight", weight)  # type: ignore[attr-defined]
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         out = super()._apply(fn, recurse)  # type: ignore[misc]

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from iunet_nb.common import check_dim
-from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, check_method, reorthogonalize_
+from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, reorthogonalize_
 
 __all__ = [
     "INITS",
@@ -253,39 +252,77 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
 
     def __init__(
         self,
-        fine_channels: int,
-        stride: int | Sequence[int],
-        dim: int,
-        method: str,
-        init: str | Tensor | np.ndarray,
-        learnable: bool,
-        shared: bool,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
+        in_channels: int,
+        stride: int | Sequence[int] = 2,
+        dim: int = 2,
+        method: str = "cayley",
+        init: str | Tensor | np.ndarray = "haar",
+        learnable: bool = True,
+        shared: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_dim(dim)
-        check_method(method)
+        self._check_arguments(in_channels, "in_channels", dim, method)
         self.dim = dim
         self.stride = normalize_stride(stride, dim)
         self.block_size = math.prod(self.stride)
-        self.fine_channels = fine_channels
-        self.coarse_channels = fine_channels * self.block_size
+        self.fine_channels = self._fine_channels(in_channels, self.block_size)
+        self.coarse_channels = self.fine_channels * self.block_size
+        fine_first = (self.fine_channels, self.coarse_channels)
+        self.in_channels, self.out_channels = fine_first if self.input_is_fine else fine_first[::-1]
         self.method = method
         #: The init's canonical name: ``'haar'``, ``'pixel_shuffle'``, ``'random'`` or ``'matrix'``.
         self.init = _init_name(init)
-        self.learnable = bool(learnable)
         self.shared = bool(shared)
-        s = self.block_size
-        n = 1 if shared else fine_channels
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        n = 1 if shared else self.fine_channels
         # Built in float64, then rounded once to ``dtype`` (see class docstrings).
-        base = _init_matrix(init, self.stride, n).to(device=device, dtype=dtype)
-        self.register_buffer("base", base)
-        if self.learnable:
-            self.weight = nn.Parameter(torch.zeros(n, s, s, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
+        self._init_kernel(_init_matrix(init, self.stride, n), learnable, device, dtype)
+
+    #: True for the downsampling (its input is the fine tensor), False for the upsampling.
+    input_is_fine: bool
+
+    def forward(self, x: Tensor, kernel: Tensor | None = None) -> Tensor:
+        """Down-: ``(N, C, *S) -> (N, C*s, *S/stride)``; upsampling: the reverse.
+
+        Args:
+            x: input with ``in_channels`` channels; for the downsampling every
+                spatial size must be divisible by its stride.
+            kernel: precomputed :meth:`kernel` to use as is; if None, computed once here.
+        """
+        return self._down(x, kernel) if self.input_is_fine else self._up(x, kernel)
+
+    def inverse(self, y: Tensor, kernel: Tensor | None = None) -> Tensor:
+        """The exact inverse of :meth:`forward` (the transposed block transform)."""
+        return self._up(y, kernel) if self.input_is_fine else self._down(y, kernel)
+
+    def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
+                       need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
+                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        """Memory-efficient backward from the output ``y = forward(x)`` and ``dL/dy``, given as
+        channel parts: returns ``(x parts, dL/dx parts, dL/dkernel)``; owned parts are reused.
+
+        Downsampling: with ``allow_split`` the fine tensors come back as one part per
+        coarse part, which lowers the peak (see :meth:`_reorder`); otherwise as one
+        tensor each.  Upsampling: the coarse tensors come back as one part per fine
+        part whatever ``allow_split`` says; every part is transformed in place after
+        its reordering.
+        """
+        if self.input_is_fine:
+            return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
+                                             dy_owned, join=not allow_split)
+        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad)
+
+    def _fine_channels(self, in_channels: int, block_size: int) -> int:
+        """The number of fine channels ``C`` of a module with ``in_channels`` inputs."""
+        if self.input_is_fine:
+            return in_channels
+        if in_channels % block_size != 0:
+            raise ValueError(
+                f"{type(self).__name__}: in_channels={in_channels} is not divisible by "
+                f"prod(stride)={block_size}; use a multiple of {block_size}"
+            )
+        return in_channels // block_size
 
     def extra_repr(self) -> str:
         return (
@@ -568,48 +605,7 @@ class InvertibleDownsampling(_InvertibleResampling):
         out_channels: ``C * s``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        stride: int | Sequence[int] = 2,
-        dim: int = 2,
-        method: str = "cayley",
-        init: str | Tensor | np.ndarray = "haar",
-        learnable: bool = True,
-        shared: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        super().__init__(in_channels, stride, dim, method, init, learnable, shared, device, dtype)
-        self.in_channels = self.fine_channels
-        self.out_channels = self.coarse_channels
-
-    def forward(self, x: Tensor, kernel: Tensor | None = None) -> Tensor:
-        """Downsample ``x`` of shape ``(N, C, *S)`` to ``(N, C*s, *S/stride)``.
-
-        Args:
-            x: input; every spatial size must be divisible by its stride.
-            kernel: precomputed :meth:`kernel` to use as is; if None, computed once here.
-        """
-        return self._down(x, kernel)
-
-    def inverse(self, y: Tensor, kernel: Tensor | None = None) -> Tensor:
-        """Exact inverse: ``(N, C*s, *S) -> (N, C, *S*stride)`` (transposed block transform)."""
-        return self._up(y, kernel)
-
-    def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
-                       need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
-                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """Memory-efficient backward from the output ``y = down(x)`` and ``dL/dy``, given as
-        channel parts: returns ``(x parts, dL/dx parts, dL/dkernel)``; owned parts are reused.
-
-        With ``allow_split`` the fine tensors come back as one part per coarse
-        part, which lowers the peak (see :meth:`_reorder`); otherwise as one tensor each.
-        """
-        return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
-                                         dy_owned, join=not allow_split)
+    input_is_fine = True
 
 
 class InvertibleUpsampling(_InvertibleResampling):
@@ -626,51 +622,4 @@ class InvertibleUpsampling(_InvertibleResampling):
             :class:`InvertibleDownsampling`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        stride: int | Sequence[int] = 2,
-        dim: int = 2,
-        method: str = "cayley",
-        init: str | Tensor | np.ndarray = "haar",
-        learnable: bool = True,
-        shared: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        check_dim(dim)
-        s = math.prod(normalize_stride(stride, dim))
-        if in_channels % s != 0:
-            raise ValueError(
-                f"InvertibleUpsampling: in_channels={in_channels} is not divisible by "
-                f"prod(stride)={s}; use a multiple of {s}"
-            )
-        super().__init__(in_channels // s, stride, dim, method, init, learnable, shared, device, dtype)
-        self.in_channels = self.coarse_channels
-        self.out_channels = self.fine_channels
-
-    def forward(self, y: Tensor, kernel: Tensor | None = None) -> Tensor:
-        """Upsample ``y`` of shape ``(N, C*s, *S)`` to ``(N, C, *S*stride)``.
-
-        Args:
-            y: input with ``in_channels`` channels.
-            kernel: precomputed :meth:`kernel` to use as is; if None, computed once here.
-        """
-        return self._up(y, kernel)
-
-    def inverse(self, x: Tensor, kernel: Tensor | None = None) -> Tensor:
-        """Exact inverse: ``(N, C, *S) -> (N, C*s, *S/stride)`` (block transform)."""
-        return self._down(x, kernel)
-
-    def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
-                       need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
-                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """Memory-efficient backward from the output ``y = up(x)`` and ``dL/dy``, given as
-        channel parts of the fine tensors: returns ``(x parts, dL/dx parts, dL/dkernel)``.
-
-        The coarse tensors come back as one part per fine part whatever
-        ``allow_split`` says; every part is transformed in place after its reordering.
-        """
-        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad)
+    input_is_fine = False
