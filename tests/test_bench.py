@@ -183,3 +183,17 @@ def test_optimizer_in_backward_row_in_process():
     assert "sgd-in-backward" in text and "adamw" in text and "including the optimizer" in text
     s = bench.summarize([dict(plain, status="ok"), dict(row, status="ok")])
     assert set(s["cell"]) == {("fused", 32, 1)}  # optimizer rows stay out of Table 1 proper
+
+
+@pytest.mark.slow
+def test_consuming_mode_row_and_report():
+    """``fused_consuming``: the consuming model, no predicted column, its overhead target."""
+    assert bench.build_model("fused_consuming", 1).consume_output
+    assert bench.predicted_total("fused_consuming", 64, 1) is None
+    rows = [dict(bench.measure_config(mode, 32, 1, repeats=0), predicted_total_bytes=None)
+            for mode in ("fused", "fused_consuming")]
+    assert rows[1]["activation_bytes"] < rows[0]["activation_bytes"]
+    text = bench.format_report(rows)
+    assert "fused_consuming overhead <= 2.5 tensor-equivalents at 32^2" in text
+    line = next(ln for ln in text.splitlines() if ln.split()[2:3] == ["fused_consuming"])
+    assert line.split()[-2:] == ["-", "-"]  # no prediction, no prediction error

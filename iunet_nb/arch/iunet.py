@@ -177,6 +177,15 @@ def _check_choices(me_backend: Any, padding_mode: Any, create_module_fn: Any) ->
         raise TypeError(f"create_module_fn must be callable, got {type(create_module_fn).__name__}")
 
 
+def _check_consume_output(consume_output: Any, me_backend: str) -> None:
+    _check_bool(consume_output, "consume_output")
+    if consume_output and me_backend != "fused":
+        raise ValueError(
+            f"consume_output=True needs me_backend='fused' (got me_backend={me_backend!r}): only the "
+            "fused engine can take over the output's memory in its backward"
+        )
+
+
 def _creation_key(op: Op) -> tuple[int, int, bool]:
     """Sort key of a level's operations in the order their modules are created.
 
@@ -284,6 +293,21 @@ class iUNet(nn.Module):
             of each distinct kind (class, channels, split) from ``create_module_fn``
             at construction, so that a block whose ``inverse`` is wrong or whose
             shapes do not fit is a clear error before training.  ``False`` skips it.
+        consume_output: opt-in memory saving of the fused engine: the backward
+            reuses the memory of the output and of its incoming gradient for its
+            own activations (about two input-sized tensors less at the peak).
+            After ``loss.backward()`` the output is gone: every use of it (and
+            of the crop this model returns) raises, as does a second backward
+            (``retain_graph=True``).  Use the output before the backward, or keep
+            a ``.clone()``.  Safe by construction: an output that other tensors
+            share (a view or ``.detach()`` taken before the backward), or a
+            gradient that something else may read (passed explicitly with
+            ``y.backward(g)``, the expanded gradient of ``y.sum()``, a hook on
+            the output) is left intact and simply not reused.  No effect
+            without a graph (``torch.no_grad()``, frozen model), with
+            ``disable_custom_gradient=True`` or in :meth:`inverse`; with
+            ``me_backend='memcnn'`` it is an error.  The rules in full:
+            :mod:`iunet_nb.engine.fused`.
         in_channels, slice_mode: the older API (instead of ``channels``).
     """
 
@@ -314,11 +338,13 @@ class iUNet(nn.Module):
         me_backend: str = "fused",
         preserve_rng_state: bool = True,
         check_blocks: bool = True,
+        consume_output: bool = False,
     ) -> None:
         super().__init__()
         channels, architecture = _channels_and_architecture(
             channels, architecture, dim, in_channels, slice_mode, resampling_stride)
         _check_choices(me_backend, padding_mode, create_module_fn)
+        _check_consume_output(consume_output, me_backend)
         self._layout: Layout = compute_layout(channels, architecture, dim, resampling_stride)
         self.plan: Plan = build_plan(self._layout, channel_mixing_freq)
         self._set_layout_attributes(self._layout)
@@ -346,6 +372,7 @@ class iUNet(nn.Module):
         self.me_backend = me_backend
         self.preserve_rng_state = _check_bool(preserve_rng_state, "preserve_rng_state")
         self.check_blocks = _check_bool(check_blocks, "check_blocks")
+        self.consume_output = consume_output
         if self.verbose >= 1 and self._layout.adjusted:
             print(self._layout.adjustment_message())
         self._create_modules()
@@ -545,7 +572,7 @@ class iUNet(nn.Module):
             return self._plain_body(x)
         if self.me_backend == "memcnn":
             return self._memcnn_body(x)
-        return eng.apply_fused(self._steps(), x)
+        return eng.apply_fused(self._steps(), x, consume_output=self.consume_output)
 
     def _plain_body(self, x: Tensor) -> Tensor:
         return self._decode(self._encode(x))
@@ -561,6 +588,8 @@ class iUNet(nn.Module):
         if self.revert_input_padding and any(padding):
             y_full = y
             y = self._crop(y_full, padding)
+            if self.consume_output:  # the crop shares the output's memory
+                eng.add_output_view(y_full, y)
             # Keep the full output reachable so that inverse(forward(x)) stays exact
             # even though the returned tensor is cropped.
             y._iunet_full_output = (y_full, y._version, padding)

@@ -43,9 +43,12 @@ from iunet_nb.engine.contract import (  # noqa: F401
     Step,
 )
 from iunet_nb.engine.fused import (  # noqa: F401
+    CONSUMED_MESSAGE,
     DOUBLE_BACKWARD_MESSAGE,
     EARLY_GRADIENTS,
+    ConsumedTensor,
     FusedInvertibleFunction,
+    add_output_view,
     apply_fused,
     run_forward,
 )

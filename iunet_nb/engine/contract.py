@@ -22,6 +22,7 @@ Tensor ownership (the code cites these notes by number)
    ``y`` saved for the backward and the incoming gradient ``dy`` enter a state
    as parts with ``owned=False``.  Nothing writes into them or frees them, and
    the chain's output is never the caller's input (a non-owned output is copied).
+   The one exception is the opt-in consuming mode of note 9.
 2. **Owned parts.**  A part with ``owned=True`` was allocated during this
    forward or backward pass and nothing outside the state refers to it: the
    step that receives it MAY overwrite it in place or drop it (freeing it).
@@ -45,6 +46,17 @@ Tensor ownership (the code cites these notes by number)
 8. **Records live with the graph.**  What a step stores in its ``record`` during
    the forward (RNG states) is kept until autograd frees the graph, so a second
    backward (``retain_graph=True``) replays the same forward.
+9. **The consuming mode** (``consume_output=True``, opt-in).  The backward takes
+   over the memory of the output ``y`` and of the incoming gradient ``dy``: they
+   enter the states as owned parts, so the first steps rebuild the activations
+   and their gradients in that memory instead of allocating, and each buffer is
+   listed in ``State.consumed``, freed (``release_unreferenced``) as soon as no
+   part refers to it -- a concatenation's backward copies the rest out of it so
+   that it can go at once (``move_out_of_consumed``).  ``y`` is taken only if no
+   tensor outside the engine but the output itself (and the views its caller
+   registered) shares its memory, ``dy`` only if nothing else refers to it; the
+   output is then switched to a class on which every use raises, and a second
+   backward raises (:mod:`iunet_nb.engine.fused` has the rules).
 """
 from __future__ import annotations
 

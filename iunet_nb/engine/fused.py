@@ -17,6 +17,40 @@ forward and recomputed, with their graph, only inside their own backward step.
 The other engine, ``memcnn`` (every step wrapped in
 ``memcnn.InvertibleModuleWrapper``, as in the paper), is built in
 :mod:`iunet_nb.arch.iunet`.
+
+The consuming mode (``apply_fused(..., consume_output=True)``, opt-in)
+-----------------------------------------------------------------------
+By default the backward holds, besides its own activation and gradient, the
+caller's output ``y`` and incoming gradient ``dy`` (ownership note 1): about
+four input-sized tensors at the finest level.  With ``consume_output=True`` it
+takes over their memory instead (ownership note 9), which saves two of them.
+The rules:
+
+* ``y`` is taken only if it is dense and the whole of its memory, and no
+  tensor shares that memory but the returned output and the views registered
+  with :func:`add_output_view` (a view or ``detach()`` the caller took before
+  the backward keeps ``y`` intact: the mode then does nothing for ``y``).
+  The storage's use count, which this check reads, also counts the engine's
+  own references (:data:`ENGINE_REFERENCES`).
+* ``dy`` is taken only if it is dense, the whole of its memory, in the
+  output's dtype, and nothing else refers to it: not a gradient passed
+  explicitly (``y.backward(g)`` leaves ``g`` intact), not the expanded
+  gradient of ``y.sum()``, and not when the output has hooks
+  (``register_hook``), which could keep it.  ``y.retain_grad()`` is safe:
+  autograd stores a copy in ``y.grad``.
+* Once the backward takes ``y``, the output and its registered views are
+  switched to :class:`ConsumedTensor` (and so is a taken ``dy``, which a hook
+  of an output the caller has dropped may have kept): every use raises
+  :data:`CONSUMED_MESSAGE`; metadata such as ``shape`` and ``grad`` stays
+  readable.  Their memory itself is freed as soon as the backward no longer
+  needs it -- freeing alone would not do, since reading a tensor whose storage
+  was resized to zero is no error in torch (it reads freed memory).  A second
+  backward through the same graph (``retain_graph=True``) raises the same
+  error; autograd nodes that saved ``y`` themselves (the loss's) fail on their
+  version check.
+* Under autocast the output is a cast copy of the body's output: it stays
+  readable, and only the body's output and ``dy``'s float copy are taken.
+* The input gradient ``dx`` never lives in freed memory.
 """
 from __future__ import annotations
 
@@ -27,10 +61,10 @@ import torch
 from torch import Tensor
 
 from iunet_nb.engine.contract import Step
-from iunet_nb.engine.parts import Part, State, full
+from iunet_nb.engine.parts import Part, State, full, release_unreferenced
 
-__all__ = ["DOUBLE_BACKWARD_MESSAGE", "EARLY_GRADIENTS", "run_forward", "FusedInvertibleFunction",
-           "apply_fused"]
+__all__ = ["DOUBLE_BACKWARD_MESSAGE", "CONSUMED_MESSAGE", "ENGINE_REFERENCES", "EARLY_GRADIENTS",
+           "ConsumedTensor", "run_forward", "FusedInvertibleFunction", "apply_fused", "add_output_view"]
 
 #: The error for ``torch.autograd.grad(..., create_graph=True)`` through an engine.
 DOUBLE_BACKWARD_MESSAGE = (
@@ -39,6 +73,47 @@ DOUBLE_BACKWARD_MESSAGE = (
     "record a graph of their backward. Build the model with disable_custom_gradient=True (or set "
     "model.disable_custom_gradient = True for that loss) to use plain autograd, which supports it."
 )
+
+
+#: The error for any use of a consumed output, and for a second backward through it.
+CONSUMED_MESSAGE = (
+    "consume_output=True: the output was consumed by the first backward, which reused its memory "
+    "(and that of its incoming gradient) for the engine's own activations, so its values are gone. "
+    "Use the output before calling backward (or keep a .clone() of it), do not call backward twice "
+    "through it (retain_graph=True), or build the model with consume_output=False."
+)
+
+#: References to the output's storage that the consuming mode's check finds in the engine
+#: itself: the saved output, its unpacked copy and the storage object the check reads.
+ENGINE_REFERENCES = 3
+
+
+class ConsumedTensor(Tensor):
+    """What a consumed output becomes: every use raises :data:`CONSUMED_MESSAGE`.
+
+    Metadata that does not read the values stays available (``shape``,
+    ``size()``, ``dtype``, ``device``, ``grad``, ``grad_fn``, ...), and its
+    ``repr`` says what happened instead of showing freed memory.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(CONSUMED_MESSAGE)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        with torch._C.DisableTorchFunctionSubclass():
+            return (f"ConsumedTensor(shape={tuple(self.shape)}, dtype={self.dtype}: "
+                    "consumed by the backward with consume_output=True)")
+
+
+_METADATA = frozenset({
+    Tensor.shape.__get__, Tensor.size, Tensor.dim, Tensor.ndim.__get__, Tensor.dtype.__get__,
+    Tensor.device.__get__, Tensor.requires_grad.__get__, Tensor.grad.__get__,
+    Tensor.retains_grad.__get__, Tensor.grad_fn.__get__, Tensor.is_leaf.__get__, Tensor.__hash__,
+})
 
 
 def _tensor_slices(steps: Sequence[Step]) -> list[slice]:
@@ -84,13 +159,15 @@ def _early_callback(t: Tensor) -> Any:
 class FusedInvertibleFunction(torch.autograd.Function):
     """Autograd function over a chain of invertible steps that stores only its output.
 
-    ``apply(steps, x, *tensors)`` with ``x`` of shape ``(N, C, *spatial)`` and
-    ``tensors`` the flat list of every step's gradient-receiving inputs
-    (the parameters of the couplings and of the orthogonal parametrisations).
+    ``apply(steps, consume_output, x, *tensors)`` with ``x`` of shape
+    ``(N, C, *spatial)``, ``consume_output`` the consuming mode (module
+    docstring) and ``tensors`` the flat list of every step's gradient-receiving
+    inputs (the parameters of the couplings and of the orthogonal parametrisations).
     """
 
     @staticmethod
-    def forward(ctx: Any, steps: Sequence[Step], x: Tensor, *tensors: Tensor) -> Tensor:
+    def forward(ctx: Any, steps: Sequence[Step], consume_output: bool, x: Tensor,
+                *tensors: Tensor) -> Tensor:
         records: list[dict] = []
         device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -105,22 +182,29 @@ class FusedInvertibleFunction(torch.autograd.Function):
         ctx.records = records
         ctx.device_type = device_type
         ctx.save_for_backward(y, *tensors)
-        return y.to(ctx.autocast[1]) if ctx.autocast[0] else y
+        out = y.to(ctx.autocast[1]) if ctx.autocast[0] else y
+        ctx.consume_output, ctx.consumed = bool(consume_output), False
+        # The output and the views registered by the caller (add_output_view), for note 9.
+        ctx.outputs = [weakref.ref(out)] if consume_output else []
+        return out
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
         if torch.is_grad_enabled():  # create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+        if ctx.consumed:  # before unpacking: the saved output's memory is gone
+            raise RuntimeError(CONSUMED_MESSAGE)
         y, *tensors = ctx.saved_tensors
         steps: Sequence[Step] = ctx.steps
         grads: list[Tensor | None] = [None] * len(tensors)
-        # Ownership note 1: y and dy are the caller's; a cast dy is a new tensor of our own.
-        st = State([Part(y, False)])
-        gst = State([Part(dy.to(y.dtype), dy.dtype != y.dtype)])
+        st, gst = _backward_states(ctx, y, dy)
+        del y  # the state holds it
         slices = _tensor_slices(steps)
         with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False):
             for step, sl, record in zip(reversed(steps), reversed(slices), reversed(ctx.records)):
                 step_grads = step.backward(st, gst, tensors[sl], record)
+                release_unreferenced(st)  # ownership note 9
+                release_unreferenced(gst)
                 for i, g in zip(range(sl.start, sl.stop), step_grads):
                     if g is not None:
                         g = g.to(tensors[i].dtype)
@@ -131,16 +215,95 @@ class FusedInvertibleFunction(torch.autograd.Function):
                             early(tensors[i], g)
         st.cur = []  # the rebuilt input is not needed any more: free it before joining dx
         dx = full(gst.cur).tensor.to(ctx.x_meta[0])
+        gst.cur = []
+        release_unreferenced(st, keep=[dx])  # what is left of y and dy, not what dx uses
+        release_unreferenced(gst, keep=[dx])
         # ctx.records stay (ownership note 8).
-        return (None, dx, *grads)
+        return (None, None, dx, *grads)
 
 
-def apply_fused(steps: Sequence[Step], x: Tensor) -> Tensor:
+def _whole_of_its_memory(t: Tensor) -> bool:
+    """Whether ``t`` is dense and is all of its storage (no offset, no expansion, no overlap)."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def _output_sharers(ctx: Any, y: Tensor) -> list[Tensor] | None:
+    """The caller's tensors that share the saved output's memory, or None if some are unknown.
+
+    Known are the returned output and the views registered with
+    :func:`add_output_view`; any other reference (a view, a ``detach()``) shows
+    in the storage's use count beyond :data:`ENGINE_REFERENCES`.
+    """
+    storage = y.untyped_storage()
+    alive = [t for t in (ref() for ref in ctx.outputs) if t is not None]
+    known = [t for t in alive if t.untyped_storage().data_ptr() == storage.data_ptr()]
+    if any(type(t) is not Tensor for t in known):
+        return None
+    if torch._C._storage_Use_Count(storage._cdata) != ENGINE_REFERENCES + len(known):
+        return None
+    return known
+
+
+def _gradient_consumable(ctx: Any, dy: Tensor, y: Tensor) -> bool:
+    """Whether the incoming gradient may be overwritten and freed (module docstring)."""
+    alive = [t for t in (ref() for ref in ctx.outputs) if t is not None]
+    if any(t._backward_hooks for t in alive):  # a hook may have kept it
+        return False
+    # Only the argument itself holds the tensor (a gradient passed explicitly is also held by
+    # the caller and by autograd's graph root); only that tensor and `storage` hold the memory.
+    storage = dy.untyped_storage()
+    return (type(dy) is Tensor and dy.dtype == y.dtype and _whole_of_its_memory(dy)
+            and dy._use_count() == 1 and torch._C._storage_Use_Count(storage._cdata) == 2)
+
+
+def _backward_states(ctx: Any, y: Tensor, dy: Tensor) -> tuple[State, State]:
+    """The state and the gradient state the backward starts from.
+
+    Ownership note 1 by default: ``y`` and ``dy`` are the caller's (a cast ``dy``
+    is a new tensor of our own).  In the consuming mode (note 9) the tensors
+    sharing a taken ``y``, and a taken ``dy``, become :class:`ConsumedTensor` s
+    at once: from here on their memory holds the engine's activations.
+    """
+    sharers = _output_sharers(ctx, y) if ctx.consume_output and _whole_of_its_memory(y) else None
+    st = State([Part(y, sharers is not None)], consumed=[y] if sharers is not None else [])
+    if ctx.consume_output and _gradient_consumable(ctx, dy, y):
+        grad = dy.detach()  # the engine's handle on the memory; the argument itself is switched
+        dy.__class__ = ConsumedTensor
+        gst = State([Part(grad, True)], consumed=[grad])
+    else:
+        gst = State([Part(dy.to(y.dtype), dy.dtype != y.dtype)])
+    if sharers is not None:
+        ctx.consumed = True
+        # Autograd nodes that saved y themselves now fail their version check if run again.
+        torch.autograd.graph.increment_version(y)
+        for t in sharers:
+            t.__class__ = ConsumedTensor
+    return st, gst
+
+
+def add_output_view(output: Tensor, view: Tensor) -> None:
+    """Consume ``view``, a view of ``output`` made by the caller, together with ``output``.
+
+    ``output``: a tensor returned by :func:`apply_fused` with
+    ``consume_output=True``; a caller that hands on a view of it instead (e.g.
+    the model's crop of its padding) registers the view here, so that the
+    consuming mode knows every tensor sharing the output's memory.  No effect
+    for other outputs.
+    """
+    outputs = getattr(output.grad_fn, "outputs", None)
+    if outputs and getattr(output.grad_fn, "consume_output", False):
+        outputs.append(weakref.ref(view))
+
+
+def apply_fused(steps: Sequence[Step], x: Tensor, consume_output: bool = False) -> Tensor:
     """``steps`` applied to ``x`` with memory-efficient backpropagation.
 
     ``x``: ``(N, C, *spatial)``.  Only the output is kept for the backward, which
     rebuilds every step's input from its output.  Each step's gradient-receiving
-    tensors (``step.tensors()``) get their gradients.
+    tensors (``step.tensors()``) get their gradients.  ``consume_output``: the
+    backward may take over the memory of the output and of its incoming
+    gradient (the module docstring's consuming mode).
     """
     tensors = [t for step in steps for t in step.tensors()]
-    return FusedInvertibleFunction.apply(steps, x, *tensors)
+    return FusedInvertibleFunction.apply(steps, consume_output, x, *tensors)

@@ -9,13 +9,15 @@ modified in place is the ``owned`` flag; the rules are the ownership notes in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "Part", "Parts", "State", "num_channels", "narrow", "full", "join", "split_like",
-    "owned_copy", "compact", "storage_alias", "nbytes",
+    "owned_copy", "compact", "storage_alias", "nbytes", "release_unreferenced",
+    "move_out_of_consumed",
 ]
 
 
@@ -39,10 +41,13 @@ class State:
     """The current activation ``cur`` and the stack of skip activations (bottom first).
 
     As one tensor, a state is ``cat(stack[0] + ... + stack[-1] + cur, dim=1)``.
+    ``consumed``: the caller's tensors whose memory this state took over in the
+    consuming mode; each is freed as soon as no part refers to it (ownership note 9).
     """
 
     cur: Parts
     stack: list[Parts] = field(default_factory=list)
+    consumed: list[Tensor] = field(default_factory=list)
 
     def all_parts(self) -> Parts:
         """Every part, in the order of the state as one tensor (see the class docstring)."""
@@ -110,3 +115,39 @@ def compact(part: Part) -> Part:
 def storage_alias(t: Tensor) -> Tensor:
     """A detached tensor on ``t``'s memory with a version counter of its own (ownership note 5)."""
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+def _lives_in(t: Tensor, buffers: Sequence[Tensor]) -> bool:
+    """Whether ``t`` shares its memory with one of ``buffers``."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(b.untyped_storage().data_ptr() == ptr for b in buffers)
+
+
+def release_unreferenced(state: State, keep: Sequence[Tensor] = ()) -> None:
+    """Free the memory of each of ``state.consumed`` that no part refers to any more (note 9).
+
+    ``keep``: tensors outside the state whose memory must stay (the input gradient).
+    """
+    if not state.consumed:
+        return
+    users = [p.tensor for p in state.all_parts()] + list(keep)
+    kept = []
+    for buffer in state.consumed:
+        if any(_lives_in(t, [buffer]) for t in users):
+            kept.append(buffer)
+        else:
+            buffer.untyped_storage().resize_(0)
+    state.consumed = kept
+
+
+def move_out_of_consumed(state: State) -> None:
+    """Copy the current parts that live in a consumed buffer, then free what is unreferenced.
+
+    Used where the skip parts have just been compacted (note 6): the rest of
+    the consumed buffer is then held by ``cur`` alone, and copying it lets the
+    whole buffer go now instead of after the next step (note 9).
+    """
+    if state.consumed:
+        state.cur = [Part(p.tensor.clone(), True) if _lives_in(p.tensor, state.consumed) else p
+                     for p in state.cur]
+        release_unreferenced(state)

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from iunet_nb.engine.contract import DeclaredCouplingFunction, OrthogonalKernelModule, Step
 from iunet_nb.engine.coupling_backward import recompute_and_backward
 from iunet_nb.engine.parts import (
-    Part, Parts, State, compact, full, join, narrow, nbytes, num_channels, owned_copy,
-    split_like, storage_alias,
+    Part, Parts, State, compact, full, join, move_out_of_consumed, narrow, nbytes, num_channels,
+    owned_copy, split_like, storage_alias,
 )
 
 __all__ = [
@@ -324,8 +324,9 @@ class ConcatStep(Step):
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
-        for s in (st, gst):
+        for s in (st, gst):  # one state after the other: at most one extra buffer at a time
             c = num_channels(s.cur)
             s.stack.append([compact(p) for p in narrow(s.cur, 0, self.kept)])  # ownership note 6
             s.cur = narrow(s.cur, self.kept, c - self.kept)
+            move_out_of_consumed(s)  # ownership note 9
         return []

@@ -11,6 +11,8 @@ This module measures the same grid for every training mode
 
 ``conventional``     the iUNet with plain autograd (``disable_custom_gradient=True``)
 ``fused``            the iUNet with this package's fused ME engine
+``fused_consuming``  the same engine in its opt-in consuming mode (``consume_output=True``:
+                     the backward reuses the memory of the output and its gradient)
 ``memcnn``           the iUNet with every step wrapped in memcnn (as in the paper)
 ``unet``             a plain U-Net with the same channels and blocks
 ``unet_checkpoint``  that U-Net with activation checkpointing per level
@@ -69,8 +71,10 @@ REPO = Path(__file__).resolve().parents[2]
 PAPER_CSV = REPO / "data" / "paper_table1.csv"
 DEFAULT_OUT = REPO / "data" / "results"
 
-ALL_MODES = ("conventional", "fused", "memcnn", "unet", "unet_checkpoint", "iunets")
-ME_MODES = ("fused", "memcnn", "iunets")
+ALL_MODES = ("conventional", "fused", "fused_consuming", "memcnn", "unet", "unet_checkpoint", "iunets")
+ME_MODES = ("fused", "fused_consuming", "memcnn", "iunets")
+#: modes the predictor (:mod:`iunet_nb.measure.predict`) does not model: no predicted column
+UNPREDICTED_MODES = ("fused_consuming",)
 DEFAULT_SIZES = (64, 128)
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEFAULT_DELTAS = (5, 10, 20, 30)
@@ -95,7 +99,7 @@ OPTIMIZER_KWARGS = {"sgd": dict(lr=1e-3), "adamw": dict(lr=1e-3)}
 #: the fused engine's targets (activation overhead, fraction of the paper's ME memory, runtime and
 #: memory relative to conventional); checked by :func:`summarize`
 TARGETS = dict(overhead_spread=0.05, overhead_tensors=5.0, paper_fraction=0.85,
-               runtime_ratio=1.40, memory_ratio_512=0.15)
+               runtime_ratio=1.40, memory_ratio_512=0.15, consuming_overhead_tensors=2.5)
 
 
 # ----------------------------------------------------------------------------- models
@@ -120,10 +124,11 @@ def build_model(mode: str, delta: int, *, dtype: Any = None, device: Any = "cpu"
 
     torch.manual_seed(seed)
     arch = [int(delta)] * len(CHANNELS)
-    if mode in ("conventional", "fused", "memcnn"):
+    if mode in ("conventional", "fused", "fused_consuming", "memcnn"):
         model = iUNet(channels=CHANNELS, architecture=arch, dim=2, verbose=0,
                       disable_custom_gradient=mode == "conventional",
-                      me_backend="memcnn" if mode == "memcnn" else "fused")
+                      me_backend="memcnn" if mode == "memcnn" else "fused",
+                      consume_output=mode == "fused_consuming")
     elif mode in ("unet", "unet_checkpoint"):
         model = UNet(channels=CHANNELS, architecture=arch, dim=2,
                      checkpoint_levels=mode == "unet_checkpoint")
@@ -148,13 +153,19 @@ def _torch_dtype(name: str):
 
 
 def predicted_total(mode: str, size: int, delta: int, dtype: str = "float32") -> int | None:
-    """Predicted total bytes of a configuration (memcnn's for the reference package)."""
-    return _predicted(mode, size, delta, dtype).total
+    """Predicted total bytes of a configuration (memcnn's for the reference package; None
+    for the :data:`UNPREDICTED_MODES`)."""
+    pred = _predicted(mode, size, delta, dtype)
+    return None if pred is None else pred.total
 
 
 def _predicted(mode: str, size: int, delta: int, dtype: str = "float32"):
-    """The :class:`~iunet_nb.measure.predict.MemoryPrediction` of a Table 1 configuration."""
+    """The :class:`~iunet_nb.measure.predict.MemoryPrediction` of a Table 1 configuration
+    (None for the :data:`UNPREDICTED_MODES`)."""
     from iunet_nb.arch.layout import compute_layout
+
+    if mode in UNPREDICTED_MODES:
+        return None
     from iunet_nb.measure.predict import predict_step_memory
 
     layout = compute_layout(CHANNELS, [delta] * len(CHANNELS), 2)
@@ -164,13 +175,15 @@ def _predicted(mode: str, size: int, delta: int, dtype: str = "float32"):
 
 def _peak_level(mode: str, size: int, delta: int) -> int | None:
     """Level at which the predictor places the step peak (None if unknown)."""
-    where = _predicted(mode, size, delta).details.get("peak_at", "")
+    pred = _predicted(mode, size, delta)
+    where = "" if pred is None else pred.details.get("peak_at", "")
     m = re.match(r"[A-Z](\d+)\.", where)
     return int(m.group(1)) if m else None
 
 
-def _predicted_overhead(mode: str, size: int, delta: int) -> float:
-    return _predicted(mode, size, delta).overhead_tensors
+def _predicted_overhead(mode: str, size: int, delta: int) -> float | None:
+    pred = _predicted(mode, size, delta)
+    return None if pred is None else pred.overhead_tensors
 
 
 def optimizer_label(optimizer: str = "none", in_backward: bool = False) -> str:
@@ -475,7 +488,29 @@ def _overhead_512(s: dict, mode: str, delta: int) -> tuple[float | None, str]:
     return s["predicted_overhead"].get((mode, delta)), "predictor"
 
 
+def _consuming_targets(s: dict) -> list[dict]:
+    """The consuming mode's overhead target, worst over delta at each measured size."""
+    limit = TARGETS["consuming_overhead_tensors"]
+    out = []
+    for size in s["sizes"]:
+        over = [(d, s["cell"][("fused_consuming", size, d)]["overhead_tensors"]) for d in s["deltas"]
+                if ("fused_consuming", size, d) in s["cell"]]
+        if over:
+            worst = max(v for _, v in over)
+            out.append(dict(name=f"fused_consuming overhead <= {limit:g} tensor-equivalents at {size}^2",
+                            value=worst, limit=limit, passed=worst <= limit, unit="T",
+                            detail="per delta: " + ", ".join(f"d={d}: {v:.2f}" for d, v in over)))
+    return out
+
+
 def _targets(s: dict) -> list[dict]:
+    out = _fused_targets(s) + _consuming_targets(s)
+    for t in out:
+        t["gap"] = t["value"] - t["limit"]
+    return out
+
+
+def _fused_targets(s: dict) -> list[dict]:
     out: list[dict] = []
     cell, deltas, sizes = s["cell"], s["deltas"], s["sizes"]
     if "fused" not in s["modes"]:
@@ -525,8 +560,6 @@ def _targets(s: dict) -> list[dict]:
                         value=v, limit=TARGETS["memory_ratio_512"], passed=v <= TARGETS["memory_ratio_512"],
                         detail=f"(fused: {fhow}, conventional: {chow}; the paper's target is delta=30)",
                         unit="%"))
-    for t in out:
-        t["gap"] = t["value"] - t["limit"]
     return out
 
 
@@ -967,9 +1000,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [row for path in args.csv for row in read_results(path)]
         for row in rows:  # predictions with the current constants of iunet_nb.measure.predict
             if row.get("status") == "ok":
-                row["predicted_total_bytes"] = predicted_total(row["mode"], row["size"], row["delta"],
-                                                               row.get("dtype") or "float32")
-                row["prediction_error"] = row["predicted_total_bytes"] / row["total_bytes"] - 1
+                pred = predicted_total(row["mode"], row["size"], row["delta"], row.get("dtype") or "float32")
+                row["predicted_total_bytes"] = pred
+                row["prediction_error"] = pred / row["total_bytes"] - 1 if pred else None
         print(format_report(rows))
         if args.plot:
             plot_results(rows, args.plot)
