@@ -21,8 +21,8 @@ An implementer MUST
   its gradient, rebuild the input in ``state`` and its gradient in
   ``grad_state``, and return one gradient (or None) per entry of ``tensors``;
 * follow the ownership notes of :mod:`iunet_nb.engine.contract`: never write
-  into a part that is not owned (the caller's input, output and incoming
-  gradient are never owned).
+  into a part that is not owned (the caller's input never is; its output and
+  incoming gradient only in the opt-in consuming mode, note 9).
 
 An implementer CAN
 

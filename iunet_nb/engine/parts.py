@@ -133,7 +133,7 @@ def release_unreferenced(state: State, keep: Sequence[Tensor] = ()) -> None:
     users = [p.tensor for p in state.all_parts()] + list(keep)
     kept = []
     for buffer in state.consumed:
-        if any(_lives_in(t, [buffer]) for t in users):
+        if _lives_in(buffer, users):
             kept.append(buffer)
         else:
             buffer.untyped_storage().resize_(0)
