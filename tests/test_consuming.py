@@ -109,6 +109,25 @@ def test_gradients_equal_autograd_and_output_is_consumed(name: str) -> None:
     assert torch.equal(x, x_before), "the caller's input was modified"
 
 
+def test_chained_models_consume_each_other_exactly() -> None:
+    """The first model's output is the second's input, which the second never needs again."""
+    kwargs, shape = MODELS["2d"]
+    first, second = _model(kwargs, seed=0), _model(kwargs, seed=5)
+    chain = torch.nn.Sequential(first, second)
+    x = _input(shape)
+    loss_fn = _weighted(torch.Size(shape))
+    grads = {}
+    for conventional in (True, False):
+        first.disable_custom_gradient = second.disable_custom_gradient = conventional
+        chain.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        middle = first(xg)
+        loss_fn(second(middle)).backward()
+        grads[conventional] = [xg.grad] + [p.grad.clone() for p in chain.parameters()]
+    _assert_close(grads[False], grads[True])
+    assert isinstance(middle, ConsumedTensor)
+
+
 @pytest.mark.slow
 @settings(max_examples=30)
 @given(case=cases())
