@@ -68,7 +68,7 @@ MODES = ("unet", "unet_checkpoint", "iunets", "memcnn", "fused", "fused_consumin
 CHANNELS = (16, 32, 64, 128)
 ARCHITECTURE = (2, 2, 2, 2)
 STEP = 8  # the body's downsampling factor per axis (3 downsamplings by 2)
-#: default budget: the whole run (6 modes, 2-4 measured steps each) takes about 6 minutes
+#: default budget: the whole run (7 modes, 2-4 measured steps each) takes about 7 minutes
 #: on one CPU thread here (unloaded; 0.25 GiB: 3 minutes)
 DEFAULT_BUDGET_GIB = 0.5
 
@@ -458,7 +458,7 @@ def add_cli(sub: Any) -> None:
     """Add the ``volume3d`` and internal ``_one3d`` subcommands to the bench CLI."""
     v = sub.add_parser("volume3d", help="largest trainable 3D volume per mode within a memory budget")
     v.add_argument("--budget-gib", type=float, default=DEFAULT_BUDGET_GIB,
-                   help=f"memory budget in GiB (default {DEFAULT_BUDGET_GIB:g}: about 6 min on one idle core here)")
+                   help=f"memory budget in GiB (default {DEFAULT_BUDGET_GIB:g}: about 7 min on one idle core here)")
     v.add_argument("--modes", nargs="+", default=None, choices=MODES,
                    help="default: all (iunets only when importable)")
     v.add_argument("--threads", type=int, default=1)
