@@ -115,6 +115,32 @@ def test_summary_extrapolation_and_targets_on_synthetic_rows():
     assert ratio["passed"] == (ratio["value"] <= 0.15)
 
 
+def test_strict_targets_use_medians_and_every_size():
+    """Overhead <= 3.5 T from 256^2; runtime <= 1.35x conventional and <= 1/1.3 of iunets' from 128^2,
+    each on the median of the timed steps (a fast outlier step must not pass a target)."""
+    def row(mode, size, delta, overhead, times):
+        return dict(mode=mode, size=size, delta=delta, status="ok", param_bytes=1, input_bytes=1, grad_bytes=1,
+                    activation_bytes=1, peak_bytes=2, total_bytes=4, total_gib=0.0,
+                    overhead_tensors=overhead, seconds=min(times), seconds_all=" ".join(map(str, times)))
+
+    rows = []
+    for size in (128, 256):
+        for d in (5, 30):
+            rows += [row("conventional", size, d, 30.0, [1.0, 1.0, 1.0]),
+                     row("fused", size, d, 3.4 if size == 256 else 9.0, [0.5, 1.3, 1.3]),
+                     row("iunets", size, d, 8.0, [1.6, 1.6, 1.6])]
+    names = {t["name"]: t for t in bench.summarize(rows)["targets"]}
+    over = names["fused overhead <= 3.5 tensor-equivalents"]
+    assert over["passed"] and over["value"] == 3.4  # 9.0 at 128^2 is below the size it applies from
+    speed = names["fused runtime <= 1.35 x conventional at every size"]
+    assert speed["passed"] and abs(speed["value"] - 1.3) < 1e-12  # the median, not the 0.5 s outlier
+    vs = names["fused step <= 0.77 x iunets' (>= 1.3x faster)"]
+    assert not vs["passed"] and abs(vs["value"] - 1.3 / 1.6) < 1e-12
+    rows[-2]["seconds_all"] = "1.5 1.5 1.5"  # one configuration slower than 1.35x
+    names = {t["name"]: t for t in bench.summarize(rows)["targets"]}
+    assert not names["fused runtime <= 1.35 x conventional at every size"]["passed"]
+
+
 @pytest.mark.parametrize("args, match", [
     (("--deltas", "0"), "--deltas: every value must be an integer >= 1"),
     (("--size", "-64"), "--size: every value must be an integer >= 1"),

@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import warnings
@@ -99,7 +100,11 @@ OPTIMIZER_KWARGS = {"sgd": dict(lr=1e-3), "adamw": dict(lr=1e-3)}
 #: the fused engine's targets (activation overhead, fraction of the paper's ME memory, runtime and
 #: memory relative to conventional); checked by :func:`summarize`
 TARGETS = dict(overhead_spread=0.05, overhead_tensors=5.0, paper_fraction=0.85,
-               runtime_ratio=1.40, memory_ratio_512=0.15, consuming_overhead_tensors=2.5)
+               runtime_ratio=1.40, memory_ratio_512=0.15, consuming_overhead_tensors=2.5,
+               large_overhead_tensors=3.5, runtime_ratio_every_size=1.35, time_vs_iunets=1 / 1.3)
+#: Sizes from which the stricter targets (``large_overhead_tensors``, ``runtime_ratio_every_size``,
+#: ``time_vs_iunets``) are checked: overhead from 256^2, speed from 128^2.
+LARGE_OVERHEAD_MIN_SIZE, SPEED_MIN_SIZE = 256, 128
 
 
 # ----------------------------------------------------------------------------- models
@@ -379,15 +384,29 @@ def summarize(rows: Sequence[dict], paper: Sequence[dict] | None = None,
     return summary
 
 
+def step_times(row: dict) -> list[float]:
+    """The timed steps of a result row (``seconds_all``), or its ``seconds`` alone if not recorded."""
+    text = row.get("seconds_all") or ""
+    times = [float(t) for t in str(text).split()]
+    return times or ([float(row["seconds"])] if row.get("seconds") else [])
+
+
+def median_step_seconds(row: dict) -> float | None:
+    """The median of the row's timed steps (None without any)."""
+    times = step_times(row)
+    return statistics.median(times) if times else None
+
+
 def _ratios_to_conventional(cell: dict) -> tuple[dict, dict]:
-    """``(memory, runtime)``: each row's total and seconds / the conventional row's, by cell key."""
+    """``(memory, runtime)``: each row's total and median step time / the conventional row's."""
     mem_ratio, run_ratio = {}, {}
     for (mode, size, delta), r in cell.items():
         conv = cell.get(("conventional", size, delta))
         if conv:
             mem_ratio[(mode, size, delta)] = r["total_bytes"] / conv["total_bytes"]
-            if conv.get("seconds"):
-                run_ratio[(mode, size, delta)] = r["seconds"] / conv["seconds"]
+            conv_s, row_s = median_step_seconds(conv), median_step_seconds(r)
+            if conv_s and row_s:
+                run_ratio[(mode, size, delta)] = row_s / conv_s
     return mem_ratio, run_ratio
 
 
@@ -448,14 +467,14 @@ def format_optimizer_section(rows: Sequence[dict]) -> list[str]:
     lines = ["", "Training step including the optimizer, in the steady state of a training loop (total = "
              "parameters + optimizer state + input + step peak of the second step):"]
     hdr = (f"{'size':>5} {'delta':>5} {'mode':<13} {'optimizer':<18} {'total GiB':>9} {'state GiB':>9} "
-           f"{'grads GiB':>9} {'act. T':>7} {'step s':>8} {'no-opt GiB':>10}")
+           f"{'grads GiB':>9} {'act. T':>7} {'median s':>8} {'no-opt GiB':>10}")
     lines += [hdr, "-" * len(hdr)]
     for r in opt:
         base = plain.get((r["mode"], r["size"], r["delta"]))
         lines.append(
             f"{r['size']:>5} {r['delta']:>5} {r['mode']:<13} {r['optimizer']:<18} {r['total_gib']:>9.3f} "
             f"{(r.get('state_bytes') or 0) / GiB:>9.3f} {r['grad_bytes'] / GiB:>9.3f} "
-            f"{r['overhead_tensors']:>7.2f} {r['seconds']:>8.2f} "
+            f"{r['overhead_tensors']:>7.2f} {median_step_seconds(r) or 0:>8.2f} "
             f"{(format(base['total_gib'], '.3f') if base else '-'):>10}")
     t = OPTIMIZER_TARGET
     hit = [r for r in opt if (r["mode"], r["optimizer"], r["size"], r["delta"]) ==
@@ -504,7 +523,7 @@ def _consuming_targets(s: dict) -> list[dict]:
 
 
 def _targets(s: dict) -> list[dict]:
-    out = _fused_targets(s) + _consuming_targets(s)
+    out = _fused_targets(s) + _strict_targets(s) + _consuming_targets(s)
     for t in out:
         t["gap"] = t["value"] - t["limit"]
     return out
@@ -563,6 +582,39 @@ def _fused_targets(s: dict) -> list[dict]:
     return out
 
 
+def _worst_target(name: str, values: list[tuple[int, int, float]], limit: float, unit: str,
+                  what: str) -> dict:
+    """A target met when every ``(size, delta, value)`` is ``<= limit``; reports the worst."""
+    worst = max(v for _, _, v in values)
+    detail = what + ": " + ", ".join(f"{size}^2 d={d}: {v:.2f}" for size, d, v in values)
+    return dict(name=name, value=worst, limit=limit, passed=worst <= limit, detail=detail, unit=unit)
+
+
+def _strict_targets(s: dict) -> list[dict]:
+    """Overhead <= 3.5 T from 256^2, runtime <= 1.35x conventional and >= 1.3x faster than iunets
+    from 128^2, at every measured delta (median step times)."""
+    cell, rr, out = s["cell"], s["runtime_ratio"], []
+    keys = sorted(k for k in cell if k[0] == "fused")
+    over = [(size, d, cell[k]["overhead_tensors"]) for k in keys for _, size, d in [k]
+            if size >= LARGE_OVERHEAD_MIN_SIZE]
+    if over:
+        out.append(_worst_target("fused overhead <= 3.5 tensor-equivalents", over,
+                                 TARGETS["large_overhead_tensors"], "T", "per size and delta"))
+    speed = [(size, d, rr[k]) for k in keys for _, size, d in [k] if size >= SPEED_MIN_SIZE and k in rr]
+    if speed:
+        out.append(_worst_target("fused runtime <= 1.35 x conventional at every size", speed,
+                                 TARGETS["runtime_ratio_every_size"], "x", "median step / conventional's"))
+    vs = []
+    for k in keys:
+        ref = cell.get(("iunets",) + k[1:])
+        if k[1] >= SPEED_MIN_SIZE and ref and median_step_seconds(ref) and median_step_seconds(cell[k]):
+            vs.append((k[1], k[2], median_step_seconds(cell[k]) / median_step_seconds(ref)))
+    if vs:
+        out.append(_worst_target("fused step <= 0.77 x iunets' (>= 1.3x faster)", vs,
+                                 TARGETS["time_vs_iunets"], "x", "median step / iunets 0.1's"))
+    return out
+
+
 def _fmt_target(t: dict) -> str:
     unit = t["unit"]
 
@@ -592,7 +644,7 @@ def _measured_lines(rows: Sequence[dict], s: dict) -> list[str]:
     """The measured rows (GiB, ratios to conventional, runtime, overhead, prediction) and the failed ones."""
     lines = ["Table 1 re-measured: iUNet 64ch 2D, 4 downsamplings (64..1024 channels), batch 1; "
              "total = parameters + input + step peak (GiB)"]
-    hdr = f"{'size':>5} {'delta':>5} {'mode':<16} {'total GiB':>9} {'/conv':>7} {'step s':>8} {'/conv':>7} " \
+    hdr = f"{'size':>5} {'delta':>5} {'mode':<16} {'total GiB':>9} {'/conv':>7} {'median s':>8} {'/conv':>7} " \
           f"{'act. T':>7} {'pred GiB':>9} {'err':>6}"
     lines += [hdr, "-" * len(hdr)]
     for size in s["sizes"]:
@@ -607,7 +659,7 @@ def _measured_lines(rows: Sequence[dict], s: dict) -> list[str]:
                 err = r.get("prediction_error")
                 lines.append(
                     f"{size:>5} {delta:>5} {mode:<16} {r['total_gib']:>9.3f} "
-                    f"{(f'{100 * mr:.1f}%' if mr is not None else '-'):>7} {r['seconds']:>8.3f} "
+                    f"{(f'{100 * mr:.1f}%' if mr is not None else '-'):>7} {median_step_seconds(r) or 0:>8.3f} "
                     f"{(f'{100 * rr:.0f}%' if rr is not None else '-'):>7} {r['overhead_tensors']:>7.2f} "
                     f"{(f'{pred / GiB:.3f}' if pred else '-'):>9} "
                     f"{(f'{100 * err:+.1f}%' if err is not None else '-'):>6}")
@@ -664,16 +716,19 @@ def _estimate_lines(s: dict) -> list[str]:
 
 def _runtime_lines(s: dict) -> list[str]:
     """Seconds per training step of every mode, the ratio to conventional and the paper's."""
-    lines = ["Runtime per training step (fastest timed step, s) and ratio to conventional, beside the paper's "
-             "(GPU, 512x512):"]
+    lines = ["Runtime per training step (median of the timed steps, s, with their min-max) and ratio of the "
+             "medians to conventional, beside the paper's (GPU, 512x512):"]
     for size in s["sizes"]:
         for delta in s["deltas"]:
             parts = []
             for m in s["modes"]:
                 r = s["cell"].get((m, size, delta))
                 rr = s["runtime_ratio"].get((m, size, delta))
-                if r:
-                    parts.append(f"{m} {r['seconds']:.3f}s" + (f" ({100 * rr:.0f}%)" if rr and m != "conventional" else ""))
+                if r and step_times(r):
+                    times = step_times(r)
+                    spread = f" [{min(times):.3f}-{max(times):.3f}]" if len(times) > 1 else ""
+                    parts.append(f"{m} {statistics.median(times):.3f}s{spread}"
+                                 + (f" ({100 * rr:.0f}%)" if rr and m != "conventional" else ""))
             p = s["paper"].get(delta)
             ptxt = f" | paper: ME {p['me_s']:.2f}s conv {p['conventional_s']:.2f}s ({p['runtime_ratio_percent']:.0f}%)" if p else ""
             if parts:
@@ -710,7 +765,7 @@ def plot_results(rows: Sequence[dict], path: str | Path, summary: dict | None = 
     ax1.set_xlabel("δ (coupling layers per block)")
     ax1.set_ylabel("peak memory of a training step (GiB, log scale)")
     ax1.set_title("Memory: parameters + input + step peak")
-    ax1.legend(fontsize=6, ncol=2)
+    ax1.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax1.grid(alpha=0.3)
     for k, size in enumerate(s["sizes"]):
         for m in s["modes"]:
@@ -724,13 +779,13 @@ def plot_results(rows: Sequence[dict], path: str | Path, summary: dict | None = 
     ax2.plot(pd, [s["paper"][d]["runtime_ratio_percent"] for d in pd], "k*", ms=10, label="paper ME/conv.")
     ax2.axhline(100 * TARGETS["runtime_ratio"], color="grey", ls=":", label="target 140 %")
     ax2.set_xlabel("δ (coupling layers per block)")
-    ax2.set_ylabel("step time / conventional iUNet (%)")
+    ax2.set_ylabel("median step time / conventional iUNet (%)")
     ax2.set_title("Runtime ratio (one thread)" if s["sizes"] else "Runtime ratio")
-    ax2.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends sit below the axes
     return path
 
 
