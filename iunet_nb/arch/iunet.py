@@ -389,8 +389,8 @@ class iUNet(nn.Module):
         self.resampling_stride = layout.strides
         self.channel_multipliers = layout.channel_multipliers
         self.downsampling_factors = layout.downsampling_factors
-        self.skipped_channels = [lv.kept for lv in layout.levels[:-1]]
-        self.channels_before_downsampling = [lv.sent for lv in layout.levels[:-1]]
+        self.skipped_channels = list(layout.kept)
+        self.channels_before_downsampling = list(layout.sent)
 
     def _create_modules(self) -> None:
         """One module per operation of the plan that has one, level by level.

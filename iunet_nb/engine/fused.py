@@ -228,6 +228,11 @@ def _whole_of_its_memory(t: Tensor) -> bool:
             and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
+def _alive_outputs(ctx: Any) -> list[Tensor]:
+    """The returned output and the registered views (:func:`add_output_view`) still alive."""
+    return [t for t in (ref() for ref in ctx.outputs) if t is not None]
+
+
 def _output_sharers(ctx: Any, y: Tensor) -> list[Tensor] | None:
     """The caller's tensors that share the saved output's memory, or None if some are unknown.
 
@@ -236,8 +241,7 @@ def _output_sharers(ctx: Any, y: Tensor) -> list[Tensor] | None:
     in the storage's use count beyond :data:`ENGINE_REFERENCES`.
     """
     storage = y.untyped_storage()
-    alive = [t for t in (ref() for ref in ctx.outputs) if t is not None]
-    known = [t for t in alive if t.untyped_storage().data_ptr() == storage.data_ptr()]
+    known = [t for t in _alive_outputs(ctx) if t.untyped_storage().data_ptr() == storage.data_ptr()]
     if any(type(t) is not Tensor for t in known):
         return None
     if torch._C._storage_Use_Count(storage._cdata) != ENGINE_REFERENCES + len(known):
@@ -247,8 +251,7 @@ def _output_sharers(ctx: Any, y: Tensor) -> list[Tensor] | None:
 
 def _gradient_consumable(ctx: Any, dy: Tensor, y: Tensor) -> bool:
     """Whether the incoming gradient may be overwritten and freed (module docstring)."""
-    alive = [t for t in (ref() for ref in ctx.outputs) if t is not None]
-    if any(t._backward_hooks for t in alive):  # a hook may have kept it
+    if any(t._backward_hooks for t in _alive_outputs(ctx)):  # a hook may have kept it
         return False
     # Only the argument itself holds the tensor (a gradient passed explicitly is also held by
     # the caller and by autograd's graph root); only that tensor and `storage` hold the memory.

@@ -595,20 +595,24 @@ def _strict_targets(s: dict) -> list[dict]:
     from 128^2, at every measured delta (median step times)."""
     cell, rr, out = s["cell"], s["runtime_ratio"], []
     keys = sorted(k for k in cell if k[0] == "fused")
-    over = [(size, d, cell[k]["overhead_tensors"]) for k in keys for _, size, d in [k]
+    over = [(size, d, cell[(m, size, d)]["overhead_tensors"]) for m, size, d in keys
             if size >= LARGE_OVERHEAD_MIN_SIZE]
     if over:
         out.append(_worst_target("fused overhead <= 3.5 tensor-equivalents", over,
                                  TARGETS["large_overhead_tensors"], "T", "per size and delta"))
-    speed = [(size, d, rr[k]) for k in keys for _, size, d in [k] if size >= SPEED_MIN_SIZE and k in rr]
+    speed = [(size, d, rr[(m, size, d)]) for m, size, d in keys
+             if size >= SPEED_MIN_SIZE and (m, size, d) in rr]
     if speed:
         out.append(_worst_target("fused runtime <= 1.35 x conventional at every size", speed,
                                  TARGETS["runtime_ratio_every_size"], "x", "median step / conventional's"))
     vs = []
-    for k in keys:
-        ref = cell.get(("iunets",) + k[1:])
-        if k[1] >= SPEED_MIN_SIZE and ref and median_step_seconds(ref) and median_step_seconds(cell[k]):
-            vs.append((k[1], k[2], median_step_seconds(cell[k]) / median_step_seconds(ref)))
+    for mode, size, d in keys:
+        ref = cell.get(("iunets", size, d))
+        if size < SPEED_MIN_SIZE or ref is None:
+            continue
+        fused_s, ref_s = median_step_seconds(cell[(mode, size, d)]), median_step_seconds(ref)
+        if fused_s and ref_s:
+            vs.append((size, d, fused_s / ref_s))
     if vs:
         out.append(_worst_target("fused step <= 0.77 x iunets' (>= 1.3x faster)", vs,
                                  TARGETS["time_vs_iunets"], "x", "median step / iunets 0.1's"))
@@ -724,8 +728,8 @@ def _runtime_lines(s: dict) -> list[str]:
             for m in s["modes"]:
                 r = s["cell"].get((m, size, delta))
                 rr = s["runtime_ratio"].get((m, size, delta))
-                if r and step_times(r):
-                    times = step_times(r)
+                times = step_times(r) if r else []
+                if times:
                     spread = f" [{min(times):.3f}-{max(times):.3f}]" if len(times) > 1 else ""
                     parts.append(f"{m} {statistics.median(times):.3f}s{spread}"
                                  + (f" ({100 * rr:.0f}%)" if rr and m != "conventional" else ""))

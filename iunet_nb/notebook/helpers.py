@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from iunet_nb.measure.bench import step_times
+
 __all__ = ["seed_everything", "resolve_device", "to_jsonable", "save_results", "load_results",
            "median_seconds"]
 
@@ -241,8 +243,7 @@ def measurement_cells(*row_lists: Any) -> dict[tuple[str, int, int], dict]:
             if r.get("status") != "ok" or (r.get("optimizer") or "none") != "none":
                 continue
             c = dict(r)
-            spread = r.get("seconds_all")
-            c["times"] = [float(t) for t in str(spread).split()] if spread else [float(r["seconds"])]
+            c["times"] = step_times(r)
             cells[(str(r["mode"]), int(r["size"]), int(r["delta"]))] = c
     return cells
 
