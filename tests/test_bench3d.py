@@ -86,3 +86,61 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys, args, match
     with pytest.raises(SystemExit):
         bench.main(["volume3d", "--out", str(target)])
     assert "is an existing file" in capsys.readouterr().err and target.read_text() == "x"
+
+
+def _capture_saved_figures(monkeypatch) -> list:
+    """The figures saved while the test runs (plot_volume3d returns only the path)."""
+    from matplotlib.figure import Figure
+
+    saved, original = [], Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def test_plot_volume3d_draws_every_mode_distinctly(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    saved = _capture_saved_figures(monkeypatch)
+    rows, points = [], []
+    for k, mode in enumerate(bench3d.MODES):
+        D = 64 + 8 * k
+        rows.append(dict(mode=mode, D=D, voxels=D**3, status="ok"))
+        points += [dict(mode=mode, D=D, total_bytes=(300 + 10 * k) * 2**20, status="ok"),
+                   dict(mode=mode, D=D + 8, total_bytes=(600 + 10 * k) * 2**20, status="ok")]
+    bench3d._add_ratios(rows)
+    path = bench3d.plot_volume3d(rows, points, tmp_path / "volume3d.png", 0.5)
+    assert path.stat().st_size > 10_000
+    fig = saved[-1]
+    bars, steps = fig.axes
+    assert [t.get_text() for t in steps.get_legend().get_texts()] == [*bench3d.MODES, "budget 0.5 GiB"]
+    styles = {ln.get_label(): (ln.get_marker(), ln.get_linestyle()) for ln in steps.get_lines()
+              if ln.get_label() in bench3d.MODES}
+    assert len(styles) == len(set(styles.values())) == len(bench3d.MODES)
+    assert "MiB" in steps.get_ylabel() and "voxels" in bars.get_ylabel()
+    # neither the labels above the bars nor the mode names below them collide sideways
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for texts in (bars.texts, bars.get_xticklabels()):
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        assert len(boxes) == len(bench3d.MODES)
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+    assert bars.texts[bench3d.MODES.index("iunets")].get_text().endswith("1.00×")
+
+
+def test_latest_volume_csv_picks_the_newest_stamp(tmp_path):
+    import os
+
+    assert bench3d.latest_volume_csv(tmp_path / "missing") is None
+    assert bench3d.latest_volume_csv(tmp_path) is None
+    names = ["volume3d-20261130-090000.csv", "volume3d-20261129-162018.csv",
+             "volume3d-20261201-000000-points.csv", "volume3d-20261130-090000-points.csv",
+             "volume3d-20261202-000000.png", "volume3d-latest.csv", "table1-20261231-000000.csv"]
+    for k, name in enumerate(names):  # the newest stamp gets the oldest modification time
+        (tmp_path / name).write_text("run\n")
+        os.utime(tmp_path / name, (1e9 + k, 1e9 + k))
+    assert bench3d.latest_volume_csv(tmp_path) == tmp_path / "volume3d-20261130-090000.csv"
+    assert bench3d.latest_volume_csv(str(tmp_path)) == tmp_path / "volume3d-20261130-090000.csv"

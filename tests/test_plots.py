@@ -87,3 +87,47 @@ def test_legend_outside_hides_no_data():
     legend_box = ax.get_legend().get_window_extent()
     axes_box = ax.get_window_extent()
     assert legend_box.x0 >= axes_box.x1
+
+
+def _runtime_axes(monkeypatch, tmp_path, sizes):
+    """The runtime panel of the Table 1 report figure for synthetic rows at ``sizes``: fused at
+    130 % of conventional, iunets at 160 %."""
+    from matplotlib.figure import Figure
+
+    from iunet_nb.measure import bench
+
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k)))
+    rows = [dict(mode=mode, size=size, delta=d, status="ok", param_bytes=1, input_bytes=1, grad_bytes=1,
+                 activation_bytes=1, peak_bytes=2, total_bytes=4, total_gib=1.0, overhead_tensors=1.0,
+                 seconds=secs, seconds_all=f"{secs} {secs}")
+            for size in sizes for d in (5, 30)
+            for mode, secs in (("conventional", 1.0), ("fused", 1.3), ("iunets", 1.6))]
+    bench.plot_results(rows, tmp_path / "table1.png")
+    assert (tmp_path / "table1.png").stat().st_size > 10_000
+    ax = figures[-1].axes[1]
+    assert ax.get_ylabel() == "median step time / conventional iUNet (%)"
+    return bench, ax, {ln.get_label(): ln for ln in ax.get_lines()}
+
+
+def test_report_figure_draws_the_runtime_targets_the_report_checks(monkeypatch, tmp_path):
+    bench, ax, lines = _runtime_axes(monkeypatch, tmp_path, (64, 128))
+    strict = 100 * bench.TARGETS["runtime_ratio_every_size"]
+    label = f"target: fused ≤ {strict:.0f} % at every size ≥ {bench.SPEED_MIN_SIZE}²"
+    assert list(lines[label].get_ydata()) == [strict, strict]
+    assert not any("140" in name for name in lines)  # the looser target is implied by the stricter
+    # fused <= 0.77 x iunets' step: on the axis (percent of conventional) 0.77 x iunets' 160 %, at
+    # the sizes the report checks it for (from 128^2) only
+    vs = [name for name in lines if "× iunets" in name]
+    assert vs == [f"target: fused ≤ {bench.TARGETS['time_vs_iunets']:.2f} × iunets' step, 128²"]
+    assert lines[vs[0]].get_ydata() == pytest.approx([100 * bench.TARGETS["time_vs_iunets"] * 1.6] * 2)
+    assert list(lines[vs[0]].get_xdata()) == [5, 30]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert label in legend and vs[0] in legend
+
+
+def test_report_figure_below_the_strict_sizes_draws_the_largest_size_target(monkeypatch, tmp_path):
+    bench, ax, lines = _runtime_axes(monkeypatch, tmp_path, (32, 64))
+    loose = 100 * bench.TARGETS["runtime_ratio"]
+    assert list(lines[f"target: fused ≤ {loose:.0f} % at 64²"].get_ydata()) == [loose, loose]
+    assert not any("every size" in name or "× iunets" in name for name in lines)

@@ -35,6 +35,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -59,6 +60,7 @@ __all__ = [
     "largest_volume",
     "run_volume3d",
     "read_volume_csv",
+    "latest_volume_csv",
     "plot_volume3d",
     "VolumeRun",
 ]
@@ -411,22 +413,25 @@ def plot_volume3d(rows: Sequence[dict], points: Sequence[dict], path: str | Path
     bars = ax1.bar(range(len(rows)), vox, color=[colors[m] for m in names])
     for b, r in zip(bars, rows):
         ratio = r.get("voxel_ratio_to_iunets")
-        label = f"D={r['D']}" + (f"\n{ratio:.2f}x iunets" if ratio else "")
+        label = f"D={r['D']}" + (f"\n{ratio:.2f}×" if ratio else "")
         ax1.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                      va="bottom", fontsize=8)
     ax1.set_xticks(range(len(rows)), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax1.set_xlabel("above the bars: cube side D (voxels) and the voxels relative to iunets 0.1",
+                   fontsize=8)
     ax1.set_ylabel("largest trainable volume D³ (million voxels)")
     ax1.set_title(f"Largest cube whose training step fits {budget_gib:g} GiB")
     ax1.set_ylim(0, max(vox + [1e-6]) * 1.3)
     ax1.grid(axis="y", alpha=0.3)
-    styles = {m: (mk, ls) for m, mk, ls in zip(MODES, "osD^vx", ["-", "-", "-", "--", "-", ":"])}
+    styles = mode_styles()
+    shrink = 1 / max(len(names) - 1, 1)
     for k, m in enumerate(names):
         pts = sorted((p["D"], p["total_bytes"] / MiB) for p in points
                      if p["mode"] == m and p.get("status") == "ok")
-        if pts:  # distinct markers and dashes: modes with equal figures stay visible
+        if pts:  # distinct markers and dashes, later ones thinner: modes with equal figures stay visible
             mk, ls = styles[m]
-            ax2.plot(*zip(*pts), marker=mk, ls=ls, ms=7 - k * 0.6, mfc="none", lw=2.2 - 0.25 * k,
-                     color=colors[m], label=m)
+            ax2.plot(*zip(*pts), marker=mk, ls=ls, ms=7 - 3.5 * k * shrink, mfc="none",
+                     lw=2.2 - 1.4 * k * shrink, color=colors[m], label=m)
     ax2.axhline(budget_gib * 1024, color="k", ls=":", label=f"budget {budget_gib:g} GiB")
     ax2.set_xlabel("D (cube side, voxels)")
     ax2.set_ylabel("measured total of one training step (MiB)")
@@ -437,6 +442,26 @@ def plot_volume3d(rows: Sequence[dict], points: Sequence[dict], path: str | Path
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
+
+
+#: markers and line styles of :func:`plot_volume3d`, cycled over :data:`MODES`
+MARKERS, LINESTYLES = "osD^vPX*<>hp", ("-", "--", ":", "-.")
+
+
+def mode_styles(modes: Sequence[str] = MODES) -> dict[str, tuple[str, str]]:
+    """``{mode: (marker, line style)}``; the pairs differ for up to ``len(MARKERS)`` modes."""
+    return {m: (MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)]) for i, m in enumerate(modes)}
+
+
+def latest_volume_csv(results_dir: str | Path = DEFAULT_OUT) -> Path | None:
+    """The newest ``volume3d-<stamp>.csv`` (by the stamp in its name, not the ``-points.csv``) in
+    ``results_dir``; ``None`` if there is none."""
+    found = {}
+    for path in Path(results_dir).glob("volume3d-*.csv"):
+        match = re.fullmatch(r"volume3d-(\d{8}-\d{6})\.csv", path.name)
+        if match:
+            found[match.group(1)] = path
+    return found[max(found)] if found else None
 
 
 def read_volume_csv(path: str | Path) -> list[dict]:
