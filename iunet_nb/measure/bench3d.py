@@ -20,6 +20,13 @@ body is, per mode,
 ``fused_sgd_in_backward`` the same, with SGD applied per parameter during the backward
                           (:mod:`iunet_nb.engine.optim_in_backward`), so the step includes the update
 
+The two outer convolutions are the package's tiled ones (:class:`iunet_nb.nn.conv.TiledConv`:
+the function of ``nn.Conv3d(..., 3, padding=1)``, computed slab by slab on CPU) in every mode,
+so they cost every body the same.  Torch's CPU ``nn.Conv3d`` allocates activation-sized working
+buffers (the 16 -> 1 convolution's backward two 16-channel ones besides its input gradient),
+which would be the largest allocation of the step for the memory-efficient bodies: the
+comparison would measure the outer convolutions rather than the bodies.
+
 For each mode the largest ``D`` (a multiple of 8, the body's downsampling factor) whose
 measured total (parameters + input + step peak, :func:`iunet_nb.measure.meter.measure_step`) fits
 ``--budget-gib`` is found: a first guess from the predictor (:mod:`iunet_nb.measure.predict`, plus the
@@ -48,6 +55,7 @@ from torch import nn
 
 from iunet_nb.common import GiB, MiB
 from iunet_nb.measure.bench import DEFAULT_OUT, REPO, check_modes, iunets_available
+from iunet_nb.nn.conv import TiledConv
 
 __all__ = [
     "MODES",
@@ -85,13 +93,19 @@ POINT_COLUMNS = ["run", "mode", "D", "total_bytes", "peak_bytes", "fits", "secon
 # ----------------------------------------------------------------------------- the model
 class VolumeNet(nn.Module):
     """``conv_out(body(conv_in(x)))`` for ``x`` of shape ``(N, 1, D, H, W)``: 3x3x3
-    convolutions 1 -> ``width`` and ``width`` -> 1 around a body ``(N, width, ...) -> same``."""
+    convolutions 1 -> ``width`` and ``width`` -> 1 around a body ``(N, width, ...) -> same``.
+
+    The outer convolutions are :class:`~iunet_nb.nn.conv.TiledConv` for every body (same
+    function, parameters and initialisation as ``nn.Conv3d(.., 3, padding=1)``): on CPU they
+    run slab by slab, so their activation-sized working buffers do not set the step's peak
+    (see the module docstring).
+    """
 
     def __init__(self, body: nn.Module, width: int = CHANNELS[0]) -> None:
         super().__init__()
-        self.conv_in = nn.Conv3d(1, width, 3, padding=1)
+        self.conv_in = TiledConv(1, width, 3)
         self.body = body
-        self.conv_out = nn.Conv3d(width, 1, 3, padding=1)
+        self.conv_out = TiledConv(width, 1, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_out(self.body(self.conv_in(x)))
@@ -128,7 +142,8 @@ def build_volume_model(mode: str, seed: int = 0):
 def predicted_volume_total(mode: str, D: int) -> int:
     """Predicted total bytes of one step at ``D^3`` (the predictor's body figure plus the two
     outer convolutions: their weights and gradients, the 1-channel input, the body's input,
-    which the step allocates, and the output and its gradient).  The predictor does not model
+    which the step allocates, and the output and its gradient; being tiled, the outer
+    convolutions' working buffers are slab-sized and left out).  The predictor does not model
     the consuming mode: its figure is fused's less the body's output and gradient, whose memory
     the backward takes over (a first guess for the search only)."""
     from iunet_nb.arch.layout import compute_layout

@@ -8,5 +8,7 @@
 * :mod:`~iunet_nb.nn.coupling` -- additive coupling and the standard coupling function;
 * :mod:`~iunet_nb.nn.stack`, :mod:`~iunet_nb.nn.wrappers` -- a chain of invertible
   blocks, and a network with non-invertible input/output convolutions around one;
+* :mod:`~iunet_nb.nn.conv` -- ``TiledConv``, a non-invertible 3^dim convolution computed
+  slab by slab on CPU (for the convolutions around a memory-efficient body);
 * :mod:`~iunet_nb.nn.checks` -- ``check_invertible``, the contract every block must meet.
 """
