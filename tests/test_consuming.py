@@ -287,10 +287,12 @@ def test_output_shared_before_backward_is_not_consumed(share: Callable) -> None:
     model.zero_grad(set_to_none=True)
     xg = x.clone().requires_grad_(True)
     y = model(xg)
+    before = y.detach().clone()
+    torch.testing.assert_close(before, values, rtol=1e-12, atol=1e-12)
     shared = share(y)
     loss_fn(y).backward()
     assert not isinstance(y, ConsumedTensor)
-    assert torch.equal(y.detach(), values) and shared.numel() > 0
+    assert torch.equal(y.detach(), before) and shared.numel() > 0
     _assert_close([xg.grad] + [p.grad for p in model.parameters()], want)
 
 
@@ -326,7 +328,9 @@ def test_no_effect_without_the_fused_backward() -> None:
     x = _input(shape)
     with torch.no_grad():
         y = model(x)
-    assert type(y) is Tensor and torch.equal(model(x).detach(), y)
+    # The fused forward normalises with its own kernel: equal up to rounding.
+    assert type(y) is Tensor
+    torch.testing.assert_close(model(x).detach(), y, rtol=1e-12, atol=1e-12)
     model.disable_custom_gradient = True
     y = model(x.clone().requires_grad_(True))
     y.square().sum().backward()
@@ -337,10 +341,14 @@ def test_consuming_saves_two_input_tensors_of_peak_memory() -> None:
     from iunet_nb.measure.meter import measure_step
 
     x = torch.randn(1, 16, 128, 128)
+    weights = torch.randn(1, 16, 128, 128)
     overhead = {}
     for consume in (False, True):
         torch.manual_seed(0)
         model = iUNet(channels=(16, 32, 64), architecture=(1, 1, 1), dim=2, verbose=0,
                       consume_output=consume)
-        overhead[consume] = measure_step(model, x).activation_bytes / x.nbytes
+        # A loss whose own backward allocates nothing activation-sized but dy (square().mean()
+        # peaks at 5 input tensors in PowBackward, above the engine's peak in consuming mode).
+        step = measure_step(model, x, lambda y: (y * weights).sum())
+        overhead[consume] = step.activation_bytes / x.nbytes
     assert overhead[False] - overhead[True] >= 1.5, overhead

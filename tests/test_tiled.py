@@ -60,3 +60,29 @@ def test_3d_tiled_convolution_needs_a_fraction_of_torchs_memory() -> None:
     tiled_peak = _peak(lambda: conv3_tiled(x, w))
     assert tiled_peak <= 2 * x.nbytes, (tiled_peak / x.nbytes, torch_peak / x.nbytes)
     torch.testing.assert_close(conv3_tiled(x, w), F.conv3d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("weight_larger", [False, True], ids=["flipped-kernel", "transposed"])
+def test_input_gradient_on_both_paths_equals_torch(dim: int, weight_larger: bool) -> None:
+    """The input gradient is a plain convolution with the flipped, transposed kernel where that
+    kernel's copy is smaller than the gradient, torch's transposed convolution otherwise; tiled
+    (several slabs) and whole, both equal torch's, and so does the slab-rows helper."""
+    from iunet_nb.engine.tiled import _flip_pays, conv3_transpose_slab_rows
+
+    torch.manual_seed(1)
+    c = 24 if weight_larger else 3
+    side = 4 if weight_larger else 12
+    dy = torch.randn(1, c, *([side] * dim), dtype=torch.float64)
+    w = torch.randn(c, c if weight_larger else 2, *([3] * dim), dtype=torch.float64)
+    assert _flip_pays(dy, w) is not weight_larger
+    want = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dim](dy, w, padding=1)
+    small = c * side ** (dim - 1) * 2
+    for tile in (small, None):
+        torch.testing.assert_close(conv3_transpose_tiled(dy, w, tile_elements=tile), want,
+                                   rtol=1e-12, atol=1e-12)
+    got = torch.zeros_like(want)
+    for lo, hi in [(0, 1), (1, side - 1), (side - 1, side)]:
+        first, end, rows = conv3_transpose_slab_rows(dy[:, :, lo:hi], w, lo, hi, side)
+        got[:, :, first:end] += rows
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

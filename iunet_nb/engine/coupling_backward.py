@@ -71,7 +71,7 @@ from iunet_nb.engine.tiled import (
     conv_tile_bounds,
 )
 
-__all__ = ["recompute_and_backward"]
+__all__ = ["recompute_and_backward", "add_block_output"]
 
 #: Elements per sample of one chunk of the elementwise loops (statistics, LeakyReLU mask).
 CHUNK_ELEMENTS = 1 << 16
@@ -141,33 +141,98 @@ def _chunks(a: Tensor) -> list[slice]:
     return [slice(c, min(c + step, a.shape[1])) for c in range(0, a.shape[1], step)]
 
 
+class _ShiftedMoments:
+    """Per-sample mean and variance of chunks of an ``(N, c, *S)`` activation.
+
+    Sums of each chunk are taken in the data's dtype and added up in float64,
+    shifted by the first chunk's mean so that the sum of squares does not cancel.
+    """
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        zeros = dict(dtype=_ACCUMULATE, device=device)
+        self.shift: Tensor | None = None
+        self.sum_centered, self.sum_squares = torch.zeros(n, **zeros), torch.zeros(n, **zeros)
+
+    def add(self, chunk: Tensor) -> None:
+        """Add a chunk ``(N, channels, positions)``."""
+        if self.shift is None:  # the first chunk's mean: shifted sums do not cancel
+            self.shift = chunk.mean((1, 2), keepdim=True)
+        centered = chunk - self.shift
+        self.sum_centered += centered.sum((1, 2)).to(_ACCUMULATE)
+        self.sum_squares += centered.square().sum((1, 2)).to(_ACCUMULATE)
+
+    def mean_rstd(self, count: int, eps: float) -> tuple[Tensor, Tensor]:
+        """``(mu, (sigma^2 + eps)^-1/2)``, each ``(N,)`` float64, over ``count`` elements per sample."""
+        assert self.shift is not None
+        mean_shifted = self.sum_centered / count
+        var = (self.sum_squares / count - mean_shifted.square()).clamp_min(0)
+        mean = self.shift.reshape(-1).to(_ACCUMULATE) + mean_shifted
+        return mean, (var + eps).rsqrt()
+
+
 def _statistics(block: ConvLeakyReLUGroupNorm, source: "_WholeActivation | _SlabwiseActivation",
                 g: ChannelParts) -> _NormStatistics:
     """Pass 1: ``mu``, ``r`` and the sums of GroupNorm's backward (module docstring)."""
     n, c = g.shape[0], g.shape[1]
-    zeros = dict(dtype=_ACCUMULATE, device=g.parts[0].device)
-    shift_estimate: Tensor | None = None
-    sum_centered, sum_squares = torch.zeros(n, **zeros), torch.zeros(n, **zeros)
-    sum_ga = torch.zeros(n, c, **zeros)  # s2 = sum_S g a
+    moments = _ShiftedMoments(n, g.parts[0].device)
+    sum_ga = torch.zeros(n, c, dtype=_ACCUMULATE, device=g.parts[0].device)  # s2 = sum_S g a
     for lo, hi in source.bounds:
         a, g_rows = source.activation(lo, hi), g.rows(lo, hi)
-        for sl in _chunks(a):  # chunk sums in the data's dtype, added up in float64
+        for sl in _chunks(a):
             a_chunk = a[:, sl].reshape(n, sl.stop - sl.start, -1)
-            if shift_estimate is None:  # the first chunk's mean: shifted sums do not cancel
-                shift_estimate = a_chunk.mean((1, 2), keepdim=True)
-            centered = a_chunk - shift_estimate
-            sum_centered += centered.sum((1, 2)).to(_ACCUMULATE)
-            sum_squares += centered.square().sum((1, 2)).to(_ACCUMULATE)
+            moments.add(a_chunk)
             g_chunk = g_rows[:, sl].reshape(n, sl.stop - sl.start, -1)
             sum_ga[:, sl] += torch.linalg.vecdot(g_chunk, a_chunk).to(_ACCUMULATE)
         del a, g_rows
-    assert shift_estimate is not None
     count = c * math.prod(g.shape[2:])  # M
-    mean_shifted = sum_centered / count
-    var = (sum_squares / count - mean_shifted.square()).clamp_min(0)
-    mean = shift_estimate.view(n).to(_ACCUMULATE) + mean_shifted
-    rstd = (var + block.eps).rsqrt()
+    mean, rstd = moments.mean_rstd(count, block.eps)
     return _backward_coefficients(block, g, mean, rstd, sum_ga, count)
+
+
+@torch.no_grad()
+def add_block_output(block: ConvLeakyReLUGroupNorm, v: list[Tensor], u: list[Tensor], u_owned: bool,
+                     kernels: Conv3Kernels | None = None) -> Tensor:
+    """The coupling's forward ``u + f(v)`` with one activation-sized temporary.
+
+    Args:
+        block: ``f`` (see the module docstring).
+        v: ``f``'s input ``(N, c_in, *S)`` as channel parts (not concatenated).
+        u: ``(N, c, *S)`` as channel parts; a single part is updated in place and
+            returned when ``u_owned``.
+        u_owned: whether that part may be overwritten (ownership note 2).
+        kernels: the convolutions (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for`).
+
+    ``a = LeakyReLU(W * v)`` is computed once; its statistics are summed in chunks,
+    then it is normalised in place and added to ``u`` (or ``u`` is added to it,
+    when ``u`` is not ours): no separate buffers for the activation, the
+    normalised output and the sum, as a layer-by-layer forward has.
+    """
+    if kernels is None:
+        kernels = conv3_kernels_for(v[0].device)
+    if len(v) > 1 and block.conv_weight.nbytes >= sum(p.nbytes for p in v):
+        v = [torch.cat(v, dim=1)]  # a weight slice would be copied: the input is smaller
+    a = F.leaky_relu_(kernels.conv_parts(v, block.conv_weight), block.negative_slope)
+    n, c = a.shape[0], a.shape[1]
+    moments = _ShiftedMoments(n, a.device)
+    for sl in _chunks(a):
+        moments.add(a[:, sl].reshape(n, sl.stop - sl.start, -1))
+    mean, rstd = moments.mean_rstd(c * math.prod(a.shape[2:]), block.eps)
+    per_sample = (n,) + (1,) * (a.dim() - 1)
+    per_channel = (1, c) + (1,) * (a.dim() - 2)
+    scale = rstd.to(a.dtype).view(per_sample) * block.norm_weight.view(per_channel)
+    a.sub_(mean.to(a.dtype).view(per_sample)).mul_(scale).add_(block.norm_bias.view(per_channel))
+    if len(u) == 1 and u_owned:
+        return u[0].add_(a)
+    _add_parts_into(a, u)
+    return a
+
+
+def _add_parts_into(a: Tensor, parts: list[Tensor]) -> None:
+    """``a += cat(parts, dim=1)`` without the concatenation."""
+    offset = 0
+    for p in parts:
+        a.narrow(1, offset, p.shape[1]).add_(p)
+        offset += p.shape[1]
 
 
 def _backward_coefficients(block: ConvLeakyReLUGroupNorm, g: ChannelParts, mean: Tensor,

@@ -31,6 +31,7 @@ __all__ = [
     "conv_tile_bounds",
     "conv3",
     "conv3_tiled",
+    "transposed_kernel",
     "conv3_transpose_tiled",
     "conv3_weight_grad_tiled",
     "ChannelParts",
@@ -138,12 +139,30 @@ def conv3_tiled(x: Tensor, weight: Tensor, tile_elements: int | None = None,
                      lambda h: conv3_halo(h, weight), tile_elements, out)
 
 
+def transposed_kernel(weight: Tensor) -> Tensor:
+    """The kernel whose convolution is the transposed convolution with ``weight``.
+
+    For a 3^dim kernel with stride 1, ``conv_transpose(dy, W, padding=p)`` equals
+    ``conv(dy, W', padding=2 - p)`` with ``W'`` the kernel flipped in every spatial
+    dimension and its two channel dimensions swapped: ``(C_out, C_in, 3, ...)`` ->
+    ``(C_in, C_out, 3, ...)``.  Computing input gradients as plain convolutions lets
+    them take the same oneDNN path as the forward on CPU, where ATen's 3D transposed
+    convolution always unfolds its input into a 27 times larger buffer.
+    """
+    return weight.flip(list(range(2, weight.dim()))).transpose(0, 1).contiguous()
+
+
 def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int | None = None,
                           out: Tensor | None = None) -> Tensor:
     """Input gradient of :func:`conv3_tiled`: ``conv_transpose(dy, weight, padding=1)``.
 
-    With ``out`` given, the result is added to it slab by slab.
+    Computed as the convolution with :func:`transposed_kernel`, slab by slab, where
+    that kernel's copy is smaller than ``dy`` (see :func:`_flip_pays`); otherwise
+    as the transposed convolution, slab by slab.  With ``out`` given, the result is
+    added to it slab by slab.
     """
+    if _flip_pays(dy, weight):
+        return conv3_tiled(dy, transposed_kernel(weight), tile_elements, out)
     dim = dy.dim() - 2
     conv_t = CONV_TRANSPOSE_FN[dim]
     # On a slab that carries its own one-row halo, the transposed convolution needs
@@ -151,6 +170,13 @@ def conv3_transpose_tiled(dy: Tensor, weight: Tensor, tile_elements: int | None 
     pad = (2,) + (1,) * (dim - 1)
     return _slabwise(dy, weight.shape[1], lambda t: conv_t(t, weight, padding=1),
                      lambda h: conv_t(h, weight, padding=pad), tile_elements, out)
+
+
+def _flip_pays(dy: Tensor, weight: Tensor) -> bool:
+    """Whether to compute a transposed convolution of ``dy`` as a plain one with
+    :func:`transposed_kernel`: when the kernel's copy is no larger than ``dy`` (at the
+    coarse levels of wide networks the weights outweigh the activations)."""
+    return weight.nbytes <= dy.nbytes
 
 
 def conv3_weight_grad_tiled(x: Tensor, dy: Tensor, weight: Tensor,
@@ -194,11 +220,23 @@ class Conv3Kernels:
 
     tiled: bool
 
-    def conv(self, x: Tensor, weight: Tensor) -> Tensor:
-        """``(N, C_in, *S) -> (N, C_out, *S)``."""
+    def conv(self, x: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+        """``(N, C_in, *S) -> (N, C_out, *S)``; added into ``out`` if given."""
         if self.tiled:
-            return conv3_tiled(x, weight)
-        return CONV_FN[x.dim() - 2](x, weight, padding=1)
+            return conv3_tiled(x, weight, out=out)
+        y = CONV_FN[x.dim() - 2](x, weight, padding=1)
+        return y if out is None else out.add_(y)
+
+    def conv_parts(self, parts: Sequence[Tensor], weight: Tensor) -> Tensor:
+        """The convolution of ``cat(parts, dim=1)`` without the concatenation: one
+        convolution per part with its slice of ``weight``'s input channels, summed."""
+        out, offset = None, 0
+        for p in parts:
+            w = weight[:, offset:offset + p.shape[1]]
+            offset += p.shape[1]
+            out = self.conv(p, w if len(parts) == 1 else w.contiguous(), out)
+        assert out is not None and offset == weight.shape[1], "parts do not match the weight"
+        return out
 
     def conv_transpose(self, dy: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
         """Input gradient ``(N, C_out, *S) -> (N, C_in, *S)``; added into ``out`` if given."""
@@ -308,9 +346,17 @@ def _weight_grad(x: Tensor, dy: Tensor, weight: Tensor, padding_first: int) -> T
 
 def conv3_transpose_slab_rows(dy_slab: Tensor, weight: Tensor, lo: int, hi: int,
                               size: int) -> tuple[int, int, Tensor]:
-    """Input-gradient contribution of output rows ``lo:hi``: ``(first_row, end_row, rows)``."""
+    """Input-gradient contribution of output rows ``lo:hi``: ``(first_row, end_row, rows)``.
+
+    ``weight`` is the forward kernel; the rows ``lo-1 .. hi`` are the transposed
+    convolution of ``dy_slab`` (as a plain one with :func:`transposed_kernel`, padded
+    by 2 along the slab's dimension, where :func:`_flip_pays`).
+    """
     dim = dy_slab.dim() - 2
-    y = CONV_TRANSPOSE_FN[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))  # rows lo-1 .. hi
+    if _flip_pays(dy_slab, weight):
+        y = CONV_FN[dim](dy_slab, transposed_kernel(weight), padding=(2,) + (1,) * (dim - 1))
+    else:
+        y = CONV_TRANSPOSE_FN[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))
     first, last = lo - 1, hi + 1
     y = y[:, :, (1 if first < 0 else 0): y.shape[2] - (1 if last > size else 0)]
     return max(first, 0), min(last, size), y
