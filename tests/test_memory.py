@@ -223,3 +223,26 @@ def test_optimizer_step_and_its_state_are_measured() -> None:
     assert m.activation_bytes == m.peak_bytes - m.grad_bytes - m.state_bytes
     again = measure_step(model, x, optimizer=opt)  # the state exists now: not counted again
     assert again.state_bytes == 0
+
+
+def test_mean_square_equals_torch_and_its_backward_allocates_only_the_gradient() -> None:
+    """The benchmark's loss: the value and gradient of ``y.square().mean()`` (float64), and a
+    backward peak of 3 tensors (y, its gradient and the input's gradient) where torch's
+    ``PowBackward0`` reaches 5."""
+    from iunet_nb.measure.meter import _profiler_running_total, mean_square
+
+    y = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mean_square, (y,))
+    torch.testing.assert_close(mean_square(y), y.square().mean(), rtol=1e-14, atol=0)
+
+    def peak(loss_fn) -> float:
+        w = torch.randn(1, 16, 64, 64, requires_grad=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            out = w * 1.0
+            loss_fn(out).backward()
+            del out
+        return _profiler_running_total(prof)[0] / w.nbytes
+
+    assert peak(mean_square) <= 3.01
+    assert peak(lambda t: t.square().mean()) >= 4.99  # what it replaces

@@ -420,7 +420,7 @@ def plot_volume3d(rows: Sequence[dict], points: Sequence[dict], path: str | Path
     measured step's total vs D with the budget line."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.6))
+    fig = Figure(figsize=(13.5, 4.6))
     ax1, ax2 = fig.subplots(1, 2)
     names = [r["mode"] for r in rows]
     vox = [r["voxels"] / 1e6 for r in rows]
@@ -451,7 +451,7 @@ def plot_volume3d(rows: Sequence[dict], points: Sequence[dict], path: str | Path
     ax2.set_xlabel("D (cube side, voxels)")
     ax2.set_ylabel("measured total of one training step (MiB)")
     ax2.set_title("Every measured step of the search")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
