@@ -48,12 +48,13 @@ def test_volume_model_shapes_and_a_measured_step():
     assert row["status"] == "ok" and row["grad_bytes"] == 0 and row["seconds"] > 0
     assert row["total_bytes"] == row["param_bytes"] + 16**3 * 4 + row["peak_bytes"]
     assert bench3d.predicted_volume_total("fused", 64) < bench3d.predicted_volume_total("unet", 64)
-    # the consuming mode takes over the body's output and its gradient: two 16-channel tensors
-    # (at 48^3, where they outweigh the fixed-size temporaries of the step's peak)
+    # the consuming mode also takes over the body's output (the default mode already reuses the
+    # gradient no one else holds): one 16-channel tensor (at 48^3, where it outweighs the
+    # fixed-size temporaries of the step's peak)
     consuming = bench3d.measure_volume("fused_consuming", 48, time_it=False)
     fused = bench3d.measure_volume("fused", 48, time_it=False)
     assert bench3d.build_volume_model("fused_consuming").body.consume_output
-    assert fused["overhead_tensors"] - consuming["overhead_tensors"] > 1.5
+    assert fused["overhead_tensors"] - consuming["overhead_tensors"] > 0.9
     assert bench3d.predicted_volume_total("fused_consuming", 64) < bench3d.predicted_volume_total("fused", 64)
 
 

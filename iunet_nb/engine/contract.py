@@ -22,7 +22,8 @@ Tensor ownership (the code cites these notes by number)
    ``y`` saved for the backward and the incoming gradient ``dy`` enter a state
    as parts with ``owned=False``.  Nothing writes into them or frees them, and
    the chain's output is never the caller's input (a non-owned output is copied).
-   The one exception is the opt-in consuming mode of note 9.
+   The exceptions are an incoming gradient no one else can reach (note 10) and
+   the opt-in consuming mode of note 9.
 2. **Owned parts.**  A part with ``owned=True`` was allocated during this
    forward or backward pass and nothing outside the state refers to it: the
    step that receives it MAY overwrite it in place or drop it (freeing it).
@@ -57,6 +58,13 @@ Tensor ownership (the code cites these notes by number)
    registered) shares its memory, ``dy`` only if nothing else refers to it; the
    output is then switched to a class on which every use raises, and a second
    backward raises (:mod:`iunet_nb.engine.fused` has the rules).
+10. **An unreachable incoming gradient is the engine's.**  In both modes, ``dy``
+   enters the gradient state as an owned part (and is listed in
+   ``State.consumed``) when it is dense, the whole of its memory, in the
+   output's dtype, and nothing but autograd's call to the backward refers to
+   it (no caller's tensor, no hook of the output, no other node's input): no
+   one can read it after the backward, so rebuilding the gradients in its
+   memory changes nothing anyone can see, and saves one input-sized tensor.
 """
 from __future__ import annotations
 

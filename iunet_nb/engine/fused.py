@@ -18,13 +18,15 @@ The other engine, ``memcnn`` (every step wrapped in
 ``memcnn.InvertibleModuleWrapper``, as in the paper), is built in
 :mod:`iunet_nb.arch.iunet`.
 
-The consuming mode (``apply_fused(..., consume_output=True)``, opt-in)
------------------------------------------------------------------------
+The incoming gradient and the consuming mode
+--------------------------------------------
 By default the backward holds, besides its own activation and gradient, the
-caller's output ``y`` and incoming gradient ``dy`` (ownership note 1): about
-four input-sized tensors at the finest level.  With ``consume_output=True`` it
-takes over their memory instead (ownership note 9), which saves two of them.
-The rules:
+caller's output ``y`` (ownership note 1).  The incoming gradient ``dy`` is
+reused for the engine's gradients when nothing but autograd's call refers to
+it (ownership note 10, the rule for ``dy`` below): then no one can read it
+afterwards, and one input-sized tensor is saved.  With
+``consume_output=True`` (opt-in) the backward also takes over the memory of
+``y`` (ownership note 9), which saves a second one.  The rules:
 
 * ``y`` is taken only if it is dense and the whole of its memory, and no
   tensor shares that memory but the returned output and the views registered
@@ -32,7 +34,7 @@ The rules:
   the backward keeps ``y`` intact: the mode then does nothing for ``y``).
   The storage's use count, which this check reads, also counts the engine's
   own references (:data:`ENGINE_REFERENCES`).
-* ``dy`` is taken only if it is dense, the whole of its memory, in the
+* ``dy`` (in both modes) is taken only if it is dense, the whole of its memory, in the
   output's dtype, and nothing else refers to it: not a gradient passed
   explicitly (``y.backward(g)`` leaves ``g`` intact), not the expanded
   gradient of ``y.sum()``, and not when the output has hooks
@@ -54,6 +56,7 @@ The rules:
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, Sequence
 
@@ -185,11 +188,12 @@ class FusedInvertibleFunction(torch.autograd.Function):
         out = y.to(ctx.autocast[1]) if ctx.autocast[0] else y
         ctx.consume_output, ctx.consumed = bool(consume_output), False
         # The output and the views registered by the caller (add_output_view), for note 9.
-        ctx.outputs = [weakref.ref(out)] if consume_output else []
+        ctx.outputs = [weakref.ref(out)]
         return out
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
+        dy_references = sys.getrefcount(dy)  # first: compared with _ReferenceProbe's count
         if torch.is_grad_enabled():  # create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         if ctx.consumed:  # before unpacking: the saved output's memory is gone
@@ -197,7 +201,7 @@ class FusedInvertibleFunction(torch.autograd.Function):
         y, *tensors = ctx.saved_tensors
         steps: Sequence[Step] = ctx.steps
         grads: list[Tensor | None] = [None] * len(tensors)
-        st, gst = _backward_states(ctx, y, dy)
+        st, gst = _backward_states(ctx, y, dy, dy_references)
         del y  # the state holds it
         slices = _tensor_slices(steps)
         with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False):
@@ -260,17 +264,57 @@ def _gradient_consumable(ctx: Any, dy: Tensor, y: Tensor) -> bool:
             and dy._use_count() == 1 and torch._C._storage_Use_Count(storage._cdata) == 2)
 
 
-def _backward_states(ctx: Any, y: Tensor, dy: Tensor) -> tuple[State, State]:
+class _ReferenceProbe(torch.autograd.Function):
+    """Measures how many Python references a backward's gradient argument has when
+    nothing but autograd's call holds it (the count depends on the interpreter)."""
+
+    count: int | None = None
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x * 1
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        references = sys.getrefcount(grad)  # the same statement as the engine's backward's first
+        _ReferenceProbe.count = references
+        return grad
+
+
+def _unreachable_references() -> int:
+    """Python references of a backward's gradient that only autograd's call holds."""
+    if _ReferenceProbe.count is None:
+        with torch.enable_grad():
+            x = torch.zeros(2, requires_grad=True)
+            (_ReferenceProbe.apply(x) * 2).sum().backward()
+    assert _ReferenceProbe.count is not None
+    return _ReferenceProbe.count
+
+
+def _gradient_reusable(ctx: Any, dy: Tensor, y: Tensor, dy_references: int) -> bool:
+    """Whether the engine may rebuild gradients in ``dy``'s memory (ownership notes 9 and 10).
+
+    In the consuming mode: :func:`_gradient_consumable`.  By default also no Python
+    reference beyond autograd's call (a hook of an output the caller dropped may
+    have stored the gradient): then nobody can ever read ``dy`` again.
+    """
+    if not _gradient_consumable(ctx, dy, y):
+        return False
+    return ctx.consume_output or dy_references <= _unreachable_references()
+
+
+def _backward_states(ctx: Any, y: Tensor, dy: Tensor, dy_references: int) -> tuple[State, State]:
     """The state and the gradient state the backward starts from.
 
-    Ownership note 1 by default: ``y`` and ``dy`` are the caller's (a cast ``dy``
-    is a new tensor of our own).  In the consuming mode (note 9) the tensors
-    sharing a taken ``y``, and a taken ``dy``, become :class:`ConsumedTensor` s
-    at once: from here on their memory holds the engine's activations.
+    Ownership note 1 by default: ``y`` is the caller's (a cast ``dy`` is a new
+    tensor of our own); a ``dy`` that nothing else refers to is taken in both
+    modes (note 10).  In the consuming mode (note 9) the tensors sharing a taken
+    ``y`` become :class:`ConsumedTensor` s at once, and so does a taken ``dy``:
+    from here on their memory holds the engine's activations.
     """
     sharers = _output_sharers(ctx, y) if ctx.consume_output and _whole_of_its_memory(y) else None
     st = State([Part(y, sharers is not None)], consumed=[y] if sharers is not None else [])
-    if ctx.consume_output and _gradient_consumable(ctx, dy, y):
+    if _gradient_reusable(ctx, dy, y, dy_references):  # in both modes (ownership notes 9, 10)
         grad = dy.detach()  # the engine's handle on the memory; the argument itself is switched
         dy.__class__ = ConsumedTensor
         gst = State([Part(grad, True)], consumed=[grad])

@@ -466,13 +466,13 @@ def format_optimizer_section(rows: Sequence[dict]) -> list[str]:
     plain = {(r["mode"], r["size"], r["delta"]): r for r in rows if r.get("status") == "ok" and _plain(r)}
     lines = ["", "Training step including the optimizer, in the steady state of a training loop (total = "
              "parameters + optimizer state + input + step peak of the second step):"]
-    hdr = (f"{'size':>5} {'delta':>5} {'mode':<13} {'optimizer':<18} {'total GiB':>9} {'state GiB':>9} "
+    hdr = (f"{'size':>5} {'delta':>5} {'mode':<15} {'optimizer':<18} {'total GiB':>9} {'state GiB':>9} "
            f"{'grads GiB':>9} {'act. T':>7} {'median s':>8} {'no-opt GiB':>10}")
     lines += [hdr, "-" * len(hdr)]
     for r in opt:
         base = plain.get((r["mode"], r["size"], r["delta"]))
         lines.append(
-            f"{r['size']:>5} {r['delta']:>5} {r['mode']:<13} {r['optimizer']:<18} {r['total_gib']:>9.3f} "
+            f"{r['size']:>5} {r['delta']:>5} {r['mode']:<15} {r['optimizer']:<18} {r['total_gib']:>9.3f} "
             f"{(r.get('state_bytes') or 0) / GiB:>9.3f} {r['grad_bytes'] / GiB:>9.3f} "
             f"{r['overhead_tensors']:>7.2f} {median_step_seconds(r) or 0:>8.2f} "
             f"{(format(base['total_gib'], '.3f') if base else '-'):>10}")

@@ -144,8 +144,8 @@ def predicted_volume_total(mode: str, D: int) -> int:
     outer convolutions: their weights and gradients, the 1-channel input, the body's input,
     which the step allocates, and the output and its gradient; being tiled, the outer
     convolutions' working buffers are slab-sized and left out).  The predictor does not model
-    the consuming mode: its figure is fused's less the body's output and gradient, whose memory
-    the backward takes over (a first guess for the search only)."""
+    the consuming mode: its figure is fused's less the body's output, whose memory the
+    backward takes over (fused already reuses the gradient; a first guess for the search only)."""
     from iunet_nb.arch.layout import compute_layout
     from iunet_nb.measure.predict import predict_step_memory
 
@@ -159,7 +159,7 @@ def predicted_volume_total(mode: str, D: int) -> int:
     if mode == "fused_sgd_in_backward":
         total -= p.gradients  # the gradients are applied and freed as they come
     if mode == "fused_consuming":
-        total -= 2 * p.tensor
+        total -= p.tensor
     return int(total)
 
 
