@@ -281,14 +281,18 @@ class _ReferenceProbe(torch.autograd.Function):
         return grad
 
 
-def _unreachable_references() -> int:
-    """Python references of a backward's gradient that only autograd's call holds."""
-    if _ReferenceProbe.count is None:
-        with torch.enable_grad():
-            x = torch.zeros(2, requires_grad=True)
-            (_ReferenceProbe.apply(x) * 2).sum().backward()
+def _probe_references() -> int:
+    """Python references of a backward's gradient that only autograd's call holds
+    (run once, when this module is imported: not from inside a backward)."""
+    with torch.enable_grad():
+        x = torch.zeros(2, requires_grad=True)
+        (_ReferenceProbe.apply(x) * 2).sum().backward()
     assert _ReferenceProbe.count is not None
     return _ReferenceProbe.count
+
+
+#: see :func:`_probe_references`
+UNREACHABLE_REFERENCES = _probe_references()
 
 
 def _gradient_reusable(ctx: Any, dy: Tensor, y: Tensor, dy_references: int) -> bool:
@@ -300,7 +304,7 @@ def _gradient_reusable(ctx: Any, dy: Tensor, y: Tensor, dy_references: int) -> b
     """
     if not _gradient_consumable(ctx, dy, y):
         return False
-    return ctx.consume_output or dy_references <= _unreachable_references()
+    return ctx.consume_output or dy_references <= UNREACHABLE_REFERENCES
 
 
 def _backward_states(ctx: Any, y: Tensor, dy: Tensor, dy_references: int) -> tuple[State, State]:
