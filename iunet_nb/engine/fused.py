@@ -284,7 +284,7 @@ class _ReferenceProbe(torch.autograd.Function):
 def _probe_references() -> int:
     """Python references of a backward's gradient that only autograd's call holds
     (run once, when this module is imported: not from inside a backward)."""
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # whatever mode imports us
         x = torch.zeros(2, requires_grad=True)
         (_ReferenceProbe.apply(x) * 2).sum().backward()
     assert _ReferenceProbe.count is not None
