@@ -209,8 +209,6 @@ def add_block_output(block: ConvLeakyReLUGroupNorm, v: list[Tensor], u: list[Ten
     """
     if kernels is None:
         kernels = conv3_kernels_for(v[0].device)
-    if len(v) > 1 and block.conv_weight.nbytes >= sum(p.nbytes for p in v):
-        v = [torch.cat(v, dim=1)]  # a weight slice would be copied: the input is smaller
     a = F.leaky_relu_(kernels.conv_parts(v, block.conv_weight), block.negative_slope)
     n, c = a.shape[0], a.shape[1]
     moments = _ShiftedMoments(n, a.device)

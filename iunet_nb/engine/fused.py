@@ -253,17 +253,6 @@ def _output_sharers(ctx: Any, y: Tensor) -> list[Tensor] | None:
     return known
 
 
-def _gradient_consumable(ctx: Any, dy: Tensor, y: Tensor) -> bool:
-    """Whether the incoming gradient may be overwritten and freed (module docstring)."""
-    if any(t._backward_hooks for t in _alive_outputs(ctx)):  # a hook may have kept it
-        return False
-    # Only the argument itself holds the tensor (a gradient passed explicitly is also held by
-    # the caller and by autograd's graph root); only that tensor and `storage` hold the memory.
-    storage = dy.untyped_storage()
-    return (type(dy) is Tensor and dy.dtype == y.dtype and _whole_of_its_memory(dy)
-            and dy._use_count() == 1 and torch._C._storage_Use_Count(storage._cdata) == 2)
-
-
 class _ReferenceProbe(torch.autograd.Function):
     """Measures how many Python references a backward's gradient argument has when
     nothing but autograd's call holds it (the count depends on the interpreter)."""
@@ -296,13 +285,21 @@ UNREACHABLE_REFERENCES = _probe_references()
 
 
 def _gradient_reusable(ctx: Any, dy: Tensor, y: Tensor, dy_references: int) -> bool:
-    """Whether the engine may rebuild gradients in ``dy``'s memory (ownership notes 9 and 10).
+    """Whether the engine may rebuild gradients in ``dy``'s memory (ownership notes 9, 10).
 
-    In the consuming mode: :func:`_gradient_consumable`.  By default also no Python
-    reference beyond autograd's call (a hook of an output the caller dropped may
-    have stored the gradient): then nobody can ever read ``dy`` again.
+    Only the argument itself holds the tensor (a gradient passed explicitly is also held
+    by the caller and by autograd's graph root), only that tensor and the storage object
+    read here hold the memory, and no output has hooks (which may have kept it).  By
+    default also no Python reference beyond autograd's call (a hook of an output the
+    caller dropped may have stored the gradient); the consuming mode instead makes such
+    a reference raise (:class:`ConsumedTensor`).
     """
-    if not _gradient_consumable(ctx, dy, y):
+    if any(t._backward_hooks for t in _alive_outputs(ctx)):
+        return False
+    storage = dy.untyped_storage()
+    reachable = (type(dy) is not Tensor or dy._use_count() != 1
+                 or torch._C._storage_Use_Count(storage._cdata) != 2)
+    if reachable or dy.dtype != y.dtype or not _whole_of_its_memory(dy):
         return False
     return ctx.consume_output or dy_references <= UNREACHABLE_REFERENCES
 

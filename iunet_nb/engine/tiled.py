@@ -228,8 +228,12 @@ class Conv3Kernels:
         return y if out is None else out.add_(y)
 
     def conv_parts(self, parts: Sequence[Tensor], weight: Tensor) -> Tensor:
-        """The convolution of ``cat(parts, dim=1)`` without the concatenation: one
-        convolution per part with its slice of ``weight``'s input channels, summed."""
+        """The convolution of ``cat(parts, dim=1)``: one convolution per part with its
+        slice of ``weight``'s input channels, summed -- or, where copying those slices
+        would cost more than the concatenation (the weight is larger than the input),
+        one convolution of the concatenated parts."""
+        if len(parts) > 1 and weight.nbytes >= sum(p.nbytes for p in parts):
+            parts = [torch.cat(list(parts), dim=1)]
         out, offset = None, 0
         for p in parts:
             w = weight[:, offset:offset + p.shape[1]]
