@@ -65,6 +65,15 @@ Tensor ownership (the code cites these notes by number)
    it (no caller's tensor, no hook of the output, no other node's input): no
    one can read it after the backward, so rebuilding the gradients in its
    memory changes nothing anyone can see, and saves one input-sized tensor.
+11. **The room a split leaves is reused.**  A split keeps the first channels of a
+   buffer on the skip stack and sends the others on; once the next step has
+   turned those into a new tensor, their channels in the buffer are free.  If the
+   buffer is owned and no other part lives in it, a kernel step may write its
+   output there (``room_after``), and the matching concatenation puts the
+   current channels there instead of concatenating (``reunite``), so a level's
+   buffer is never held half dead and its output needs no final copy.  A skip
+   part is compacted (note 6) only when the skip holds at most half of its
+   buffer; otherwise the copy would cost more than the memory it frees.
 """
 from __future__ import annotations
 
@@ -132,16 +141,20 @@ class OrthogonalKernelModule(ABC):
         """The kernel, differentiable with respect to the module's parameters."""
 
     @abstractmethod
-    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool]) -> list[Tensor]:
+    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool],
+                      out: Tensor | None = None) -> list[Tensor]:
         """``y = K cat(parts, dim=1)`` as a list of channel parts.
 
         Parts whose ``owned`` flag is True MAY be overwritten (ownership note 2).
+        ``out``: free memory (ownership note 11) the module MAY write ``y`` into when
+        ``y`` has exactly its shape and dtype; the returned parts say where ``y`` is.
         """
 
     @abstractmethod
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
-                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       allow_split: bool, x_out: Tensor | None = None,
+                       dx_out: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """From the output ``y`` and ``dL/dy`` (channel parts), return ``(x, dL/dx, dL/dK)``.
 
         ``x`` and ``dL/dx`` are returned as channel parts; owned input parts MAY
@@ -149,6 +162,8 @@ class OrthogonalKernelModule(ABC):
         free their buffers early (ownership note 7).  ``allow_split``: the module
         MAY return ``x`` and ``dL/dx`` in more parts than it otherwise would, when
         that lowers its peak memory.  ``dL/dK`` is None unless ``need_kernel_grad``.
+        ``x_out``, ``dx_out``: free memory (ownership note 11) the module MAY write ``x``
+        and ``dL/dx`` into when they have exactly its shape and dtype.
         """
 
 

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 from iunet_nb.engine.contract import Step
-from iunet_nb.engine.parts import Part, State, full, release_unreferenced
+from iunet_nb.engine.parts import Part, State, full, owned_copy, release_unreferenced, storage_alias
 
 __all__ = ["DOUBLE_BACKWARD_MESSAGE", "CONSUMED_MESSAGE", "ENGINE_REFERENCES", "EARLY_GRADIENTS",
            "ConsumedTensor", "run_forward", "FusedInvertibleFunction", "apply_fused", "add_output_view"]
@@ -144,7 +144,11 @@ def run_forward(steps: Sequence[Step], x: Tensor, tensors: Sequence[Tensor],
             records.append(record)
     assert not st.stack, "unbalanced split/concat steps"
     out = full(st.cur)
-    return out.tensor if out.owned else out.tensor.clone()
+    if not out.owned:
+        return out.tensor.clone()
+    # The whole of a buffer the steps made (note 11) is returned as a tensor of its own, not
+    # as a view of their buffer: a view keeps its base alive (note 9 counts the memory's users).
+    return storage_alias(out.tensor) if out.tensor._base is not None else out.tensor
 
 
 #: ``id(tensor) -> (weakref to tensor, callback)``: leaf tensors whose gradient the fused
@@ -218,7 +222,7 @@ class FusedInvertibleFunction(torch.autograd.Function):
                         else:  # handed over now (e.g. an optimizer step), not at the end
                             early(tensors[i], g)
         st.cur = []  # the rebuilt input is not needed any more: free it before joining dx
-        dx = full(gst.cur).tensor.to(ctx.x_meta[0])
+        dx = owned_copy(full(gst.cur)).tensor.to(ctx.x_meta[0])  # never the caller's dy
         gst.cur = []
         release_unreferenced(st, keep=[dx])  # what is left of y and dy, not what dx uses
         release_unreferenced(gst, keep=[dx])

@@ -8,6 +8,7 @@ modified in place is the ``owned`` flag; the rules are the ownership notes in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -17,7 +18,7 @@ from torch import Tensor
 __all__ = [
     "Part", "Parts", "State", "num_channels", "narrow", "full", "join", "split_like",
     "owned_copy", "compact", "storage_alias", "nbytes", "release_unreferenced",
-    "move_out_of_consumed",
+    "move_out_of_consumed", "whole_buffer", "room_after", "reunite",
 ]
 
 
@@ -78,11 +79,160 @@ def narrow(parts: Parts, start: int, length: int) -> Parts:
     return out
 
 
+def whole_buffer(t: Tensor, channels: int) -> Tensor | None:
+    """The dense ``(N, channels, *S)`` tensor whose leading channels are ``t``, if ``t``'s memory is exactly that.
+
+    ``t``: ``(N, C_k, *S)`` with ``C_k <= channels``, a channel slice starting at channel 0
+    of a contiguous buffer of ``channels`` channels that is the whole of its storage.
+    Returns None for any other ``t`` (another offset, layout or storage size).
+    """
+    n, spatial = t.shape[0], t.shape[2:]
+    inner = math.prod(spatial)
+    shape = (n, channels, *spatial)
+    dense = torch.empty(shape, device="meta").stride()
+    if (t.storage_offset() != 0 or t.stride()[1:] != dense[1:] or (n > 1 and t.stride(0) != dense[0])
+            or t.untyped_storage().nbytes() != n * channels * inner * t.element_size()):
+        return None
+    return t.as_strided(shape, dense, 0)
+
+
+def _adjacent_in_one_buffer(parts: Parts) -> Tensor | None:
+    """The buffer that ``parts`` are, in order and without gaps, or None."""
+    whole = whole_buffer(parts[0].tensor, num_channels(parts))
+    if whole is None:
+        return None
+    offset = 0
+    for p in parts:
+        t = p.tensor
+        if (t.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+                or t.storage_offset() != offset * whole.stride(1) or t.stride() != whole.stride()):
+            return None
+        offset += p.channels
+    return whole
+
+
 def full(parts: Parts) -> Part:
-    """One part holding all channels of ``parts`` (a new, owned tensor if there are several)."""
+    """One part holding all channels of ``parts``.
+
+    The part itself if there is one; the buffer they make up if they are its channels
+    in order (no copy); else a new, owned tensor.
+    """
     if len(parts) == 1:
         return parts[0]
+    whole = _adjacent_in_one_buffer(parts)
+    if whole is not None:
+        return Part(whole, all(p.owned for p in parts))
     return Part(torch.cat([p.tensor for p in parts], dim=1), True)
+
+
+def _buffer_of(t: Tensor) -> tuple[Tensor, int] | None:
+    """``(buffer, first channel)`` if ``t`` is a channel slice of a dense buffer that is all of its storage."""
+    n, spatial = t.shape[0], t.shape[2:]
+    inner = math.prod(spatial)
+    elements = t.untyped_storage().nbytes() // t.element_size()
+    if inner == 0 or elements % (n * inner) or t.storage_offset() % inner:
+        return None
+    channels = elements // (n * inner)
+    first = t.storage_offset() // inner
+    whole = whole_buffer(t.as_strided(t.shape, t.stride(), 0), channels) if first < channels else None
+    return None if whole is None else (whole, first)
+
+
+def _merge_adjacent(parts: Parts) -> Parts:
+    """``parts`` with neighbours that are consecutive channels of one buffer joined into one view."""
+    out: Parts = []
+    for p in parts:
+        if out:
+            merged = _adjacent_in_one_buffer([out[-1], p]) if out[-1].tensor.storage_offset() == 0 else None
+            if merged is None:
+                prev, t = out[-1].tensor, p.tensor
+                if (prev.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                        and prev.stride() == t.stride() and prev.shape[2:] == t.shape[2:]
+                        and t.storage_offset() == prev.storage_offset() + prev.shape[1] * prev.stride(1)):
+                    shape = (prev.shape[0], prev.shape[1] + t.shape[1], *prev.shape[2:])
+                    out[-1] = Part(prev.as_strided(shape, prev.stride(), prev.storage_offset()),
+                                   out[-1].owned and p.owned)
+                    continue
+            else:
+                out[-1] = Part(merged, out[-1].owned and p.owned)
+                continue
+        out.append(p)
+    return out
+
+
+def _room(skip: Parts) -> tuple[Tensor, int] | None:
+    """``(buffer, first spare channel)``: the buffer ``skip``'s last (owned) part is a slice of."""
+    if not skip or not skip[-1].owned:
+        return None
+    last = skip[-1].tensor
+    found = _buffer_of(last)
+    if found is None:
+        return None
+    whole, first = found
+    spare = first + last.shape[1]
+    for p in skip[:-1]:  # the room is the buffer's last channels: no other skip part there
+        other = _buffer_of(p.tensor) if _lives_in(p.tensor, [whole]) else None
+        if other is not None and other[1] >= first:
+            return None
+    return (whole, spare) if spare < whole.shape[1] else None
+
+
+def room_after(state: State) -> Tensor | None:
+    """The free channels after the top skip of ``state`` in its buffer, as a view, or None.
+
+    A split keeps the first channels of a buffer on the stack and sends the rest on;
+    once the rest has been transformed into a new tensor, those channels are free
+    (nothing else lives in the buffer: checked against every other part of the
+    state).  A step whose output has exactly that shape may write it there; the
+    concatenation that follows (:func:`reunite`) then costs nothing.
+    """
+    if not state.stack:
+        return None
+    found = _room(state.stack[-1])
+    if found is None:
+        return None
+    whole, spare = found
+    others = list(state.cur) + [p for parts in state.stack[:-1] for p in parts]
+    if any(_lives_in(p.tensor, [whole]) for p in others):
+        return None
+    return whole.narrow(1, spare, whole.shape[1] - spare)
+
+
+def _is_view(t: Tensor, view: Tensor) -> bool:
+    """Whether ``t`` is exactly the elements of ``view`` (same memory, offset, shape, strides)."""
+    return (t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+            and t.storage_offset() == view.storage_offset() and t.shape == view.shape
+            and t.stride() == view.stride())
+
+
+def reunite(skip: Parts, cur: Parts, others: Parts) -> Parts:
+    """``skip + cur`` with ``cur`` in the free rest of the buffer ``skip`` ends in.
+
+    When a level's activation was split (the skip kept, the rest sent on), the skip's
+    last part is often a slice of a buffer whose last channels nothing uses any more.
+    If that buffer is owned and has exactly ``cur``'s channels to spare after the slice,
+    and no part of ``cur`` or ``others`` (every other part alive) lives in it, ``cur`` is
+    copied there (``cur``'s own buffers are freed when the caller drops them); if ``cur``
+    already is that room (:func:`room_after`), nothing is copied.  The skip's parts in
+    that buffer then become one view: no half-dead buffer is held and no concatenation
+    is needed later.  Otherwise ``skip + cur`` unchanged.
+    """
+    found = _room(skip) if cur else None
+    if found is None:
+        return skip + cur
+    whole, spare = found
+    room = whole.narrow(1, spare, whole.shape[1] - spare)
+    first = spare - skip[-1].channels  # where skip's last part starts
+    if not (len(cur) == 1 and cur[0].owned and _is_view(cur[0].tensor, room)):
+        if (num_channels(cur) != room.shape[1] or room.shape[2:] != cur[0].tensor.shape[2:]
+                or any(_lives_in(p.tensor, [whole]) for p in list(cur) + list(others))):
+            return skip + cur
+        offset = 0
+        for p in cur:
+            room.narrow(1, offset, p.channels).copy_(p.tensor)
+            offset += p.channels
+    grown = Part(whole.narrow(1, first, whole.shape[1] - first), True)
+    return _merge_adjacent(skip[:-1] + [grown])
 
 
 def join(parts: Parts) -> Tensor:
@@ -104,12 +254,21 @@ def owned_copy(p: Part) -> Part:
     return p if p.owned else Part(p.tensor.clone(), True)
 
 
-def compact(part: Part) -> Part:
-    """``part`` itself, or an owned copy if it is a view into a larger buffer (ownership note 6)."""
-    t = part.tensor
-    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
-        return Part(t.clone(), True)
-    return part
+def compact(parts: Parts) -> Parts:
+    """``parts``, with owned copies of those that share a larger buffer (ownership note 6).
+
+    Parts that together hold more than half of their buffer stay views: copying them
+    would cost more than the rest of the buffer it lets go.
+    """
+    held: dict[int, int] = {}
+    for p in parts:
+        ptr = p.tensor.untyped_storage().data_ptr()
+        held[ptr] = held.get(ptr, 0) + p.tensor.numel() * p.tensor.element_size()
+    out = []
+    for p in parts:
+        storage = p.tensor.untyped_storage()
+        out.append(Part(p.tensor.clone(), True) if storage.nbytes() >= 2 * held[storage.data_ptr()] else p)
+    return out
 
 
 def storage_alias(t: Tensor) -> Tensor:
@@ -148,6 +307,8 @@ def move_out_of_consumed(state: State) -> None:
     whole buffer go now instead of after the next step (note 9).
     """
     if state.consumed:
-        state.cur = [Part(p.tensor.clone(), True) if _lives_in(p.tensor, state.consumed) else p
+        held = [p.tensor for parts in state.stack for p in parts]  # these stay whatever we copy
+        movable = [b for b in state.consumed if not _lives_in(b, held)]
+        state.cur = [Part(p.tensor.clone(), True) if _lives_in(p.tensor, movable) else p
                      for p in state.cur]
         release_unreferenced(state)

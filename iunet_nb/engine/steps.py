@@ -21,7 +21,7 @@ from iunet_nb.engine.contract import DeclaredCouplingFunction, OrthogonalKernelM
 from iunet_nb.engine.coupling_backward import add_block_output, recompute_and_backward
 from iunet_nb.engine.parts import (
     Part, Parts, State, compact, full, join, move_out_of_consumed, narrow, nbytes, num_channels,
-    owned_copy, split_like, storage_alias,
+    owned_copy, reunite, room_after, split_like, storage_alias,
 )
 
 __all__ = [
@@ -149,6 +149,9 @@ class CouplingStep(Step):
         if self.block is not None and not torch.is_grad_enabled():
             # Neither v nor u is concatenated and f(v) gets no buffer of its own; v stays
             # in its parts, which the next coupling reads as they are.
+            if not any(p.owned for p in st.cur):  # the caller's input: see _into_one_buffer
+                st.cur = self._into_one_buffer(u, v)
+                return
             out = add_block_output(self.block, [p.tensor for p in v], [p.tensor for p in u],
                                    len(u) == 1 and u[0].owned)
             st.cur = v + [Part(out, True)]
@@ -164,6 +167,28 @@ class CouplingStep(Step):
         # Keep v as the single (possibly concatenated) part, so the next
         # coupling, which transforms the other half, needs no copy.
         st.cur = [v_full, new_u]
+
+    def _into_one_buffer(self, u: Parts, v: Parts) -> Parts:
+        """The output ``(v, u + f(v))`` of a state the step may not write into, in one new buffer.
+
+        As two parts of one buffer (``u + f(v)`` where ``u`` was, then ``v``'s copy, as
+        the in-place forward of an owned state leaves them), the level's later
+        steps work in place and its output needs no concatenation at the end (ownership
+        note 11); as ``v`` itself plus a new buffer for ``u + f(v)`` it would stay in
+        two buffers up to the chain's output.
+        """
+        s = num_channels(u)
+        first = v[0].tensor
+        out = first.new_empty(first.shape[0], s + num_channels(v), *first.shape[2:])
+        # Laid out as the in-place forward would leave them: u + f(v) where u was, then v.
+        offset = s
+        for p in v:
+            out.narrow(1, offset, p.channels).copy_(p.tensor)
+            offset += p.channels
+        sum_ = add_block_output(self.block, [p.tensor for p in v], [p.tensor for p in u], False)
+        out.narrow(1, 0, s).copy_(sum_)
+        del sum_
+        return [Part(out.narrow(1, s, out.shape[1] - s), True), Part(out.narrow(1, 0, s), True)]
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
@@ -183,7 +208,7 @@ class CouplingStep(Step):
             v, u = y1, [owned_copy(p) for p in y2]
         else:
             v, dy2 = [full(y1)], [full(dy2)]
-            u = [owned_copy(y2[0]) if len(y2) == 1 else full(y2)]  # ownership note 3
+            u = [owned_copy(full(y2))]  # ownership note 3
         # With owned gradient buffers, dL/dv accumulates straight into them (note 2).
         accumulate = all(p.owned for p in dy1) and (slabbed or len(dy1) == 1)
         dv, grads = recompute_and_backward(
@@ -281,7 +306,7 @@ class KernelStep(Step):
 
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
         out = self.module.forward_parts([p.tensor for p in st.cur], self.module.kernel(),
-                                        [p.owned for p in st.cur])
+                                        [p.owned for p in st.cur], out=room_after(st))  # note 11
         st.cur = [Part(t, True) for t in out]
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
@@ -292,10 +317,12 @@ class KernelStep(Step):
         allow_split = self.split_output and nbytes(st.cur) >= SLAB_MIN_BYTES
         ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
         y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
+        x_out, dx_out = room_after(st), room_after(gst)  # ownership note 11
         st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early (note 7)
         need = bool(wanted) and kernel.requires_grad
         xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), need, y_owned, dy_owned,
-                                                 allow_split)
+                                                 allow_split, x_out=x_out, dx_out=dx_out)
+        del x_out, dx_out
         st.cur = [Part(t, True) for t in xs]
         gst.cur = [Part(t, True) for t in dxs]
         if not need or dk is None:
@@ -317,8 +344,9 @@ class SplitStep(Step):
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
-        st.cur = st.stack.pop() + st.cur
-        gst.cur = gst.stack.pop() + gst.cur
+        for s in (st, gst):  # the rebuilt channels go back into the skip's buffer if they can
+            skip = s.stack.pop()
+            s.cur = reunite(skip, s.cur, others=s.all_parts())
         return []
 
 
@@ -329,13 +357,16 @@ class ConcatStep(Step):
         self.kept = kept
 
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
-        st.cur = st.stack.pop() + st.cur
+        # The skip's buffer usually still has the room the split sent on: fill it (no
+        # concatenation later, and that room is not held for nothing).
+        skip = st.stack.pop()
+        st.cur = reunite(skip, st.cur, others=st.all_parts())
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
         for s in (st, gst):  # one state after the other: at most one extra buffer at a time
             c = num_channels(s.cur)
-            s.stack.append([compact(p) for p in narrow(s.cur, 0, self.kept)])  # ownership note 6
+            s.stack.append(compact(narrow(s.cur, 0, self.kept)))  # ownership note 6
             s.cur = narrow(s.cur, self.kept, c - self.kept)
             move_out_of_consumed(s)  # ownership note 9
         return []

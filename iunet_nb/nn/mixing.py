@@ -83,24 +83,26 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         # autocast the kernel is float32; the product runs in the data's dtype.
         return torch.matmul(Q.to(x.dtype), x.reshape(x.shape[0], c, -1)).view(x.shape)
 
-    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool]) -> list[Tensor]:
+    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool],
+                      out: Tensor | None = None) -> list[Tensor]:
         """``Q @ cat(parts, dim=1)`` without building the concatenation; ``kernel``: ``(c, c)``.
 
         Written into the parts themselves (slice by slice, no activation-sized
         temporary) when every part may be overwritten (``owned``); otherwise
-        returned as one new tensor.
+        returned as one new tensor.  ``out`` is not used (the output is where the input was).
         """
         return _apply_parts(kernel, parts, owned)
 
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
-                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       allow_split: bool, x_out: Tensor | None = None,
+                       dx_out: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from ``y = Q x`` and ``dL/dy``, both as channel parts.
 
         ``x = Q^T y``, ``dL/dx = Q^T dL/dy``, ``dL/dQ = sum_n dy_n x_n^T``.
         Returns ``(x_parts, dx_parts, dQ)``; parts that may be overwritten are
         reused in place (see :meth:`forward_parts`), so the result keeps the
-        split of the input whatever ``allow_split`` says.
+        split of the input whatever ``allow_split`` says (``x_out``, ``dx_out`` are not used).
         """
         Qt = kernel.mT
         x_parts = _apply_parts(Qt, y_parts, y_owned)

@@ -298,9 +298,12 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
 
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
-                       allow_split: bool) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       allow_split: bool, x_out: Tensor | None = None,
+                       dx_out: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from the output ``y = forward(x)`` and ``dL/dy``, given as
         channel parts: returns ``(x parts, dL/dx parts, dL/dkernel)``; owned parts are reused.
+        ``x_out``, ``dx_out``: where the downsampling's fine ``x`` and ``dL/dx`` are written
+        when they have exactly their shapes (then as one part each); else not used.
 
         Downsampling: with ``allow_split`` the fine tensors come back as one part per
         coarse part, which lowers the peak (see :meth:`_reorder`); otherwise as one
@@ -310,7 +313,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         """
         if self.input_is_fine:
             return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
-                                             dy_owned, join=not allow_split)
+                                             dy_owned, join=not allow_split, x_out=x_out,
+                                             dx_out=dx_out)
         return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad)
 
     def _fine_channels(self, in_channels: int, block_size: int) -> int:
@@ -330,13 +334,65 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             f"init={self.init!r}, learnable={self.learnable}, shared={self.shared}"
         )
 
-    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool]) -> list[Tensor]:
-        """``forward(cat(parts, dim=1), kernel)`` as one new tensor (the block reordering copies anyway).
+    def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool],
+                      out: Tensor | None = None) -> list[Tensor]:
+        """``forward(cat(parts, dim=1), kernel)`` as one tensor, computed slab by slab.
 
-        ``kernel``: ``(C or 1, s, s)`` (:meth:`kernel`).
+        The input is read in slabs of whole blocks along the first spatial dim, so the
+        only activation-sized allocation is the result (none if ``out`` is given): no
+        concatenation of the parts and no whole-tensor block reordering.  ``kernel``:
+        ``(C or 1, s, s)`` (:meth:`kernel`); ``out``: a tensor of the output's shape the
+        result is written into (e.g. the room a skip connection left, see
+        :class:`~iunet_nb.engine.steps.KernelStep`; not used unless it has exactly the
+        output's shape and dtype), or None for a new one.  With grad
+        mode on (a reference computation) it is ``forward`` of the joined parts.
         """
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return [self(x, kernel=kernel)]
+        if torch.is_grad_enabled():
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            return [self(x, kernel=kernel)]
+        return [self._slabwise(parts, self._resolve_kernel(kernel, parts[0].dtype), out)]
+
+    def _slabwise(self, parts: list[Tensor], Q: Tensor, out: Tensor | None) -> Tensor:
+        """The forward of the joined ``parts`` into ``out`` (or a new tensor), slab by slab."""
+        check_input(parts[0], self.dim, parts[0].shape[1])
+        n, in_spatial = parts[0].shape[0], tuple(parts[0].shape[2:])
+        channels = sum(p.shape[1] for p in parts)
+        if channels != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: parts hold {channels} channels, "
+                             f"expected {self.in_channels}")
+        down, s, st0 = self.input_is_fine, self.block_size, self.stride[0]
+        if down and any(size % st for size, st in zip(in_spatial, self.stride)):
+            raise ValueError(f"input spatial shape {in_spatial} is not divisible by the stride "
+                             f"{self.stride}; pad it to a multiple of the stride")
+        if down:
+            out_spatial = tuple(size // st for size, st in zip(in_spatial, self.stride))
+        else:
+            out_spatial = tuple(size * st for size, st in zip(in_spatial, self.stride))
+        shape = (n, self.out_channels, *out_spatial)
+        if out is None:
+            out = parts[0].new_empty(shape)
+        elif tuple(out.shape) != shape or out.dtype != parts[0].dtype:
+            out = parts[0].new_empty(shape)  # not the output's room: not used
+        coarse = out_spatial if down else in_spatial
+        plane = n * self.fine_channels * s * math.prod(coarse[1:])  # elements per coarse plane
+        step = max(1, _SLAB_ELEMENTS // max(plane, 1))
+        for a in range(0, coarse[0], step):
+            b = min(coarse[0], a + step)
+            for group, f0, fc in _fine_groups(parts, 1 if down else s):
+                Qk = Q if Q.shape[0] == 1 else Q[f0:f0 + fc]
+                if down:
+                    views = [p.narrow(2, a * st0, (b - a) * st0) for p in group]
+                    slab = views[0] if len(views) == 1 else torch.cat(views, dim=1)
+                    res = torch.matmul(Qk, to_blocks(slab, self.stride))
+                    out.narrow(1, f0 * s, fc * s).narrow(2, a, b - a).copy_(
+                        res.view(n, fc * s, b - a, *coarse[1:]))
+                else:
+                    views = [p.narrow(2, a, b - a) for p in group]
+                    slab = views[0] if len(views) == 1 else torch.cat(views, dim=1)
+                    res = torch.matmul(Qk.mT, slab.reshape(n, fc, s, -1))
+                    _write_from_blocks(res, self.stride, (b - a, *coarse[1:]),
+                                       out.narrow(1, f0, fc).narrow(2, a * st0, (b - a) * st0))
+        return out
 
     def _resolve_kernel(self, kernel: Tensor | None, dtype: torch.dtype) -> Tensor:
         """The ``(C or 1, s, s)`` kernel in the data's dtype (computed once if not given)."""
@@ -377,7 +433,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
 
 
     def _down_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
-                             y_owned: list[bool] | None, dy_owned: list[bool] | None, join: bool
+                             y_owned: list[bool] | None, dy_owned: list[bool] | None, join: bool,
+                             x_out: Tensor | None = None, dx_out: Tensor | None = None
                              ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """For ``y = down(x)`` (coarse parts): rebuild ``x`` and return ``(x, dL/dx, dL/dQ)``.
 
@@ -398,21 +455,31 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
         # The caller hands over its lists: emptying them frees the coarse buffers early.
         ys.clear()
-        xs = self._reorder(xbs, coarse, join)
+        xs = self._reorder(xbs, coarse, join, self._fits(x_out, xbs, coarse))
         dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
         dys.clear()
-        dxs = self._reorder(dxbs, coarse, join)
+        dxs = self._reorder(dxbs, coarse, join, self._fits(dx_out, dxbs, coarse))
         return xs, dxs, dQ
 
-    def _reorder(self, blocks: list[Tensor], coarse: Sequence[int], join: bool) -> list[Tensor]:
+    def _fits(self, out: Tensor | None, blocks: list[Tensor], coarse: Sequence[int]) -> Tensor | None:
+        """``out`` if it has the shape and dtype of the fine tensor of ``blocks``, else None."""
+        if out is None:
+            return None
+        n, c = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+        shape = (n, c, *(h * st for h, st in zip(coarse, self.stride)))
+        return out if tuple(out.shape) == shape and out.dtype == blocks[0].dtype else None
+
+    def _reorder(self, blocks: list[Tensor], coarse: Sequence[int], join: bool,
+                 out: Tensor | None = None) -> list[Tensor]:
         """Block tensors back to fine parts; consumes ``blocks``.
 
-        ``join``: one new tensor (the coarse buffers live until it is complete).
-        Otherwise one fine part per coarse part, each coarse buffer released as
-        soon as its part is done, which lowers the peak by half a fine tensor.
+        ``out``: the fine tensor to write into (one part, no allocation).  ``join``: one
+        new tensor (the coarse buffers live until it is complete).  Otherwise one fine
+        part per coarse part, each coarse buffer released as soon as its part is done,
+        which lowers the peak by half a fine tensor.
         """
-        if join:
-            out = [_from_blocks_joined(blocks, self.stride, coarse)]
+        if join or out is not None:
+            out = [_from_blocks_joined(blocks, self.stride, coarse, out)]
             blocks.clear()
             return out
         out = []
@@ -542,25 +609,57 @@ def to_blocks(x: Tensor, stride: tuple[int, ...]) -> Tensor:
     return v.permute(*perm).reshape(n, c, math.prod(stride), -1)
 
 
-def _from_blocks_joined(parts: list[Tensor], stride: tuple[int, ...], coarse: Sequence[int]) -> Tensor:
-    """:func:`from_blocks` of channel parts, written into one new ``(N, C, *S)`` tensor."""
-    if len(parts) == 1:
-        return from_blocks(parts[0], stride, coarse)
-    n, dim = parts[0].shape[0], len(stride)
-    fine = [h * st for h, st in zip(coarse, stride)]
-    out = parts[0].new_empty(n, sum(p.shape[1] for p in parts), *fine)
+#: Elements of input read at a time by the slab-wise forward (:meth:`_InvertibleResampling.forward_parts`).
+_SLAB_ELEMENTS = 1 << 18
+
+
+def _fine_groups(parts: list[Tensor], group: int) -> list[tuple[list[Tensor], int, int]]:
+    """``parts`` gathered into runs that hold whole fine channels: ``(run, first fine channel, count)``.
+
+    ``group``: channels per fine channel in ``parts`` (``s`` for coarse tensors, 1 for fine).
+    """
+    out, run, first, held = [], [], 0, 0
+    for p in parts:
+        run.append(p)
+        held += p.shape[1]
+        if held % group == 0:
+            out.append((run, first, held // group))
+            first += held // group
+            run, held = [], 0
+    if run:
+        raise ValueError(f"channel parts hold {sum(p.shape[1] for p in parts)} channels, "
+                         f"not a multiple of {group}")
+    return out
+
+
+def _write_from_blocks(blocks: Tensor, stride: tuple[int, ...], coarse: Sequence[int], dst: Tensor) -> None:
+    """:func:`from_blocks` of ``blocks`` ``(N, c, s, L)`` written into ``dst`` ``(N, c, *fine)``.
+
+    ``dst`` may be a channel or first-dim slice of a larger tensor (its dims are only split).
+    """
+    n, c, dim = blocks.shape[0], blocks.shape[1], len(stride)
     perm = [0, 1]
     for k in range(dim):
         perm += [2 + dim + k, 2 + k]
+    dst_shape = [n, c]
+    for h, st in zip(coarse, stride):
+        dst_shape += [h, st]
+    dst.view(*dst_shape).copy_(blocks.reshape(n, c, *stride, *coarse).permute(*perm))
+
+
+def _from_blocks_joined(parts: list[Tensor], stride: tuple[int, ...], coarse: Sequence[int],
+                        out: Tensor | None = None) -> Tensor:
+    """:func:`from_blocks` of channel parts, written into one ``(N, C, *S)`` tensor (``out`` or a new one)."""
+    if len(parts) == 1 and out is None:
+        return from_blocks(parts[0], stride, coarse)
+    n = parts[0].shape[0]
+    fine = [h * st for h, st in zip(coarse, stride)]
+    if out is None:
+        out = parts[0].new_empty(n, sum(p.shape[1] for p in parts), *fine)
     c0 = 0
     for p in parts:
-        c = p.shape[1]
-        src = p.reshape(n, c, *stride, *coarse).permute(*perm)
-        dst_shape = [n, c]
-        for h, st in zip(coarse, stride):
-            dst_shape += [h, st]
-        out[:, c0:c0 + c].view(*dst_shape).copy_(src)
-        c0 += c
+        _write_from_blocks(p, stride, coarse, out.narrow(1, c0, p.shape[1]))
+        c0 += p.shape[1]
     return out
 
 
