@@ -48,14 +48,15 @@ def test_volume_model_shapes_and_a_measured_step():
     assert row["status"] == "ok" and row["grad_bytes"] == 0 and row["seconds"] > 0
     assert row["total_bytes"] == row["param_bytes"] + 16**3 * 4 + row["peak_bytes"]
     assert bench3d.predicted_volume_total("fused", 64) < bench3d.predicted_volume_total("unet", 64)
-    # the consuming mode also takes over the body's output (the default mode already reuses the
-    # gradient no one else holds): one 16-channel tensor (at 48^3, where it outweighs the
-    # fixed-size temporaries of the step's peak)
+    # Here the body's output feeds the output convolution and only that convolution's output is
+    # kept, so the default mode takes the body's output too (ownership note 12): both modes
+    # measure the same, below 3 input tensors (3.1 for consuming before notes 11 and 12).
     consuming = bench3d.measure_volume("fused_consuming", 48, time_it=False)
     fused = bench3d.measure_volume("fused", 48, time_it=False)
     assert bench3d.build_volume_model("fused_consuming").body.consume_output
-    assert fused["overhead_tensors"] - consuming["overhead_tensors"] > 0.9
-    assert bench3d.predicted_volume_total("fused_consuming", 64) < bench3d.predicted_volume_total("fused", 64)
+    assert abs(fused["overhead_tensors"] - consuming["overhead_tensors"]) < 0.05, (fused, consuming)
+    assert fused["overhead_tensors"] < 3.0, fused
+    assert bench3d.predicted_volume_total("fused_consuming", 64) == bench3d.predicted_volume_total("fused", 64)
 
 
 def test_report_and_ratios():

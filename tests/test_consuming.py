@@ -10,7 +10,7 @@ untouched; the mode saves about two input-sized tensors of peak memory.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -385,3 +385,106 @@ def test_default_mode_leaves_a_gradient_stored_by_a_hook_intact() -> None:
     loss.backward()
     assert type(kept[0]) is Tensor and torch.equal(kept[0], torch.full(shape, 2.0, dtype=torch.float64))
     _assert_close([xg.grad] + [p.grad for p in model.parameters()], want)
+
+
+# ----------------------------------------------------------------------------- note 12
+def _head(channels: int, dim: int, seed: int = 5) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[dim - 1](channels, 2, 3, padding=1).double()
+
+
+def _headed_step(model: iUNet, head: torch.nn.Module, x: Tensor, conventional: bool,
+                 backwards: int = 1) -> tuple[list[Tensor], Any]:
+    """A step in which the caller keeps only the head's output; returns the gradients and
+    the engine's autograd node (None for plain autograd)."""
+    model.disable_custom_gradient = conventional
+    model.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_(True)
+    body = model(xg)
+    node = None if conventional else _engine_node(body)
+    out = head(body)
+    del body  # the caller keeps only the head's output
+    loss = out.square().sum()
+    for k in range(backwards):
+        loss.backward(retain_graph=k + 1 < backwards)
+    grads = [xg.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                         for p in list(model.parameters()) + list(head.parameters())]
+    return grads, node
+
+
+def _engine_node(t: Tensor) -> Any:
+    """The fused engine's autograd node behind ``t`` (through a crop, if any)."""
+    node = t.grad_fn
+    while node is not None and not hasattr(node, "consumed"):
+        node = node.next_functions[0][0]
+    assert node is not None, "no fused engine node"
+    return node
+
+
+@pytest.mark.parametrize("name", ["1d", "2d", "2d_cropped", "3d", "seed_2d"])
+def test_default_mode_takes_an_output_no_one_can_reach(name: str) -> None:
+    """Ownership note 12: followed by a layer whose output alone the caller keeps, the body's
+    output is taken by the default mode's backward, and the gradients are exact."""
+    kwargs, shape = MODELS[name]
+    model = _model(kwargs)
+    model.consume_output = False
+    head = _head(kwargs["channels"][0], kwargs["dim"])
+    x = _input(shape)
+    want, _ = _headed_step(model, head, x, conventional=True)
+    got, node = _headed_step(model, head, x, conventional=False)
+    _assert_close(got, want)
+    assert node.consumed, "the unreachable output was not taken"
+
+
+class _Scale(torch.nn.Module):
+    """A head whose backward does not need its input (nothing but the engine saves it)."""
+
+    def forward(self, t: Tensor) -> Tensor:
+        return 3.0 * t
+
+
+@pytest.mark.parametrize("head_kind", ["conv", "scale"])
+def test_default_mode_keeps_the_output_for_a_second_backward(head_kind: str) -> None:
+    """With retain_graph=True the backward runs again from the output: the first backward
+    leaves it (two backwards give exactly twice the gradients), the last one takes it."""
+    kwargs, shape = MODELS["2d"]
+    model = _model(kwargs)
+    model.consume_output = False
+    head = _head(kwargs["channels"][0], kwargs["dim"]) if head_kind == "conv" else _Scale()
+    x = _input(shape)
+    want, _ = _headed_step(model, head, x, conventional=True, backwards=2)
+    got, node = _headed_step(model, head, x, conventional=False, backwards=2)
+    _assert_close(got, want)
+    assert node.consumed  # by the second backward, which does not keep the graph
+
+
+def test_default_mode_leaves_an_output_the_caller_holds() -> None:
+    kwargs, shape = MODELS["2d"]
+    model = _model(kwargs)
+    model.consume_output = False
+    head = _head(kwargs["channels"][0], kwargs["dim"])
+    body = model(_input(shape).requires_grad_(True))
+    values = body.detach().clone()
+    node = _engine_node(body)
+    head(body).square().sum().backward()
+    assert not node.consumed and type(body) is Tensor and torch.equal(body, values)
+
+
+def test_default_mode_taking_the_output_saves_an_input_tensor_of_peak_memory() -> None:
+    """Body + convolution, the caller keeping the convolution's output only: one input
+    tensor less than when a forward hook keeps the body's output (ownership note 12)."""
+    from iunet_nb.measure.meter import measure_step
+    from iunet_nb.nn.conv import TiledConv
+
+    x = torch.randn(1, 16, 128, 128)
+    overhead = {}
+    for keep in (True, False):
+        torch.manual_seed(0)
+        body = iUNet(channels=(16, 32, 64), architecture=(1, 1, 1), dim=2, verbose=0)
+        kept: list[Tensor] = []
+        if keep:
+            body.register_forward_hook(lambda m, i, o: kept.append(o))
+        model = torch.nn.Sequential(body, TiledConv(16, 1, dim=2))
+        overhead[keep] = measure_step(model, x).activation_bytes / x.nbytes
+    assert overhead[True] - overhead[False] >= 0.9, overhead

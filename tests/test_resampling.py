@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
@@ -426,3 +427,43 @@ def test_bad_constructor_arguments() -> None:
         InvertibleDownsampling(2, 2, strides=2)
     with pytest.raises(TypeError):
         InvertibleUpsampling(8, 2, kernel_size=2)
+
+
+# ------------------------------------------------------------- the engine's slab-wise forward
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dim=st.integers(1, 3), up=st.booleans(), shared=st.booleans(),
+       slab=st.sampled_from([1, 7, 64, 1 << 18]), batch=st.integers(1, 2))
+def test_forward_parts_is_the_forward_of_the_joined_parts(data, dim, up, shared, slab, batch) -> None:
+    """``forward_parts`` (no grad: slab by slab, parts never joined) equals ``forward`` of the
+    concatenation for any stride, any cut of the input into parts and any slab size; it writes
+    into ``out`` when ``out`` has the output's shape and ignores it otherwise."""
+    from iunet_nb.nn import resampling
+
+    stride = tuple(data.draw(st.lists(st.integers(1, 3), min_size=dim, max_size=dim), label="stride"))
+    fine = data.draw(st.integers(1, 3), label="fine channels")
+    s = math.prod(stride)
+    cls = InvertibleUpsampling if up else InvertibleDownsampling
+    torch.manual_seed(0)
+    m = cls(fine * s if up else fine, stride=stride, dim=dim, init="random", shared=shared).double()
+    coarse = data.draw(st.lists(st.integers(1, 3), min_size=dim, max_size=dim), label="coarse size")
+    spatial = coarse if up else [c * t for c, t in zip(coarse, stride)]
+    x = torch.randn(batch, m.in_channels, *spatial, dtype=torch.float64)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, m.in_channels - 1)), max_size=3), label="cuts"))
+    bounds = [0] + [c for c in cuts if c < m.in_channels] + [m.in_channels]
+    parts = [x[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    want = m(x)
+    default_slab = resampling._SLAB_ELEMENTS
+    resampling._SLAB_ELEMENTS = slab
+    try:
+        with torch.no_grad():
+            got = m.forward_parts(parts, m.kernel(), [False] * len(parts))
+            room = torch.empty_like(want)
+            into = m.forward_parts(parts, m.kernel(), [False] * len(parts), out=room)
+            odd = torch.empty(batch, m.out_channels + 1, *want.shape[2:], dtype=want.dtype)
+            ignored = m.forward_parts(parts, m.kernel(), [False] * len(parts), out=odd)
+    finally:
+        resampling._SLAB_ELEMENTS = default_slab
+    assert len(got) == 1 and len(into) == 1 and into[0] is room
+    for t in (got[0], into[0], ignored[0]):
+        torch.testing.assert_close(t, want, rtol=1e-13, atol=1e-13)
+    assert torch.equal(x, torch.cat(parts, 1))  # the input is left as it was

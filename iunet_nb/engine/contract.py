@@ -22,8 +22,8 @@ Tensor ownership (the code cites these notes by number)
    ``y`` saved for the backward and the incoming gradient ``dy`` enter a state
    as parts with ``owned=False``.  Nothing writes into them or frees them, and
    the chain's output is never the caller's input (a non-owned output is copied).
-   The exceptions are an incoming gradient no one else can reach (note 10) and
-   the opt-in consuming mode of note 9.
+   The exceptions are an incoming gradient or an output no one else can reach
+   (notes 10 and 12) and the opt-in consuming mode of note 9.
 2. **Owned parts.**  A part with ``owned=True`` was allocated during this
    forward or backward pass and nothing outside the state refers to it: the
    step that receives it MAY overwrite it in place or drop it (freeing it).
@@ -74,6 +74,16 @@ Tensor ownership (the code cites these notes by number)
    buffer is never held half dead and its output needs no final copy.  A skip
    part is compacted (note 6) only when the skip holds at most half of its
    buffer; otherwise the copy would cost more than the memory it frees.
+12. **An unreachable output is the engine's.**  By default too, ``y`` enters the
+   state as an owned part (listed in ``State.consumed``) when it is dense and the
+   whole of its memory, the graph is not kept (``retain_graph`` is False: this
+   backward runs once), and nothing but the engine holds that memory: the
+   returned output and the views registered for it are gone, and no other node
+   saved it (a node that ran before this one has freed what it saved; one that
+   is not run keeps it, and the output stays the caller's).  This is the case
+   when the body is followed by a layer (a convolution, a head) and the caller
+   keeps only that layer's output.  No one can read ``y`` after the backward, so
+   nothing changes that anyone can see, and one input-sized tensor is saved.
 """
 from __future__ import annotations
 

@@ -21,7 +21,11 @@ The other engine, ``memcnn`` (every step wrapped in
 The incoming gradient and the consuming mode
 --------------------------------------------
 By default the backward holds, besides its own activation and gradient, the
-caller's output ``y`` (ownership note 1).  The incoming gradient ``dy`` is
+caller's output ``y`` (ownership note 1) -- unless the caller has dropped it
+and nothing else holds its memory (e.g. a convolution after the body, whose saved
+input autograd has freed by then), and the graph is not kept
+(``retain_graph=True``): then no one can read ``y`` again, and the backward
+rebuilds the activations in its memory (ownership note 12).  The incoming gradient ``dy`` is
 reused for the engine's gradients when nothing but autograd's call refers to
 it (ownership note 10, the rule for ``dy`` below): then no one can read it
 afterwards, and one input-sized tensor is saved.  With
@@ -308,16 +312,31 @@ def _gradient_reusable(ctx: Any, dy: Tensor, y: Tensor, dy_references: int) -> b
     return ctx.consume_output or dy_references <= UNREACHABLE_REFERENCES
 
 
+def _output_takeable(ctx: Any, y: Tensor) -> bool:
+    """Whether the backward may consider taking ``y``'s memory (ownership notes 9 and 12).
+
+    In the consuming mode whenever ``y`` is dense and the whole of its memory; by default
+    also only when the graph is not kept (``retain_graph=True`` would run this backward
+    again, from ``y``).  Who else shares ``y`` is checked by :func:`_output_sharers`.
+    """
+    if not _whole_of_its_memory(y):
+        return False
+    return ctx.consume_output or not torch._C._autograd._get_current_graph_task_keep_graph()
+
+
 def _backward_states(ctx: Any, y: Tensor, dy: Tensor, dy_references: int) -> tuple[State, State]:
     """The state and the gradient state the backward starts from.
 
     Ownership note 1 by default: ``y`` is the caller's (a cast ``dy`` is a new
-    tensor of our own); a ``dy`` that nothing else refers to is taken in both
-    modes (note 10).  In the consuming mode (note 9) the tensors sharing a taken
+    tensor of our own), unless no tensor of the caller shares it any more and the
+    graph is not kept (note 12); a ``dy`` that nothing else refers to is taken in
+    both modes (note 10).  In the consuming mode (note 9) the tensors sharing a taken
     ``y`` become :class:`ConsumedTensor` s at once, and so does a taken ``dy``:
     from here on their memory holds the engine's activations.
     """
-    sharers = _output_sharers(ctx, y) if ctx.consume_output and _whole_of_its_memory(y) else None
+    sharers = _output_sharers(ctx, y) if _output_takeable(ctx, y) else None
+    if not ctx.consume_output and sharers:  # by default only an output no one can reach (note 12)
+        sharers = None
     st = State([Part(y, sharers is not None)], consumed=[y] if sharers is not None else [])
     if _gradient_reusable(ctx, dy, y, dy_references):  # in both modes (ownership notes 9, 10)
         grad = dy.detach()  # the engine's handle on the memory; the argument itself is switched

@@ -18,7 +18,7 @@ from torch import Tensor
 __all__ = [
     "Part", "Parts", "State", "num_channels", "narrow", "full", "join", "split_like",
     "owned_copy", "compact", "storage_alias", "nbytes", "release_unreferenced",
-    "move_out_of_consumed", "whole_buffer", "room_after", "reunite",
+    "move_out_of_consumed", "whole_buffer", "room_after", "reunite", "held_region", "relocate",
 ]
 
 
@@ -198,6 +198,45 @@ def room_after(state: State) -> Tensor | None:
     return whole.narrow(1, spare, whole.shape[1] - spare)
 
 
+def held_region(state: State) -> Tensor | None:
+    """The memory of the current activation, if its owned parts are one slice of a buffer the skip stack also holds.
+
+    Such a slice is free once a step has turned it into a new tensor, but its buffer
+    stays (the skip holds it): the step's output can then move there (:func:`relocate`)
+    instead of holding memory of its own (ownership note 11).
+    """
+    if not state.cur or not all(p.owned for p in state.cur):
+        return None
+    found = [_buffer_of(p.tensor) for p in state.cur]
+    if any(f is None for f in found):
+        return None
+    whole = found[0][0]
+    if any(not _lives_in(p.tensor, [whole]) for p in state.cur):
+        return None
+    spans = sorted((first, first + p.channels) for (_, first), p in zip(found, state.cur))
+    if any(hi != lo for (_, hi), (lo, _) in zip(spans, spans[1:])):  # one run of channels
+        return None
+    region = whole.narrow(1, spans[0][0], spans[-1][1] - spans[0][0])
+    if region.numel() == whole.numel():
+        return None
+    held = [p.tensor for parts in state.stack for p in parts]
+    return region if _lives_in(region, held) else None
+
+
+def relocate(out: Tensor, region: Tensor) -> Tensor | None:
+    """``out`` copied into ``region`` (a free slice, see :func:`held_region`), or None if it does not fit.
+
+    ``out``: ``(N, C', *S')`` with as many elements per sample as ``region``; the copy is
+    laid out densely per sample, at ``region``'s place in each sample of its buffer.
+    """
+    if (out.numel() != region.numel() or out.dtype != region.dtype or out.shape[0] != region.shape[0]
+            or _lives_in(out, [region])):
+        return None
+    dense = torch.empty(out.shape, device="meta").stride()
+    dst = region.as_strided(out.shape, (region.stride(0),) + dense[1:], region.storage_offset())
+    return dst.copy_(out)
+
+
 def _is_view(t: Tensor, view: Tensor) -> bool:
     """Whether ``t`` is exactly the elements of ``view`` (same memory, offset, shape, strides)."""
     return (t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
@@ -254,12 +293,14 @@ def owned_copy(p: Part) -> Part:
     return p if p.owned else Part(p.tensor.clone(), True)
 
 
-def compact(parts: Parts) -> Parts:
+def compact(parts: Parts, others: Parts = ()) -> Parts:
     """``parts``, with owned copies of those that share a larger buffer (ownership note 6).
 
     Parts that together hold more than half of their buffer stay views: copying them
-    would cost more than the rest of the buffer it lets go.
+    would cost more than the rest of the buffer it lets go.  So do parts in a buffer
+    that one of ``others`` (the rest of the state) lives in: copying frees nothing.
     """
+    kept = {p.tensor.untyped_storage().data_ptr() for p in others}
     held: dict[int, int] = {}
     for p in parts:
         ptr = p.tensor.untyped_storage().data_ptr()
@@ -267,7 +308,8 @@ def compact(parts: Parts) -> Parts:
     out = []
     for p in parts:
         storage = p.tensor.untyped_storage()
-        out.append(Part(p.tensor.clone(), True) if storage.nbytes() >= 2 * held[storage.data_ptr()] else p)
+        copy = storage.data_ptr() not in kept and storage.nbytes() >= 2 * held[storage.data_ptr()]
+        out.append(Part(p.tensor.clone(), True) if copy else p)
     return out
 
 

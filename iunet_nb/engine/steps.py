@@ -21,7 +21,7 @@ from iunet_nb.engine.contract import DeclaredCouplingFunction, OrthogonalKernelM
 from iunet_nb.engine.coupling_backward import add_block_output, recompute_and_backward
 from iunet_nb.engine.parts import (
     Part, Parts, State, compact, full, join, move_out_of_consumed, narrow, nbytes, num_channels,
-    owned_copy, reunite, room_after, split_like, storage_alias,
+    held_region, owned_copy, relocate, reunite, room_after, split_like, storage_alias,
 )
 
 __all__ = [
@@ -305,9 +305,10 @@ class KernelStep(Step):
         return list(self.module.parameters())
 
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        room, region = room_after(st), held_region(st)  # ownership note 11
         out = self.module.forward_parts([p.tensor for p in st.cur], self.module.kernel(),
-                                        [p.owned for p in st.cur], out=room_after(st))  # note 11
-        st.cur = [Part(t, True) for t in out]
+                                        [p.owned for p in st.cur], out=room)
+        st.cur = _moved_into(out, region if room is None else None)
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
                  record: dict) -> list[Tensor | None]:
@@ -318,17 +319,32 @@ class KernelStep(Step):
         ys, dys = [p.tensor for p in st.cur], [p.tensor for p in gst.cur]
         y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
         x_out, dx_out = room_after(st), room_after(gst)  # ownership note 11
+        region, dregion = held_region(st), held_region(gst)
         st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early (note 7)
         need = bool(wanted) and kernel.requires_grad
         xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), need, y_owned, dy_owned,
                                                  allow_split, x_out=x_out, dx_out=dx_out)
-        del x_out, dx_out
-        st.cur = [Part(t, True) for t in xs]
-        gst.cur = [Part(t, True) for t in dxs]
+        st.cur = _moved_into(xs, region if x_out is None else None)
+        gst.cur = _moved_into(dxs, dregion if dx_out is None else None)
+        del x_out, dx_out, region, dregion
         if not need or dk is None:
             return [None] * len(tensors)
         grads = torch.autograd.grad(kernel, wanted, dk.to(kernel.dtype), allow_unused=True)
         return _gradients_for(tensors, grads)
+
+
+def _moved_into(out: list[Tensor], region: Tensor | None) -> Parts:
+    """A kernel step's output as owned parts, moved into ``region`` when it fits (note 11).
+
+    ``region``: the step's input, a slice of a buffer the skip stack holds
+    (:func:`~iunet_nb.engine.parts.held_region`), free now that the output exists; moving
+    the output there frees the output's own memory instead of holding the slice dead.
+    """
+    if region is not None and len(out) == 1:
+        moved = relocate(out[0], region)
+        if moved is not None:
+            return [Part(moved, True)]
+    return [Part(t, True) for t in out]
 
 
 class SplitStep(Step):
@@ -366,7 +382,8 @@ class ConcatStep(Step):
                  record: dict) -> list[Tensor | None]:
         for s in (st, gst):  # one state after the other: at most one extra buffer at a time
             c = num_channels(s.cur)
-            s.stack.append(compact(narrow(s.cur, 0, self.kept)))  # ownership note 6
+            held = [p for parts in s.stack for p in parts]
+            s.stack.append(compact(narrow(s.cur, 0, self.kept), others=held))  # ownership note 6
             s.cur = narrow(s.cur, self.kept, c - self.kept)
             move_out_of_consumed(s)  # ownership note 9
         return []

@@ -16,7 +16,9 @@ body is, per mode,
 ``memcnn``                this package's iUNet with every step wrapped in memcnn
 ``fused``                 this package's iUNet with the fused memory-efficient engine
 ``fused_consuming``       the same in its opt-in consuming mode (``consume_output=True``: the
-                          backward reuses the memory of the body's output and its gradient)
+                          backward reuses the memory of the body's output and its gradient; in
+                          this model the default mode does so too, as the caller keeps only
+                          the output convolution's output: ownership note 12)
 ``fused_sgd_in_backward`` the same, with SGD applied per parameter during the backward
                           (:mod:`iunet_nb.engine.optim_in_backward`), so the step includes the update
 
@@ -144,8 +146,10 @@ def predicted_volume_total(mode: str, D: int) -> int:
     outer convolutions: their weights and gradients, the 1-channel input, the body's input,
     which the step allocates, and the output and its gradient; being tiled, the outer
     convolutions' working buffers are slab-sized and left out).  The predictor does not model
-    the consuming mode: its figure is fused's less the body's output, whose memory the
-    backward takes over (fused already reuses the gradient; a first guess for the search only)."""
+    the body's output being taken: in this model the caller keeps only the output convolution's
+    output, so every fused mode's backward takes over the body's output (ownership note 12 of
+    :mod:`iunet_nb.engine.contract`; the gradient is reused anyway), and the figure is fused's
+    less that tensor (a first guess for the search only)."""
     from iunet_nb.arch.layout import compute_layout
     from iunet_nb.measure.predict import predict_step_memory
 
@@ -158,7 +162,7 @@ def predicted_volume_total(mode: str, D: int) -> int:
     total = p.total - p.input + outer
     if mode == "fused_sgd_in_backward":
         total -= p.gradients  # the gradients are applied and freed as they come
-    if mode == "fused_consuming":
+    if mode.startswith("fused"):
         total -= p.tensor
     return int(total)
 
