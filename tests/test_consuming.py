@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from torch import Tensor
 
 from iunet_nb import iUNet
@@ -488,3 +488,28 @@ def test_default_mode_taking_the_output_saves_an_input_tensor_of_peak_memory() -
         model = torch.nn.Sequential(body, TiledConv(16, 1, dim=2))
         overhead[keep] = measure_step(model, x).activation_bytes / x.nbytes
     assert overhead[True] - overhead[False] >= 0.9, overhead
+
+
+#: The volume benchmark's body (iunet_nb.measure.bench3d): its level-0 skip keeps 12 of 16
+#: channels, so the level lives in one buffer whose room the coarser levels reuse (note 11).
+VOLUME_BODY = Case(dict(channels=(16, 32, 64, 128), architecture=(2, 2, 2, 2), dim=3), 1, (16, 16, 16))
+
+
+@pytest.mark.slow
+@settings(max_examples=30)
+@example(case=VOLUME_BODY)
+@given(case=cases())
+def test_default_mode_with_a_dropped_output_equals_autograd_property(case: Case) -> None:
+    """Default mode, the caller keeping only a head's output (nothing else saves the body's
+    output, so the backward takes it: note 12): exact gradients for every configuration."""
+    model = case.build()
+    model.consume_output = False
+    model.train()
+    x = case.input(model)
+    head = _Scale()
+    grads, nodes = {}, {}
+    for conventional in (True, False):
+        torch.manual_seed(case.seed)  # the same dropout masks in both runs
+        grads[conventional], nodes[conventional] = _headed_step(model, head, x, conventional)
+    _assert_close(grads[False], grads[True])
+    assert nodes[False].consumed
