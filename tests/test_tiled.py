@@ -25,11 +25,39 @@ def test_tiles_cover_every_row_once(shape) -> None:
 
 
 def test_native_path_tiles_account_for_the_unfolded_columns() -> None:
-    """Batch 1, 8 channels, 48^3: ATen's native path (no oneDNN) unfolds 27x; tiles shrink to match."""
+    """Batch 1, 8 channels, 48^3: in float32 a slab too small for oneDNN is convolved as a batch of
+    its 3-row windows (3x the slab, copied once more by oneDNN; at least 2 rows); in float64 (no
+    oneDNN) ATen's native path
+    unfolds 27x, and the tiles shrink to match."""
     shape = (1, 8, 48, 48, 48)
-    bounds = conv_tile_bounds(shape, torch.float32, torch.device("cpu"))
-    rows = bounds[0][1] - bounds[0][0]
-    assert rows * 27 * 8 * 48 * 48 <= max(1 << 19, 27 * 8 * 48 * 48)
+    plane = 8 * 48 * 48
+    rows32 = [hi - lo for lo, hi in conv_tile_bounds(shape, torch.float32, torch.device("cpu"))]
+    assert min(rows32) >= 2 and max(rows32) * 6 * plane <= max(1 << 19, 2 * 6 * plane)
+    rows64 = [hi - lo for lo, hi in conv_tile_bounds(shape, torch.float64, torch.device("cpu"))]
+    assert max(rows64) * 27 * plane <= max(1 << 19, 27 * plane)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 9, 10, 11), (1, 3, 12, 13), (1, 2, 17)])
+def test_row_window_convolutions_equal_torch(shape) -> None:
+    """float32, one sample, few channels: the slabs are convolved as batches of row windows
+    (forward, flipped-kernel input gradient, weight gradient); same numbers as torch's float64."""
+    from iunet_nb.engine import tiled
+
+    dim = len(shape) - 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    w = torch.randn(5, shape[1], *([3] * dim), generator=g)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = conv(x64, w64, padding=1)
+    dy = torch.randn(y64.shape, generator=g)
+    y64.backward(dy.double())
+    small = shape[1] * 4 * (shape[3] if dim > 1 else 1) * (shape[4] if dim > 2 else 1)
+    assert tiled._batched_rows(x[:, :, :4], w)  # the slabs of this size do take the windows
+    for got, want in [(conv3_tiled(x, w, tile_elements=small), y64),
+                      (conv3_transpose_tiled(dy, w, tile_elements=small), x64.grad),
+                      (conv3_weight_grad_tiled(x, dy, w, tile_elements=small), w64.grad)]:
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])

@@ -322,7 +322,8 @@ class _SlabwiseActivation:
                  grad_v: list[Tensor] | None) -> None:
         self.block, self.v = block, v
         first = v.parts[0]
-        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device)
+        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device,
+                                       out_channels=block.conv_weight.shape[0])
         self.weight_grad = torch.zeros_like(block.conv_weight)
         self.input_grad: Tensor | None = None
         if grad_v is None:

@@ -48,14 +48,15 @@ __all__ = [
 TILE_ELEMENTS = 1 << 19
 
 
-def tile_bounds(size: int, plane: int, tile_elements: int | None = None) -> list[tuple[int, int]]:
-    """Split ``range(size)`` into slabs of about ``tile_elements / plane`` rows.
+def tile_bounds(size: int, plane: int, tile_elements: int | None = None,
+                min_rows: int = 1) -> list[tuple[int, int]]:
+    """Split ``range(size)`` into slabs of about ``tile_elements / plane`` rows (at least ``min_rows``).
 
     ``plane`` is the number of elements of one row (channels x remaining spatial sizes).
     """
     if tile_elements is None:
         tile_elements = TILE_ELEMENTS  # read at call time, so tests can shrink it
-    rows = max(1, tile_elements // max(plane, 1))
+    rows = max(min_rows, tile_elements // max(plane, 1))
     n_tiles = max(1, math.ceil(size / rows))
     step = math.ceil(size / n_tiles)
     return [(lo, min(lo + step, size)) for lo in range(0, size, step)]
@@ -80,22 +81,70 @@ def _unfolds_input(shape: Sequence[int], dtype: torch.dtype, device: torch.devic
     return shape[1] * (rows + 2) * second <= _ONEDNN_MIN_ELEMENTS
 
 
+def _rows_as_batch_possible(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a slab's rows can be convolved as a batch of 3-row windows in oneDNN
+    (:func:`_row_windows`): CPU, float32, oneDNN on, one sample."""
+    return (device.type == "cpu" and dtype == torch.float32 and shape[0] == 1
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
 def conv_tile_bounds(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                     tile_elements: int | None = None) -> list[tuple[int, int]]:
+                     tile_elements: int | None = None,
+                     out_channels: int | None = None) -> list[tuple[int, int]]:
     """Slabs of rows (first spatial dimension) for a 3^dim convolution of an ``(N, C, *S)`` tensor.
 
     About ``tile_elements`` elements of working memory per slab and sample: the
-    slab itself where the convolution runs in oneDNN, the slab's unfolded columns
-    (``3^dim`` times larger) where it takes ATen's native path -- in 3D that
-    buffer is 27 input tensors of the slab, the largest allocation of a step.
+    slab itself where the convolution runs in oneDNN.  A slab too small for oneDNN
+    (one sample, few channels) is convolved as a batch of its 3-row windows
+    (:func:`_row_windows`: three times the slab, which oneDNN copies once more; at
+    least 2 rows); where that is not
+    possible it takes ATen's native path, whose unfolded columns are ``3^dim`` times
+    the slab -- in 3D 27 input tensors of the slab, the largest allocation of a step.
+    ``out_channels``: the convolution's output channels, where they may outnumber the input's.
     """
     if tile_elements is None:
         tile_elements = TILE_ELEMENTS
     size, plane = shape[2], shape[1] * math.prod(shape[3:])
     rows = min(size, max(1, tile_elements // max(plane, 1)))
     if _unfolds_input(shape, dtype, device, rows):
+        if _rows_as_batch_possible(shape, dtype, device):
+            # the windows (3 times the slab) and oneDNN's reordered copy of them, or of the
+            # output's slab where the convolution widens the channels
+            widest = max(shape[1], out_channels or 0) * math.prod(shape[3:])
+            return tile_bounds(size, 6 * widest, tile_elements, min_rows=2)
         plane *= 3 ** (len(shape) - 2)
     return tile_bounds(size, plane, tile_elements)
+
+
+def _row_windows(x: Tensor) -> Tensor:
+    """``(1, C, R, *S)`` -> ``(R - 2, C, 3, *S)``: every 3-row window of ``x`` as a sample.
+
+    A 3^dim convolution that is valid along the rows (no padding there) gives the same
+    rows from the windows, one row per sample; as a batch of more than one sample,
+    a small slab takes oneDNN on CPU instead of ATen's native path, which unfolds it
+    27 times in 3D and is several times slower.
+    """
+    t = x[0].unfold(1, 3, 1)  # (C, R - 2, *S, 3)
+    order = [1, 0, t.dim() - 1] + list(range(2, t.dim() - 1))
+    return t.permute(*order).contiguous()
+
+
+def _batched_rows(x: Tensor, weight: Tensor) -> bool:
+    """Whether the valid-along-rows convolution of ``x`` ``(N, C, R, *S)`` runs as row windows."""
+    rows = x.shape[2] - 2
+    return (rows >= 2 and _rows_as_batch_possible(x.shape, x.dtype, x.device)
+            and _unfolds_input(x.shape, x.dtype, x.device, rows) and weight.dtype == x.dtype)
+
+
+def _conv_valid_rows(x: Tensor, weight: Tensor) -> Tensor:
+    """3^dim convolution of ``x`` ``(N, C, R, *S)``, valid along the rows, padding 1 elsewhere:
+    ``(N, C_out, R - 2, *S)`` (a view of the row-window batch's result where that is used)."""
+    dim = x.dim() - 2
+    padding = (0,) + (1,) * (dim - 1)
+    if not _batched_rows(x, weight):
+        return CONV_FN[dim](x, weight, padding=padding)
+    y = CONV_FN[dim](_row_windows(x), weight, padding=padding)  # (R - 2, C_out, 1, *S)
+    return y.transpose(0, 2)  # (1, C_out, R - 2, *S)
 
 
 def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
@@ -103,15 +152,15 @@ def _halo(x: Tensor, lo: int, hi: int) -> Tensor:
     return ChannelParts(x).halo(lo, hi)
 
 
-def _bounds(x: Tensor, tile_elements: int | None) -> list[tuple[int, int]]:
+def _bounds(x: Tensor, tile_elements: int | None, out_channels: int) -> list[tuple[int, int]]:
     """Slabs of ``x`` along its first spatial dimension (see :func:`conv_tile_bounds`)."""
-    return conv_tile_bounds(x.shape, x.dtype, x.device, tile_elements)
+    return conv_tile_bounds(x.shape, x.dtype, x.device, tile_elements, out_channels)
 
 
 def _slabwise(x: Tensor, out_channels: int, whole: Any, slab: Any,
               tile_elements: int | None, out: Tensor | None) -> Tensor:
     """``whole(x)`` computed as ``slab(halo)`` per slab of rows; added into ``out`` if given."""
-    bounds = _bounds(x, tile_elements)
+    bounds = _bounds(x, tile_elements, out_channels)
     if len(bounds) == 1:
         y = whole(x)
         return y if out is None else out.add_(y)
@@ -182,7 +231,7 @@ def _flip_pays(dy: Tensor, weight: Tensor) -> bool:
 def conv3_weight_grad_tiled(x: Tensor, dy: Tensor, weight: Tensor,
                             tile_elements: int | None = None) -> Tensor:
     """Weight gradient of :func:`conv3_tiled` for output gradient ``dy``, summed over slabs."""
-    bounds = _bounds(x, tile_elements)
+    bounds = _bounds(x, tile_elements, weight.shape[0])
     if len(bounds) == 1:
         return _weight_grad(x, dy, weight, padding_first=1)
     grad = None
@@ -329,8 +378,7 @@ class ChannelParts:
 
 def conv3_halo(halo: Tensor, weight: Tensor) -> Tensor:
     """The rows of a 3^dim convolution (padding 1) computed from a slab with its halo."""
-    dim = halo.dim() - 2
-    return CONV_FN[dim](halo, weight, padding=(0,) + (1,) * (dim - 1))
+    return _conv_valid_rows(halo, weight)
 
 
 def conv3_weight_grad_halo(halo: Tensor, dy_slab: Tensor, weight: Tensor) -> Tensor:
@@ -342,6 +390,8 @@ def _weight_grad(x: Tensor, dy: Tensor, weight: Tensor, padding_first: int) -> T
     """Weight gradient of a 3^dim convolution with padding ``padding_first`` along dim 2, 1 elsewhere."""
     dim = x.dim() - 2
     ones = (1,) * dim
+    if padding_first == 0 and _batched_rows(x, weight):  # summed over the row windows
+        x, dy = _row_windows(x), dy.transpose(0, 2)
     _, g, _ = torch.ops.aten.convolution_backward(
         dy, x, weight, None, ones, (padding_first,) + (1,) * (dim - 1), ones, False,
         (0,) * dim, 1, [False, True, False])
@@ -358,7 +408,8 @@ def conv3_transpose_slab_rows(dy_slab: Tensor, weight: Tensor, lo: int, hi: int,
     """
     dim = dy_slab.dim() - 2
     if _flip_pays(dy_slab, weight):
-        y = CONV_FN[dim](dy_slab, transposed_kernel(weight), padding=(2,) + (1,) * (dim - 1))
+        padded = F.pad(dy_slab, [0, 0] * (dim - 1) + [2, 2])
+        y = _conv_valid_rows(padded, transposed_kernel(weight))
     else:
         y = CONV_TRANSPOSE_FN[dim](dy_slab, weight, padding=(0,) + (1,) * (dim - 1))
     first, last = lo - 1, hi + 1
