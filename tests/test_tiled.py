@@ -114,3 +114,27 @@ def test_input_gradient_on_both_paths_equals_torch(dim: int, weight_larger: bool
         first, end, rows = conv3_transpose_slab_rows(dy[:, :, lo:hi], w, lo, hi, side)
         got[:, :, first:end] += rows
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_kernels_use_smaller_tiles_and_give_the_same_numbers(monkeypatch) -> None:
+    """The coupling backward's kernels tile by TILE_ELEMENTS / BACKWARD_TILE_DIVISOR (read at call
+    time) and compute what the forward's compute."""
+    from iunet_nb.engine import tiled
+
+    cpu = torch.device("cpu")
+    assert tiled.conv3_kernels_for(cpu, backward=True) is tiled.TILED_CONV3_BACKWARD
+    assert tiled.conv3_kernels_for(cpu) is tiled.TILED_CONV3
+    monkeypatch.setattr(tiled, "TILE_ELEMENTS", 4 * 3 * 11 * 11 * tiled.BACKWARD_TILE_DIVISOR)
+    assert tiled.backward_tile_elements() == 4 * 3 * 11 * 11
+    calls = []
+    real = tiled.conv3_tiled
+    monkeypatch.setattr(tiled, "conv3_tiled", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 11, 11, 11, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, 3, generator=g, dtype=torch.float64)
+    dy = torch.randn(2, 4, 11, 11, 11, generator=g, dtype=torch.float64)
+    fw, bw = tiled.TILED_CONV3, tiled.TILED_CONV3_BACKWARD
+    torch.testing.assert_close(bw.conv(x, w), fw.conv(x, w), rtol=1e-12, atol=1e-12)
+    assert calls == [tiled.backward_tile_elements(), None]
+    torch.testing.assert_close(bw.conv_transpose(dy, w), fw.conv_transpose(dy, w), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bw.weight_grad(x, dy, w), fw.weight_grad(x, dy, w), rtol=1e-12, atol=1e-12)

@@ -64,6 +64,7 @@ from iunet_nb.engine.contract import ConvLeakyReLUGroupNorm
 from iunet_nb.engine.tiled import (
     ChannelParts,
     Conv3Kernels,
+    backward_tile_elements,
     conv3_halo,
     conv3_kernels_for,
     conv3_transpose_slab_rows,
@@ -93,14 +94,15 @@ def recompute_and_backward(block: ConvLeakyReLUGroupNorm, v: list[Tensor], grad_
         grad_v: ``(N, c_in, *S)`` channel parts that receive ``+= dL/dv`` in place, or None.
         slabs: recompute ``a`` slab by slab instead of keeping it (module docstring).
         kernels: the whole-tensor convolutions of ``slabs=False``
-            (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for` the device).
+            (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for` the device, with the
+            backward's tiles).
 
     Returns:
         ``(dL/dv or None if accumulated into grad_v, [dL/dW, dL/dgamma, dL/dbeta])``.
     """
     v_parts, g_parts = ChannelParts(v), ChannelParts(grad_fv)
     if kernels is None:
-        kernels = conv3_kernels_for(v[0].device)
+        kernels = conv3_kernels_for(v[0].device, backward=True)
     if slabs:
         source: _WholeActivation | _SlabwiseActivation = _SlabwiseActivation(block, v_parts, grad_v)
     else:
@@ -322,7 +324,7 @@ class _SlabwiseActivation:
                  grad_v: list[Tensor] | None) -> None:
         self.block, self.v = block, v
         first = v.parts[0]
-        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device,
+        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device, backward_tile_elements(),
                                        out_channels=block.conv_weight.shape[0])
         self.weight_grad = torch.zeros_like(block.conv_weight)
         self.input_grad: Tensor | None = None

@@ -40,12 +40,27 @@ __all__ = [
     "conv3_transpose_slab_rows",
     "Conv3Kernels",
     "TILED_CONV3",
+    "TILED_CONV3_BACKWARD",
     "WHOLE_CONV3",
+    "BACKWARD_TILE_DIVISOR",
+    "backward_tile_elements",
     "conv3_kernels_for",
 ]
 
 #: Elements per tile and sample (channels x pixels of one slab): 2 MiB of float32.
 TILE_ELEMENTS = 1 << 19
+
+#: The coupling backward's tiles are this many times smaller than :data:`TILE_ELEMENTS`:
+#: its peak holds the rebuilt activation, both gradients and ``f``'s recomputed activation
+#: besides the tiles, so there a tile costs the most.  Measured on the Table-1 model at 256^2,
+#: delta = 5 (fused): overhead 3.76 input tensors with 1, 3.51 with 2, 3.39 with 4; the step
+#: 1-2 % slower with 4 (interleaved), where smaller tiles everywhere (TILE_ELEMENTS / 4) cost 9-12 %.
+BACKWARD_TILE_DIVISOR = 4
+
+
+def backward_tile_elements() -> int:
+    """Elements per tile in the coupling backward (read at call time, like :data:`TILE_ELEMENTS`)."""
+    return max(1, TILE_ELEMENTS // BACKWARD_TILE_DIVISOR)
 
 
 def tile_bounds(size: int, plane: int, tile_elements: int | None = None,
@@ -268,11 +283,16 @@ class Conv3Kernels:
     """
 
     tiled: bool
+    #: tiles of :func:`backward_tile_elements` instead of :data:`TILE_ELEMENTS`
+    backward: bool = False
+
+    def _tile(self) -> int | None:
+        return backward_tile_elements() if self.backward else None
 
     def conv(self, x: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
         """``(N, C_in, *S) -> (N, C_out, *S)``; added into ``out`` if given."""
         if self.tiled:
-            return conv3_tiled(x, weight, out=out)
+            return conv3_tiled(x, weight, self._tile(), out=out)
         y = CONV_FN[x.dim() - 2](x, weight, padding=1)
         return y if out is None else out.add_(y)
 
@@ -294,25 +314,29 @@ class Conv3Kernels:
     def conv_transpose(self, dy: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
         """Input gradient ``(N, C_out, *S) -> (N, C_in, *S)``; added into ``out`` if given."""
         if self.tiled:
-            return conv3_transpose_tiled(dy, weight, out=out)
+            return conv3_transpose_tiled(dy, weight, self._tile(), out=out)
         dx = CONV_TRANSPOSE_FN[dy.dim() - 2](dy, weight, padding=1)
         return dx if out is None else out.add_(dx)
 
     def weight_grad(self, x: Tensor, dy: Tensor, weight: Tensor) -> Tensor:
         """Weight gradient for input ``x`` and output gradient ``dy``."""
         if self.tiled:
-            return conv3_weight_grad_tiled(x, dy, weight)
+            return conv3_weight_grad_tiled(x, dy, weight, self._tile())
         return _weight_grad(x, dy, weight, padding_first=1)
 
 
 TILED_CONV3 = Conv3Kernels(tiled=True)
+TILED_CONV3_BACKWARD = Conv3Kernels(tiled=True, backward=True)
 WHOLE_CONV3 = Conv3Kernels(tiled=False)
 
 
-def conv3_kernels_for(device: torch.device) -> Conv3Kernels:
+def conv3_kernels_for(device: torch.device, backward: bool = False) -> Conv3Kernels:
     """The kernels for ``device``: tiled on CPU, whole-tensor elsewhere (GPU convolutions
-    allocate no activation-sized reordering buffers)."""
-    return TILED_CONV3 if device.type == "cpu" else WHOLE_CONV3
+    allocate no activation-sized reordering buffers); ``backward``: the coupling backward's
+    smaller tiles (:data:`BACKWARD_TILE_DIVISOR`)."""
+    if device.type != "cpu":
+        return WHOLE_CONV3
+    return TILED_CONV3_BACKWARD if backward else TILED_CONV3
 
 
 def conv3(x: Tensor, weight: Tensor) -> Tensor:
