@@ -108,7 +108,7 @@ def test_slabwise_and_device_branches_conform(name: str, dim: int, conv_kernels:
     monkeypatch.setattr(steps, "SLAB_MIN_BYTES", 0)
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 24)
     kernels = tiled.TILED_CONV3 if conv_kernels == "tiled" else tiled.WHOLE_CONV3
-    monkeypatch.setattr(coupling_backward, "conv3_kernels_for", lambda device, backward=False: kernels)
+    monkeypatch.setattr(coupling_backward, "conv3_kernels_for", lambda device, backward_elements=0: kernels)
     step, _, channels = STEP_FACTORIES[name](dim)
     check_step(step, _probe(channels, dim), input_owned=True)
 

@@ -118,14 +118,17 @@ def test_input_gradient_on_both_paths_equals_torch(dim: int, weight_larger: bool
 
 def test_backward_kernels_use_smaller_tiles_and_give_the_same_numbers(monkeypatch) -> None:
     """The coupling backward's kernels tile by TILE_ELEMENTS / BACKWARD_TILE_DIVISOR (read at call
-    time) and compute what the forward's compute."""
+    time) for activations of two forward tiles or more, and compute what the forward's compute."""
     from iunet_nb.engine import tiled
 
     cpu = torch.device("cpu")
-    assert tiled.conv3_kernels_for(cpu, backward=True) is tiled.TILED_CONV3_BACKWARD
-    assert tiled.conv3_kernels_for(cpu) is tiled.TILED_CONV3
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 4 * 3 * 11 * 11 * tiled.BACKWARD_TILE_DIVISOR)
     assert tiled.backward_tile_elements() == 4 * 3 * 11 * 11
+    assert tiled.backward_tile_elements(slabs=True) == tiled.TILE_ELEMENTS // tiled.SLAB_BACKWARD_TILE_DIVISOR
+    # the smaller tiles only for activations of two forward tiles or more
+    assert tiled.conv3_kernels_for(cpu, backward_elements=2 * tiled.TILE_ELEMENTS) is tiled.TILED_CONV3_BACKWARD
+    assert tiled.conv3_kernels_for(cpu, backward_elements=2 * tiled.TILE_ELEMENTS - 1) is tiled.TILED_CONV3
+    assert tiled.conv3_kernels_for(cpu) is tiled.TILED_CONV3
     calls = []
     real = tiled.conv3_tiled
     monkeypatch.setattr(tiled, "conv3_tiled", lambda *a, **k: calls.append(a[2]) or real(*a, **k))

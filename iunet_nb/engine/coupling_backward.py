@@ -94,15 +94,16 @@ def recompute_and_backward(block: ConvLeakyReLUGroupNorm, v: list[Tensor], grad_
         grad_v: ``(N, c_in, *S)`` channel parts that receive ``+= dL/dv`` in place, or None.
         slabs: recompute ``a`` slab by slab instead of keeping it (module docstring).
         kernels: the whole-tensor convolutions of ``slabs=False``
-            (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for` the device, with the
-            backward's tiles).
+            (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for` the device and the
+            size of ``f``'s activation: the backward's tiles).
 
     Returns:
         ``(dL/dv or None if accumulated into grad_v, [dL/dW, dL/dgamma, dL/dbeta])``.
     """
     v_parts, g_parts = ChannelParts(v), ChannelParts(grad_fv)
     if kernels is None:
-        kernels = conv3_kernels_for(v[0].device, backward=True)
+        per_sample = sum(g.shape[1] for g in grad_fv) * math.prod(grad_fv[0].shape[2:])
+        kernels = conv3_kernels_for(v[0].device, backward_elements=per_sample)
     if slabs:
         source: _WholeActivation | _SlabwiseActivation = _SlabwiseActivation(block, v_parts, grad_v)
     else:
@@ -324,7 +325,7 @@ class _SlabwiseActivation:
                  grad_v: list[Tensor] | None) -> None:
         self.block, self.v = block, v
         first = v.parts[0]
-        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device, backward_tile_elements(),
+        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device, backward_tile_elements(slabs=True),
                                        out_channels=block.conv_weight.shape[0])
         self.weight_grad = torch.zeros_like(block.conv_weight)
         self.input_grad: Tensor | None = None

@@ -43,6 +43,7 @@ __all__ = [
     "TILED_CONV3_BACKWARD",
     "WHOLE_CONV3",
     "BACKWARD_TILE_DIVISOR",
+    "SLAB_BACKWARD_TILE_DIVISOR",
     "backward_tile_elements",
     "conv3_kernels_for",
 ]
@@ -50,17 +51,26 @@ __all__ = [
 #: Elements per tile and sample (channels x pixels of one slab): 2 MiB of float32.
 TILE_ELEMENTS = 1 << 19
 
-#: The coupling backward's tiles are this many times smaller than :data:`TILE_ELEMENTS`:
-#: its peak holds the rebuilt activation, both gradients and ``f``'s recomputed activation
-#: besides the tiles, so there a tile costs the most.  Measured on the Table-1 model at 256^2,
-#: delta = 5 (fused): overhead 3.76 input tensors with 1, 3.51 with 2, 3.39 with 4; the step
-#: 1-2 % slower with 4 (interleaved), where smaller tiles everywhere (TILE_ELEMENTS / 4) cost 9-12 %.
+#: The coupling backward's tiles are smaller than :data:`TILE_ELEMENTS`: its peak holds the
+#: rebuilt activation, both gradients and ``f``'s recomputed activation besides the tiles, so a
+#: tile costs the most there.  Where ``f``'s activation is kept whole (the coarser levels), the
+#: tiles are this many times smaller -- only for activations of at least two forward tiles, as
+#: smaller ones gain nothing and more calls cost time; where it is recomputed slab by slab (the
+#: finest level), :data:`SLAB_BACKWARD_TILE_DIVISOR` times.  Measured on the Table-1 model at
+#: 256^2 (fused): overhead 3.76 -> 3.39 input tensors at delta = 5; the step about 3.5 % slower
+#: at delta = 30 (interleaved A/B; quarter-size tiles everywhere in the backward: 6-10 %).
 BACKWARD_TILE_DIVISOR = 4
+SLAB_BACKWARD_TILE_DIVISOR = 2
 
 
-def backward_tile_elements() -> int:
-    """Elements per tile in the coupling backward (read at call time, like :data:`TILE_ELEMENTS`)."""
-    return max(1, TILE_ELEMENTS // BACKWARD_TILE_DIVISOR)
+def backward_tile_elements(slabs: bool = False) -> int:
+    """Elements per tile in the coupling backward (read at call time, like :data:`TILE_ELEMENTS`).
+
+    ``slabs``: for the slab-wise recomputation (:data:`SLAB_BACKWARD_TILE_DIVISOR`), else for a
+    whole activation (:data:`BACKWARD_TILE_DIVISOR`).
+    """
+    divisor = SLAB_BACKWARD_TILE_DIVISOR if slabs else BACKWARD_TILE_DIVISOR
+    return max(1, TILE_ELEMENTS // divisor)
 
 
 def tile_bounds(size: int, plane: int, tile_elements: int | None = None,
@@ -330,13 +340,17 @@ TILED_CONV3_BACKWARD = Conv3Kernels(tiled=True, backward=True)
 WHOLE_CONV3 = Conv3Kernels(tiled=False)
 
 
-def conv3_kernels_for(device: torch.device, backward: bool = False) -> Conv3Kernels:
+def conv3_kernels_for(device: torch.device, backward_elements: int = 0) -> Conv3Kernels:
     """The kernels for ``device``: tiled on CPU, whole-tensor elsewhere (GPU convolutions
-    allocate no activation-sized reordering buffers); ``backward``: the coupling backward's
-    smaller tiles (:data:`BACKWARD_TILE_DIVISOR`)."""
+    allocate no activation-sized reordering buffers).
+
+    ``backward_elements``: in the coupling backward, the elements per sample of ``f``'s
+    activation; from two forward tiles on, the backward's smaller tiles are used
+    (:data:`BACKWARD_TILE_DIVISOR`).
+    """
     if device.type != "cpu":
         return WHOLE_CONV3
-    return TILED_CONV3_BACKWARD if backward else TILED_CONV3
+    return TILED_CONV3_BACKWARD if backward_elements >= 2 * TILE_ELEMENTS else TILED_CONV3
 
 
 def conv3(x: Tensor, weight: Tensor) -> Tensor:
