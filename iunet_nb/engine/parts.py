@@ -96,18 +96,18 @@ def whole_buffer(t: Tensor, channels: int) -> Tensor | None:
     return t.as_strided(shape, dense, 0)
 
 
+def _follows(prev: Tensor, t: Tensor) -> bool:
+    """Whether ``t``'s channels come right after ``prev``'s in the same memory and layout."""
+    return (prev.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            and prev.stride() == t.stride() and prev.shape[2:] == t.shape[2:]
+            and t.storage_offset() == prev.storage_offset() + prev.shape[1] * prev.stride(1))
+
+
 def _adjacent_in_one_buffer(parts: Parts) -> Tensor | None:
     """The buffer that ``parts`` are, in order and without gaps, or None."""
     whole = whole_buffer(parts[0].tensor, num_channels(parts))
-    if whole is None:
+    if whole is None or not all(_follows(a.tensor, b.tensor) for a, b in zip(parts, parts[1:])):
         return None
-    offset = 0
-    for p in parts:
-        t = p.tensor
-        if (t.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
-                or t.storage_offset() != offset * whole.stride(1) or t.stride() != whole.stride()):
-            return None
-        offset += p.channels
     return whole
 
 
@@ -142,21 +142,13 @@ def _merge_adjacent(parts: Parts) -> Parts:
     """``parts`` with neighbours that are consecutive channels of one buffer joined into one view."""
     out: Parts = []
     for p in parts:
-        if out:
-            merged = _adjacent_in_one_buffer([out[-1], p]) if out[-1].tensor.storage_offset() == 0 else None
-            if merged is None:
-                prev, t = out[-1].tensor, p.tensor
-                if (prev.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-                        and prev.stride() == t.stride() and prev.shape[2:] == t.shape[2:]
-                        and t.storage_offset() == prev.storage_offset() + prev.shape[1] * prev.stride(1)):
-                    shape = (prev.shape[0], prev.shape[1] + t.shape[1], *prev.shape[2:])
-                    out[-1] = Part(prev.as_strided(shape, prev.stride(), prev.storage_offset()),
-                                   out[-1].owned and p.owned)
-                    continue
-            else:
-                out[-1] = Part(merged, out[-1].owned and p.owned)
-                continue
-        out.append(p)
+        if out and _follows(out[-1].tensor, p.tensor):
+            prev = out[-1].tensor
+            shape = (prev.shape[0], prev.shape[1] + p.channels, *prev.shape[2:])
+            out[-1] = Part(prev.as_strided(shape, prev.stride(), prev.storage_offset()),
+                           out[-1].owned and p.owned)
+        else:
+            out.append(p)
     return out
 
 

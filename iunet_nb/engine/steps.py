@@ -326,7 +326,6 @@ class KernelStep(Step):
                                                  allow_split, x_out=x_out, dx_out=dx_out)
         st.cur = _moved_into(xs, region if x_out is None else None)
         gst.cur = _moved_into(dxs, dregion if dx_out is None else None)
-        del x_out, dx_out, region, dregion
         if not need or dk is None:
             return [None] * len(tensors)
         grads = torch.autograd.grad(kernel, wanted, dk.to(kernel.dtype), allow_unused=True)

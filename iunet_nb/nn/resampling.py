@@ -361,24 +361,21 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             raise ValueError(f"{type(self).__name__}: parts hold {channels} channels, "
                              f"expected {self.in_channels}")
         down, s, st0 = self.input_is_fine, self.block_size, self.stride[0]
-        if down and any(size % st for size, st in zip(in_spatial, self.stride)):
-            raise ValueError(f"input spatial shape {in_spatial} is not divisible by the stride "
-                             f"{self.stride}; pad it to a multiple of the stride")
         if down:
+            self._check_divisible(parts[0].shape)
             out_spatial = tuple(size // st for size, st in zip(in_spatial, self.stride))
         else:
             out_spatial = tuple(size * st for size, st in zip(in_spatial, self.stride))
-        shape = (n, self.out_channels, *out_spatial)
-        if out is None:
-            out = parts[0].new_empty(shape)
-        elif tuple(out.shape) != shape or out.dtype != parts[0].dtype:
-            out = parts[0].new_empty(shape)  # not the output's room: not used
+        out = _usable(out, (n, self.out_channels, *out_spatial), parts[0].dtype)
+        if out is None:  # none given, or not the output's room
+            out = parts[0].new_empty(n, self.out_channels, *out_spatial)
         coarse = out_spatial if down else in_spatial
         plane = n * self.fine_channels * s * math.prod(coarse[1:])  # elements per coarse plane
         step = max(1, _SLAB_ELEMENTS // max(plane, 1))
+        groups = _fine_groups(parts, 1 if down else s)
         for a in range(0, coarse[0], step):
             b = min(coarse[0], a + step)
-            for group, f0, fc in _fine_groups(parts, 1 if down else s):
+            for group, f0, fc in groups:
                 Qk = Q if Q.shape[0] == 1 else Q[f0:f0 + fc]
                 if down:
                     views = [p.narrow(2, a * st0, (b - a) * st0) for p in group]
@@ -410,18 +407,22 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
     def _down(self, x: Tensor, kernel: Tensor | None) -> Tensor:
         """Fine ``(N, C, *S)`` -> coarse ``(N, C*s, *S/stride)``."""
         check_input(x, self.dim, self.fine_channels)
-        for i, (size, st) in enumerate(zip(x.shape[2:], self.stride)):
-            if size % st != 0:
-                raise ValueError(
-                    f"spatial dim {i} of input shape {tuple(x.shape)} has size {size}, "
-                    f"which is not divisible by the stride {st} in that dim; pad the input "
-                    f"to a multiple of {st} there (iunet_nb.iUNet pads automatically)"
-                )
+        self._check_divisible(x.shape)
         Q = self._resolve_kernel(kernel, x.dtype)
         blocks = to_blocks(x, self.stride)  # (N, C, s, L): one copy
         y = torch.matmul(Q, blocks)  # (N, C, s, L): channel c*s + r
         coarse = [size // st for size, st in zip(x.shape[2:], self.stride)]
         return y.view(x.shape[0], self.coarse_channels, *coarse)
+
+    def _check_divisible(self, shape: Sequence[int]) -> None:
+        """Raise if a fine input of ``shape`` ``(N, C, *S)`` is not divisible by the stride."""
+        for i, (size, st) in enumerate(zip(shape[2:], self.stride)):
+            if size % st != 0:
+                raise ValueError(
+                    f"spatial dim {i} of input shape {tuple(shape)} has size {size}, "
+                    f"which is not divisible by the stride {st} in that dim; pad the input "
+                    f"to a multiple of {st} there (iunet_nb.iUNet pads automatically)"
+                )
 
     def _up(self, y: Tensor, kernel: Tensor | None) -> Tensor:
         """Coarse ``(N, C*s, *S)`` -> fine ``(N, C, *S*stride)``."""
@@ -455,19 +456,12 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
         # The caller hands over its lists: emptying them frees the coarse buffers early.
         ys.clear()
-        xs = self._reorder(xbs, coarse, join, self._fits(x_out, xbs, coarse))
+        fine_shape = (xbs[0].shape[0], self.fine_channels, *(h * st for h, st in zip(coarse, self.stride)))
+        xs = self._reorder(xbs, coarse, join, _usable(x_out, fine_shape, xbs[0].dtype))
         dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
         dys.clear()
-        dxs = self._reorder(dxbs, coarse, join, self._fits(dx_out, dxbs, coarse))
+        dxs = self._reorder(dxbs, coarse, join, _usable(dx_out, fine_shape, dxbs[0].dtype))
         return xs, dxs, dQ
-
-    def _fits(self, out: Tensor | None, blocks: list[Tensor], coarse: Sequence[int]) -> Tensor | None:
-        """``out`` if it has the shape and dtype of the fine tensor of ``blocks``, else None."""
-        if out is None:
-            return None
-        n, c = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
-        shape = (n, c, *(h * st for h, st in zip(coarse, self.stride)))
-        return out if tuple(out.shape) == shape and out.dtype == blocks[0].dtype else None
 
     def _reorder(self, blocks: list[Tensor], coarse: Sequence[int], join: bool,
                  out: Tensor | None = None) -> list[Tensor]:
@@ -611,6 +605,13 @@ def to_blocks(x: Tensor, stride: tuple[int, ...]) -> Tensor:
 
 #: Elements of input read at a time by the slab-wise forward (:meth:`_InvertibleResampling.forward_parts`).
 _SLAB_ELEMENTS = 1 << 18
+
+
+def _usable(out: Tensor | None, shape: Sequence[int], dtype: torch.dtype) -> Tensor | None:
+    """``out`` if it has exactly ``shape`` and ``dtype`` (a room given to write into), else None."""
+    if out is None or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        return None
+    return out
 
 
 def _fine_groups(parts: list[Tensor], group: int) -> list[tuple[list[Tensor], int, int]]:
