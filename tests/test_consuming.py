@@ -10,15 +10,18 @@ untouched; the mode saves about two input-sized tensors of peak memory.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any, Callable
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from iunet_nb import iUNet
-from iunet_nb.engine import CONSUMED_MESSAGE, ConsumedTensor
+from iunet_nb.engine import CONSUMED_MESSAGE, ConsumedTensor, steps, tiled
 from test_properties import Case, cases, create_norm_dropout_module
 
 CONSUMED = "consume_output=True: the output was consumed"
@@ -37,6 +40,9 @@ MODELS = {
     "user_block": (dict(channels=(4, 8), architecture=(2, 1), dim=2,
                         create_module_fn=create_norm_dropout_module), (2, 4, 8, 8)),
 }
+
+#: The body of ``bench volume3d``'s model (a skip of 12 of 16 channels at the finest level).
+VOLUME_BODY = Case(dict(channels=(16, 32, 64, 128), architecture=(2, 2, 2, 2), dim=3), 1, (16, 16, 16))
 
 
 def _model(kwargs: dict, seed: int = 0, **extra) -> iUNet:
@@ -130,16 +136,22 @@ def test_chained_models_consume_each_other_exactly() -> None:
 
 @pytest.mark.slow
 @settings(max_examples=30)
-@given(case=cases())
-def test_gradients_equal_autograd_property(case: Case) -> None:
+@example(case=VOLUME_BODY, slabbed=True)
+@given(case=cases(), slabbed=st.booleans())
+def test_gradients_equal_autograd_property(case: Case, slabbed: bool) -> None:
+    """``slabbed``: every coupling takes the slab-wise forward and backward, in small tiles."""
     model = case.build()
     model.consume_output = True
     model.train()
     x = case.input(model)
     with torch.no_grad():
         loss_fn = _weighted(model(x).shape, case.seed + 3)
-    torch.manual_seed(case.seed)
-    y, got = _consumed_step(model, x, loss_fn)
+    with ExitStack() as stack:
+        if slabbed:
+            stack.enter_context(mock.patch.object(steps, "SLAB_MIN_BYTES", 0))
+            stack.enter_context(mock.patch.object(tiled, "TILE_ELEMENTS", 64))
+        torch.manual_seed(case.seed)
+        y, got = _consumed_step(model, x, loss_fn)
     _, want = _run(model, x, loss_fn, conventional=True, seed=case.seed)
     _assert_close(got, want)
     assert isinstance(y, ConsumedTensor)
@@ -492,7 +504,6 @@ def test_default_mode_taking_the_output_saves_an_input_tensor_of_peak_memory() -
 
 #: The volume benchmark's body (iunet_nb.measure.bench3d): its level-0 skip keeps 12 of 16
 #: channels, so the level lives in one buffer whose room the coarser levels reuse (note 11).
-VOLUME_BODY = Case(dict(channels=(16, 32, 64, 128), architecture=(2, 2, 2, 2), dim=3), 1, (16, 16, 16))
 
 
 @pytest.mark.slow

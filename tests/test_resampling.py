@@ -467,3 +467,40 @@ def test_forward_parts_is_the_forward_of_the_joined_parts(data, dim, up, shared,
     for t in (got[0], into[0], ignored[0]):
         torch.testing.assert_close(t, want, rtol=1e-13, atol=1e-13)
     assert torch.equal(x, torch.cat(parts, 1))  # the input is left as it was
+
+
+@settings(max_examples=40, deadline=None)
+@given(dim=st.integers(1, 3), up=st.booleans(), split=st.booleans(), owned=st.booleans(),
+       batch=st.integers(1, 2))
+def test_backward_parts_places_x_before_the_gradient_is_touched(dim, up, split, owned, batch) -> None:
+    """``place_x`` is called with the rebuilt input before anything of ``dL/dx`` exists (the
+    gradient's parts still hold ``dL/dy``), and the parts it returns are the ones used: the
+    engine moves ``x`` there into the memory ``y`` left, so that ``x`` and ``dL/dx`` are never
+    both new tensors at once."""
+    stride = (2,) * dim
+    fine = 2
+    cls = InvertibleUpsampling if up else InvertibleDownsampling
+    torch.manual_seed(dim)
+    m = cls(fine * 2 ** dim if up else fine, stride=stride, dim=dim, init="random").double()
+    spatial = [2] * dim if up else [4] * dim
+    x = torch.randn(batch, m.in_channels, *spatial, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ys, dys = [y.detach().clone()], [dy.clone()]
+    seen: dict = {}
+
+    def place_x(parts):
+        seen["dy intact"] = len(dys) == 1 and torch.equal(dys[0], dy)
+        joined = torch.cat(parts, 1)
+        seen["buffer"] = torch.empty_like(joined).copy_(joined)
+        return [seen["buffer"]]
+
+    with torch.no_grad():
+        xs, dxs, dk = m.backward_parts(ys, dys, m.kernel(), True, [owned], [owned], split,
+                                       place_x=place_x)
+    assert seen["dy intact"]
+    assert any(t.data_ptr() == seen["buffer"].data_ptr() for t in xs)
+    torch.testing.assert_close(torch.cat(xs, 1), x.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(dxs, 1), x.grad, rtol=1e-12, atol=1e-12)
+    assert dk is not None

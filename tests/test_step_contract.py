@@ -10,6 +10,8 @@ from typing import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from iunet_nb import engine as eng
@@ -99,6 +101,25 @@ def test_concat_step_conforms(dim: int, input_owned: bool) -> None:
     assert torch.equal(y, torch.cat([skip, x], dim=1))
 
 
+def _slab_forward_coupling(dim: int):
+    module = _perturbed(_standard(dim))
+    return eng.CouplingStep(module, True, slabs=True, slab_forward=True), module, CHANNELS
+
+
+@pytest.mark.parametrize("input_owned", [False, True])
+@pytest.mark.parametrize("dim", DIMS)
+def test_slabwise_forward_conforms_on_many_tiles(dim: int, input_owned: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consuming mode's slab-wise coupling forward, with every slab path taken."""
+    monkeypatch.setattr(steps, "SLAB_MIN_BYTES", 0)
+    monkeypatch.setattr(tiled, "TILE_ELEMENTS", 24)
+    step, module, channels = _slab_forward_coupling(dim)
+    x = _probe(channels, dim)
+    y = check_step(step, x, input_owned=input_owned)
+    with torch.no_grad():
+        assert torch.allclose(y, module(x), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("conv_kernels", ["tiled", "whole"])
 @pytest.mark.parametrize("name", ["coupling-standard", "kernel-downsampling-split"])
 @pytest.mark.parametrize("dim", DIMS)
@@ -144,6 +165,35 @@ def test_fused_coupling_backward_equals_autograd(dim: int, kernels, slabs: bool,
         assert torch.allclose(dv, dv_ref, rtol=0, atol=1e-12)
     for got, want in zip(grads, grads_ref):
         assert torch.allclose(got, want, rtol=0, atol=1e-11)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dim=st.sampled_from(DIMS), cin=st.integers(1, 5), cout=st.integers(1, 5),
+       size=st.integers(1, 7), batch=st.integers(1, 2), tile=st.integers(1, 200),
+       cut=st.data())
+def test_slabwise_block_output_equals_the_whole_one(dim: int, cin: int, cout: int, size: int, batch: int,
+                                                    tile: int, cut: st.DataObject) -> None:
+    """``target += f(v)`` slab by slab equals the one-pass forward, for any tiles and channel cuts."""
+    torch.manual_seed(dim * 100 + cin * 10 + cout)
+    shape = (size,) * dim
+    block = eng.ConvLeakyReLUGroupNorm(torch.randn((cout, cin) + (3,) * dim, dtype=torch.float64),
+                                       0.2, torch.randn(cout, dtype=torch.float64),
+                                       torch.randn(cout, dtype=torch.float64), 1e-5)
+    v = torch.randn(batch, cin, *shape, dtype=torch.float64)
+    u = torch.randn(batch, cout, *shape, dtype=torch.float64)
+    want = coupling_backward.add_block_output(block, [v], [u.clone()], True)
+    v_cut = cut.draw(st.integers(0, cin), label="v cut")
+    u_cut = cut.draw(st.integers(0, cout), label="u cut")
+    v_parts = [p for p in (v[:, :v_cut], v[:, v_cut:]) if p.shape[1]]
+    got = u.clone()
+    u_parts = [p for p in (got[:, :u_cut], got[:, u_cut:]) if p.shape[1]]
+    old = tiled.TILE_ELEMENTS
+    tiled.TILE_ELEMENTS = tile
+    try:
+        coupling_backward.add_block_output_slabwise(block, v_parts, u_parts)
+    finally:
+        tiled.TILE_ELEMENTS = old
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
 
 
 class _WrongInverseStep(eng.Step):

@@ -307,7 +307,13 @@ class iUNet(nn.Module):
             without a graph (``torch.no_grad()``, frozen model), with
             ``disable_custom_gradient=True`` or in :meth:`inverse`; with
             ``me_backend='memcnn'`` it is an error.  The rules in full:
-            :mod:`iunet_nb.engine.fused`.
+            :mod:`iunet_nb.engine.fused`.  The mode also puts memory before
+            time in the forward: couplings whose half-activation has at least
+            :data:`~iunet_nb.engine.steps.SLAB_MIN_BYTES` (the finest level of a
+            large input) compute ``f`` slab by slab there too, which costs one
+            more convolution each but no activation-sized temporary -- in 3D,
+            where the forward holds the caller's input besides its own, that
+            was the step's peak.
         in_channels, slice_mode: the older API (instead of ``channels``).
     """
 
@@ -543,7 +549,8 @@ class iUNet(nn.Module):
         module = self.module_of(op)
         if op.kind == COUPLING:
             if isinstance(module, AdditiveCoupling):
-                return eng.CouplingStep(module, self.preserve_rng_state, slabs=True)
+                return eng.CouplingStep(module, self.preserve_rng_state, slabs=True,
+                                        slab_forward=self.consume_output)
             return eng.InvertibleModuleStep(module, self.preserve_rng_state)
         # Mixings and resamplings are orthogonal kernels; the finest level's downsampling
         # may hand its input back in parts (the slab-wise couplings there read parts).

@@ -73,7 +73,11 @@ Tensor ownership (the code cites these notes by number)
    current channels there instead of concatenating (``reunite``), so a level's
    buffer is never held half dead and its output needs no final copy.  A skip
    part is compacted (note 6) only when the skip holds at most half of its
-   buffer; otherwise the copy would cost more than the memory it frees.
+   buffer; otherwise the copy would cost more than the memory it frees.  A kernel
+   step's input that is such a slice (``held_region``) is free once the step's
+   output exists, and the output moves there (``relocate``); in the backward the
+   rebuilt input moves there as soon as it is complete (``place_x``), before
+   anything of its gradient is allocated, so the two are never new at once.
 12. **An unreachable output is the engine's.**  By default too, ``y`` enters the
    state as an owned part (listed in ``State.consumed``) when it is dense and the
    whole of its memory, the graph is not kept (``retain_graph`` is False: this
@@ -89,7 +93,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import Tensor
 
@@ -164,7 +168,9 @@ class OrthogonalKernelModule(ABC):
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
                        allow_split: bool, x_out: Tensor | None = None,
-                       dx_out: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       dx_out: Tensor | None = None,
+                       place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """From the output ``y`` and ``dL/dy`` (channel parts), return ``(x, dL/dx, dL/dK)``.
 
         ``x`` and ``dL/dx`` are returned as channel parts; owned input parts MAY
@@ -174,6 +180,9 @@ class OrthogonalKernelModule(ABC):
         that lowers its peak memory.  ``dL/dK`` is None unless ``need_kernel_grad``.
         ``x_out``, ``dx_out``: free memory (ownership note 11) the module MAY write ``x``
         and ``dL/dx`` into when they have exactly its shape and dtype.
+        ``place_x``: the module SHOULD call it with ``x``'s parts as soon as they are
+        complete and before it allocates anything for ``dL/dx``, and use the parts it
+        returns (the same values, possibly moved into memory ``y`` left: note 11).
         """
 
 

@@ -72,7 +72,7 @@ from iunet_nb.engine.tiled import (
     conv_tile_bounds,
 )
 
-__all__ = ["recompute_and_backward", "add_block_output"]
+__all__ = ["recompute_and_backward", "add_block_output", "add_block_output_slabwise"]
 
 #: Elements per sample of one chunk of the elementwise loops (statistics, LeakyReLU mask).
 CHUNK_ELEMENTS = 1 << 16
@@ -226,6 +226,46 @@ def add_block_output(block: ConvLeakyReLUGroupNorm, v: list[Tensor], u: list[Ten
         return u[0].add_(a)
     _add_parts_into(a, u)
     return a
+
+
+@torch.no_grad()
+def add_block_output_slabwise(block: ConvLeakyReLUGroupNorm, v: list[Tensor], target: list[Tensor]) -> None:
+    """The coupling's forward ``target += f(v)`` in place, with nothing activation-sized.
+
+    Args:
+        block: ``f`` (see the module docstring).
+        v: ``f``'s input ``(N, c_in, *S)`` as channel parts (read only; not ``target``'s memory).
+        target: ``(N, c, *S)`` channel parts the step may overwrite (``u``).
+
+    Two passes over slabs of rows, as the slab-wise backward makes them: the first
+    computes ``a = LeakyReLU(W * v)`` slab by slab for GroupNorm's statistics only,
+    the second computes it again, normalises it and adds it to ``target``'s rows.
+    One more convolution than :func:`add_block_output`, which keeps ``a`` whole.
+    """
+    v_parts, out = ChannelParts(v), ChannelParts(target)
+    first = v[0]
+    bounds = conv_tile_bounds(v_parts.shape, first.dtype, first.device, backward_tile_elements(slabs=True),
+                              out_channels=block.conv_weight.shape[0])
+
+    def activation(lo: int, hi: int) -> Tensor:
+        return F.leaky_relu_(conv3_halo(v_parts.halo(lo, hi), block.conv_weight), block.negative_slope)
+
+    n, c = out.shape[0], out.shape[1]
+    moments = _ShiftedMoments(n, first.device)
+    for lo, hi in bounds:
+        a = activation(lo, hi)
+        for sl in _chunks(a):
+            moments.add(a[:, sl].reshape(n, sl.stop - sl.start, -1))
+        del a
+    mean, rstd = moments.mean_rstd(c * math.prod(out.shape[2:]), block.eps)
+    per_sample = (n,) + (1,) * (len(out.shape) - 1)
+    per_channel = (1, c) + (1,) * (len(out.shape) - 2)
+    scale = rstd.to(first.dtype).view(per_sample) * block.norm_weight.view(per_channel)
+    mean_data = mean.to(first.dtype).view(per_sample)
+    for lo, hi in bounds:
+        a = activation(lo, hi)
+        out.add_rows_(lo, hi, a.sub_(mean_data).mul_(scale).add_(block.norm_bias.view(per_channel)))
+        del a
 
 
 def _add_parts_into(a: Tensor, parts: list[Tensor]) -> None:

@@ -30,7 +30,9 @@ reused for the engine's gradients when nothing but autograd's call refers to
 it (ownership note 10, the rule for ``dy`` below): then no one can read it
 afterwards, and one input-sized tensor is saved.  With
 ``consume_output=True`` (opt-in) the backward also takes over the memory of
-``y`` (ownership note 9), which saves a second one.  The rules:
+``y`` (ownership note 9), which saves a second one; it also computes the
+largest couplings slab by slab in the forward (``CouplingStep(slab_forward=True)``:
+one more convolution each, no activation-sized temporary).  The rules:
 
 * ``y`` is taken only if it is dense and the whole of its memory, and no
   tensor shares that memory but the returned output and the views registered

@@ -215,18 +215,28 @@ def held_region(state: State) -> Tensor | None:
     return region if _lives_in(region, held) else None
 
 
-def relocate(out: Tensor, region: Tensor) -> Tensor | None:
+def relocate(out: Tensor | Sequence[Tensor], region: Tensor) -> Tensor | None:
     """``out`` copied into ``region`` (a free slice, see :func:`held_region`), or None if it does not fit.
 
-    ``out``: ``(N, C', *S')`` with as many elements per sample as ``region``; the copy is
-    laid out densely per sample, at ``region``'s place in each sample of its buffer.
+    ``out``: ``(N, C', *S')`` with as many elements per sample as ``region``, or channel
+    parts ``(N, C_k, *S')`` of such a tensor, copied one after the other (the result is
+    then their concatenation); the copy is laid out densely per sample, at ``region``'s
+    place in each sample of its buffer.
     """
-    if (out.numel() != region.numel() or out.dtype != region.dtype or out.shape[0] != region.shape[0]
-            or _lives_in(out, [region])):
+    parts = [out] if isinstance(out, Tensor) else list(out)
+    first = parts[0]
+    shape = (first.shape[0], sum(t.shape[1] for t in parts), *first.shape[2:])
+    if (any(t.shape[0] != shape[0] or t.shape[2:] != first.shape[2:] or t.dtype != region.dtype
+            for t in parts) or math.prod(shape) != region.numel() or shape[0] != region.shape[0]
+            or any(_lives_in(t, [region]) for t in parts)):
         return None
-    dense = torch.empty(out.shape, device="meta").stride()
-    dst = region.as_strided(out.shape, (region.stride(0),) + dense[1:], region.storage_offset())
-    return dst.copy_(out)
+    dense = torch.empty(shape, device="meta").stride()
+    dst = region.as_strided(shape, (region.stride(0),) + dense[1:], region.storage_offset())
+    offset = 0
+    for t in parts:
+        dst.narrow(1, offset, t.shape[1]).copy_(t)
+        offset += t.shape[1]
+    return dst
 
 
 def _is_view(t: Tensor, view: Tensor) -> bool:

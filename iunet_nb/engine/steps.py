@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from iunet_nb.engine.contract import DeclaredCouplingFunction, OrthogonalKernelModule, Step
-from iunet_nb.engine.coupling_backward import add_block_output, recompute_and_backward
+from iunet_nb.engine.coupling_backward import add_block_output, add_block_output_slabwise, recompute_and_backward
 from iunet_nb.engine.parts import (
     Part, Parts, State, compact, full, join, move_out_of_consumed, narrow, nbytes, num_channels,
     held_region, owned_copy, relocate, reunite, room_after, split_like, storage_alias,
@@ -128,12 +128,17 @@ class CouplingStep(Step):
         preserve_rng_state: replay the forward's RNG state when ``f`` is recomputed.
         slabs: recompute ``f`` slab by slab when ``u`` has at least
             :data:`SLAB_MIN_BYTES` (fused kernel only).
+        slab_forward: compute ``f`` slab by slab in the forward too, on the same
+            condition (:func:`~iunet_nb.engine.coupling_backward.add_block_output_slabwise`:
+            one more convolution, no activation-sized temporary).
     """
 
-    def __init__(self, module: nn.Module, preserve_rng_state: bool = True, slabs: bool = False) -> None:
+    def __init__(self, module: nn.Module, preserve_rng_state: bool = True, slabs: bool = False,
+                 slab_forward: bool = False) -> None:
         self.module = module
         self.preserve_rng_state = preserve_rng_state
         self.slabs = slabs
+        self.slab_forward = slab_forward
         f = module.f
         self.block = f.fused_block() if isinstance(f, DeclaredCouplingFunction) else None
 
@@ -149,6 +154,9 @@ class CouplingStep(Step):
         if self.block is not None and not torch.is_grad_enabled():
             # Neither v nor u is concatenated and f(v) gets no buffer of its own; v stays
             # in its parts, which the next coupling reads as they are.
+            if self.slab_forward and nbytes(u) >= SLAB_MIN_BYTES:
+                st.cur = self._slabwise_forward(u, v)
+                return
             if not any(p.owned for p in st.cur):  # the caller's input: see _into_one_buffer
                 st.cur = self._into_one_buffer(u, v)
                 return
@@ -167,6 +175,27 @@ class CouplingStep(Step):
         # Keep v as the single (possibly concatenated) part, so the next
         # coupling, which transforms the other half, needs no copy.
         st.cur = [v_full, new_u]
+
+    def _slabwise_forward(self, u: Parts, v: Parts) -> Parts:
+        """``(v, u + f(v))`` with ``f(v)`` added into ``u``'s rows slab by slab.
+
+        ``u`` is updated where it is owned; a state of the caller's is first copied into
+        one new buffer laid out as :meth:`_into_one_buffer` leaves it.
+        """
+        if not any(p.owned for p in u + v):
+            s = num_channels(u)
+            first = v[0].tensor
+            out = first.new_empty(first.shape[0], s + num_channels(v), *first.shape[2:])
+            offset = 0
+            for p in u + v:
+                out.narrow(1, offset, p.channels).copy_(p.tensor)
+                offset += p.channels
+            u = [Part(out.narrow(1, 0, s), True)]
+            v = [Part(out.narrow(1, s, out.shape[1] - s), True)]
+        else:
+            u = [p if p.owned else owned_copy(p) for p in u]  # ownership note 3
+        add_block_output_slabwise(self.block, [p.tensor for p in v], [p.tensor for p in u])
+        return v + u
 
     def _into_one_buffer(self, u: Parts, v: Parts) -> Parts:
         """The output ``(v, u + f(v))`` of a state the step may not write into, in one new buffer.
@@ -322,8 +351,11 @@ class KernelStep(Step):
         region, dregion = held_region(st), held_region(gst)
         st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early (note 7)
         need = bool(wanted) and kernel.requires_grad
-        xs, dxs, dk = self.module.backward_parts(ys, dys, kernel.detach(), need, y_owned, dy_owned,
-                                                 allow_split, x_out=x_out, dx_out=dx_out)
+        # x moves into the memory y left before anything of dL/dx exists (note 11)
+        x_region = region if x_out is None else None
+        xs, dxs, dk = self.module.backward_parts(
+            ys, dys, kernel.detach(), need, y_owned, dy_owned, allow_split, x_out=x_out, dx_out=dx_out,
+            place_x=lambda parts: [p.tensor for p in _moved_into(parts, x_region)])
         st.cur = _moved_into(xs, region if x_out is None else None)
         gst.cur = _moved_into(dxs, dregion if dx_out is None else None)
         if not need or dk is None:
@@ -339,8 +371,8 @@ def _moved_into(out: list[Tensor], region: Tensor | None) -> Parts:
     (:func:`~iunet_nb.engine.parts.held_region`), free now that the output exists; moving
     the output there frees the output's own memory instead of holding the slice dead.
     """
-    if region is not None and len(out) == 1:
-        moved = relocate(out[0], region)
+    if region is not None:
+        moved = relocate(out, region)
         if moved is not None:
             return [Part(moved, True)]
     return [Part(t, True) for t in out]

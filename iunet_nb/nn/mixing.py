@@ -11,6 +11,8 @@ parts, slice by slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -96,16 +98,21 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
                        allow_split: bool, x_out: Tensor | None = None,
-                       dx_out: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       dx_out: Tensor | None = None,
+                       place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from ``y = Q x`` and ``dL/dy``, both as channel parts.
 
         ``x = Q^T y``, ``dL/dx = Q^T dL/dy``, ``dL/dQ = sum_n dy_n x_n^T``.
         Returns ``(x_parts, dx_parts, dQ)``; parts that may be overwritten are
         reused in place (see :meth:`forward_parts`), so the result keeps the
         split of the input whatever ``allow_split`` says (``x_out``, ``dx_out`` are not used).
+        ``place_x`` is called with ``x``'s parts before ``dL/dx`` is computed.
         """
         Qt = kernel.mT
         x_parts = _apply_parts(Qt, y_parts, y_owned)
+        if place_x is not None:
+            x_parts = place_x(x_parts)
         dQ = _outer_sum(dy_parts, x_parts, kernel.dtype) if need_kernel_grad else None
         dx_parts = _apply_parts(Qt, dy_parts, dy_owned)
         return x_parts, dx_parts, dQ

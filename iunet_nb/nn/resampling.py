@@ -27,7 +27,7 @@ parameter, so every parametrisation method starts exactly at the init.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -299,11 +299,15 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
     def backward_parts(self, y_parts: list[Tensor], dy_parts: list[Tensor], kernel: Tensor,
                        need_kernel_grad: bool, y_owned: list[bool], dy_owned: list[bool],
                        allow_split: bool, x_out: Tensor | None = None,
-                       dx_out: Tensor | None = None) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+                       dx_out: Tensor | None = None,
+                       place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                       ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from the output ``y = forward(x)`` and ``dL/dy``, given as
         channel parts: returns ``(x parts, dL/dx parts, dL/dkernel)``; owned parts are reused.
         ``x_out``, ``dx_out``: where the downsampling's fine ``x`` and ``dL/dx`` are written
         when they have exactly their shapes (then as one part each); else not used.
+        ``place_x``: called with ``x``'s parts once they are complete, before anything is
+        allocated for ``dL/dx``; the parts it returns are used from then on.
 
         Downsampling: with ``allow_split`` the fine tensors come back as one part per
         coarse part, which lowers the peak (see :meth:`_reorder`); otherwise as one
@@ -314,8 +318,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         if self.input_is_fine:
             return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
                                              dy_owned, join=not allow_split, x_out=x_out,
-                                             dx_out=dx_out)
-        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad)
+                                             dx_out=dx_out, place_x=place_x)
+        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, place_x)
 
     def _fine_channels(self, in_channels: int, block_size: int) -> int:
         """The number of fine channels ``C`` of a module with ``in_channels`` inputs."""
@@ -435,7 +439,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
 
     def _down_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
                              y_owned: list[bool] | None, dy_owned: list[bool] | None, join: bool,
-                             x_out: Tensor | None = None, dx_out: Tensor | None = None
+                             x_out: Tensor | None = None, dx_out: Tensor | None = None,
+                             place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
                              ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """For ``y = down(x)`` (coarse parts): rebuild ``x`` and return ``(x, dL/dx, dL/dQ)``.
 
@@ -458,6 +463,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         ys.clear()
         fine_shape = (xbs[0].shape[0], self.fine_channels, *(h * st for h, st in zip(coarse, self.stride)))
         xs = self._reorder(xbs, coarse, join, _usable(x_out, fine_shape, xbs[0].dtype))
+        if place_x is not None:
+            xs = place_x(xs)
         dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
         dys.clear()
         dxs = self._reorder(dxbs, coarse, join, _usable(dx_out, fine_shape, dxbs[0].dtype))
@@ -481,7 +488,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             out.append(from_blocks(blocks.pop(0), self.stride, coarse))
         return out
 
-    def _up_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool
+    def _up_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
+                           place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
                            ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """For ``y = up(x)`` (fine parts, any split): rebuild the coarse ``x``; return ``(x, dL/dx, dL/dQ)``."""
         n, s = ys[0].shape[0], self.block_size
@@ -492,6 +500,10 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             part = to_blocks(ys.pop(0), self.stride)
             xcs += _blockwise_matmul(Qd, [part], 1, [True], first_channel=offset)
             offset += part.shape[1]
+            del part
+        if place_x is not None:  # before the gradient's blocks exist: one fine tensor less at the peak
+            placed = place_x([xc.view(n, xc.shape[1] * s, *coarse) for xc in xcs])
+            xcs = [x.view(n, x.shape[1] // s, s, -1) for x in placed]
         dfbs = []
         while dys:
             dfbs.append(to_blocks(dys.pop(0), self.stride))
