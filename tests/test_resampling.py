@@ -430,6 +430,18 @@ def test_bad_constructor_arguments() -> None:
 
 
 # ------------------------------------------------------------- the engine's slab-wise forward
+def _drawn_resampling(data, dim: int, up: bool, shared: bool, seed: int):
+    """A float64 resampling of a drawn stride and channel count: ``(module, prod(stride), input size)``."""
+    stride = tuple(data.draw(st.lists(st.integers(1, 3), min_size=dim, max_size=dim), label="stride"))
+    fine = data.draw(st.integers(1, 3), label="fine channels")
+    s = math.prod(stride)
+    cls = InvertibleUpsampling if up else InvertibleDownsampling
+    torch.manual_seed(seed)
+    m = cls(fine * s if up else fine, stride=stride, dim=dim, init="random", shared=shared).double()
+    coarse = data.draw(st.lists(st.integers(1, 3), min_size=dim, max_size=dim), label="coarse size")
+    return m, s, coarse if up else [c * t for c, t in zip(coarse, stride)]
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), dim=st.integers(1, 3), up=st.booleans(), shared=st.booleans(),
        slab=st.sampled_from([1, 7, 64, 1 << 18]), batch=st.integers(1, 2))
@@ -439,14 +451,7 @@ def test_forward_parts_is_the_forward_of_the_joined_parts(data, dim, up, shared,
     into ``out`` when ``out`` has the output's shape and ignores it otherwise."""
     from iunet_nb.nn import resampling
 
-    stride = tuple(data.draw(st.lists(st.integers(1, 3), min_size=dim, max_size=dim), label="stride"))
-    fine = data.draw(st.integers(1, 3), label="fine channels")
-    s = math.prod(stride)
-    cls = InvertibleUpsampling if up else InvertibleDownsampling
-    torch.manual_seed(0)
-    m = cls(fine * s if up else fine, stride=stride, dim=dim, init="random", shared=shared).double()
-    coarse = data.draw(st.lists(st.integers(1, 3), min_size=dim, max_size=dim), label="coarse size")
-    spatial = coarse if up else [c * t for c, t in zip(coarse, stride)]
+    m, s, spatial = _drawn_resampling(data, dim, up, shared, seed=0)
     x = torch.randn(batch, m.in_channels, *spatial, dtype=torch.float64)
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, m.in_channels - 1)), max_size=3), label="cuts"))
     bounds = [0] + [c for c in cuts if c < m.in_channels] + [m.in_channels]
@@ -504,3 +509,52 @@ def test_backward_parts_places_x_before_the_gradient_is_touched(dim, up, split, 
     torch.testing.assert_close(torch.cat(xs, 1), x.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat(dxs, 1), x.grad, rtol=1e-12, atol=1e-12)
     assert dk is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dim=st.integers(1, 3), up=st.booleans(), shared=st.booleans(),
+       batch=st.integers(1, 2), chunk=st.sampled_from([1, 5, 1 << 18]), one_buffer=st.booleans())
+def test_owned_runs_are_resampled_in_their_own_memory(data, dim, up, shared, batch, chunk,
+                                                      one_buffer) -> None:
+    """Parts the engine owns that follow one another in one buffer: ``forward_parts`` writes the
+    output over them and ``backward_parts`` rebuilds the input and its gradient over the
+    output's and the gradient's memory (nothing activation-sized is allocated), with the
+    values of ``forward`` and of autograd, for any stride, cut, batch and chunk size; parts
+    in separate buffers take the other path and give the same values."""
+    from iunet_nb.nn import resampling
+
+    m, s, spatial = _drawn_resampling(data, dim, up, shared, seed=1)
+    extra = data.draw(st.integers(0, 2), label="channels before the run in its buffer")
+    buffer = torch.randn(batch, extra + m.in_channels, *spatial, dtype=torch.float64)
+    x = buffer[:, extra:].clone().requires_grad_(True)
+    y_ref = m(x)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+
+    def cut(t: torch.Tensor, group: int) -> list[torch.Tensor]:
+        blocks = t.shape[1] // group
+        cuts = sorted(data.draw(st.sets(st.integers(1, max(1, blocks - 1)), max_size=2), label="cuts"))
+        bounds = [0] + [c * group for c in cuts if c < blocks] + [t.shape[1]]
+        views = [t[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        return views if one_buffer else [v.clone() for v in views]
+
+    old = resampling._IN_PLACE_ELEMENTS
+    resampling._IN_PLACE_ELEMENTS = chunk
+    try:
+        with torch.no_grad():
+            parts = cut(buffer[:, extra:], s if up else 1)
+            (y,) = m.forward_parts(parts, m.kernel(), [True] * len(parts))
+            torch.testing.assert_close(y, y_ref.detach(), rtol=1e-12, atol=1e-12)
+            assert (y.data_ptr() == parts[0].data_ptr()) == (one_buffer or len(parts) == 1)
+            ys = cut(y.clone(memory_format=torch.contiguous_format), 1 if up else s)
+            dys = cut(dy.clone(memory_format=torch.contiguous_format), 1 if up else s)
+            y_memory, dy_memory = ys[0].data_ptr(), dys[0].data_ptr()
+            xs, dxs, _ = m.backward_parts(ys, dys, m.kernel(), True, [True] * len(ys), [True] * len(dys),
+                                          False)
+    finally:
+        resampling._IN_PLACE_ELEMENTS = old
+    torch.testing.assert_close(torch.cat(xs, 1), x.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(dxs, 1), x.grad, rtol=1e-12, atol=1e-12)
+    if one_buffer:  # (separate clones: the other path, unless there is only one part)
+        assert len(xs) == 1 and xs[0].data_ptr() == y_memory
+        assert len(dxs) == 1 and dxs[0].data_ptr() == dy_memory

@@ -97,9 +97,12 @@ def whole_buffer(t: Tensor, channels: int) -> Tensor | None:
 
 
 def _follows(prev: Tensor, t: Tensor) -> bool:
-    """Whether ``t``'s channels come right after ``prev``'s in the same memory and layout."""
+    """Whether ``t``'s channels come right after ``prev``'s in the same memory and layout.
+
+    The batch stride counts only with more than one sample (:func:`_same_strides`).
+    """
     return (prev.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-            and prev.stride() == t.stride() and prev.shape[2:] == t.shape[2:]
+            and prev.shape[0] == t.shape[0] and prev.shape[2:] == t.shape[2:] and _same_strides(prev, t)
             and t.storage_offset() == prev.storage_offset() + prev.shape[1] * prev.stride(1))
 
 
@@ -240,10 +243,17 @@ def relocate(out: Tensor | Sequence[Tensor], region: Tensor) -> Tensor | None:
 
 
 def _is_view(t: Tensor, view: Tensor) -> bool:
-    """Whether ``t`` is exactly the elements of ``view`` (same memory, offset, shape, strides)."""
+    """Whether ``t`` is exactly the elements of ``view`` (same memory, offset, shape, strides;
+    the batch stride only with more than one sample)."""
     return (t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
             and t.storage_offset() == view.storage_offset() and t.shape == view.shape
-            and t.stride() == view.stride())
+            and _same_strides(t, view))
+
+
+def _same_strides(a: Tensor, b: Tensor) -> bool:
+    """Equal strides, the batch stride compared only with more than one sample (for one it
+    is arbitrary: a slice of a buffer and the same memory seen as another level's tensor)."""
+    return a.stride()[1:] == b.stride()[1:] and (a.shape[0] == 1 or a.stride(0) == b.stride(0))
 
 
 def reunite(skip: Parts, cur: Parts, others: Parts) -> Parts:

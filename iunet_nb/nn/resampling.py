@@ -319,7 +319,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
                                              dy_owned, join=not allow_split, x_out=x_out,
                                              dx_out=dx_out, place_x=place_x)
-        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, place_x)
+        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned, dy_owned,
+                                       place_x)
 
     def _fine_channels(self, in_channels: int, block_size: int) -> int:
         """The number of fine channels ``C`` of a module with ``in_channels`` inputs."""
@@ -354,7 +355,37 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         if torch.is_grad_enabled():
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return [self(x, kernel=kernel)]
-        return [self._slabwise(parts, self._resolve_kernel(kernel, parts[0].dtype), out)]
+        Q = self._resolve_kernel(kernel, parts[0].dtype)
+        run = _dense_run(parts) if out is None and all(owned) else None
+        if run is not None:  # the input's memory is ours: the output takes its place
+            return [self._in_place(run, Q)]
+        return [self._slabwise(parts, Q, out)]
+
+    def _in_place(self, x: Tensor, Q: Tensor) -> Tensor:
+        """The forward of ``x`` (dense per sample, ours to overwrite) written over ``x`` itself.
+
+        Fine channel ``c`` and its ``s`` coarse channels hold the same elements of a sample
+        (``c |S|`` to ``(c + 1) |S|``), so the map is done a few channels at a time through
+        a temporary of :data:`_IN_PLACE_ELEMENTS` per sample: nothing activation-sized.
+        """
+        check_input(x, self.dim, self.in_channels)
+        n, s, C = x.shape[0], self.block_size, self.fine_channels
+        if self.input_is_fine:
+            self._check_divisible(x.shape)
+            coarse = [size // st for size, st in zip(x.shape[2:], self.stride)]
+            y = _reinterpret(x, (n, C * s, *coarse))
+            for c0, c1 in _channel_chunks(C, x[0, 0].numel()):
+                Qk = Q if Q.shape[0] == 1 else Q[c0:c1]
+                res = torch.matmul(Qk, to_blocks(x[:, c0:c1], self.stride))  # (N, k, s, L): new
+                y[:, c0 * s:c1 * s].copy_(res.view(n, (c1 - c0) * s, *coarse))
+            return y
+        coarse = list(x.shape[2:])
+        y = _reinterpret(x, (n, C, *(h * st for h, st in zip(coarse, self.stride))))
+        for c0, c1 in _channel_chunks(C, s * x[0, 0].numel()):
+            Qk = Q if Q.shape[0] == 1 else Q[c0:c1]
+            res = torch.matmul(Qk.mT, x[:, c0 * s:c1 * s].reshape(n, c1 - c0, s, -1))  # new
+            _write_from_blocks(res, self.stride, coarse, y[:, c0:c1])
+        return y
 
     def _slabwise(self, parts: list[Tensor], Q: Tensor, out: Tensor | None) -> Tensor:
         """The forward of the joined ``parts`` into ``out`` (or a new tensor), slab by slab."""
@@ -457,14 +488,24 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             y_owned = dy_owned = None
         Qd = Q.to(ys[0].dtype).mT
         coarse = ys[0].shape[2:]
-        xbs = _blockwise_matmul(Qd, ys, s, y_owned)
+        # Coarse tensors that are ours and lie in one run of memory become the fine ones in
+        # place (no fine tensor is allocated); others are transformed, then reordered.
+        y_run = _owned_run(ys, y_owned) if x_out is None else None
+        xbs = [_blocks_in_place(Qd, y_run, s)] if y_run is not None else _blockwise_matmul(Qd, ys, s, y_owned)
         dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
         # The caller hands over its lists: emptying them frees the coarse buffers early.
         ys.clear()
         fine_shape = (xbs[0].shape[0], self.fine_channels, *(h * st for h, st in zip(coarse, self.stride)))
-        xs = self._reorder(xbs, coarse, join, _usable(x_out, fine_shape, xbs[0].dtype))
+        if y_run is not None:
+            xs = [_fine_in_place(xbs.pop(), self.stride, coarse)]
+        else:
+            xs = self._reorder(xbs, coarse, join, _usable(x_out, fine_shape, xbs[0].dtype))
         if place_x is not None:
             xs = place_x(xs)
+        dy_run = _owned_run(dys, dy_owned) if dx_out is None else None
+        if dy_run is not None:
+            dys.clear()
+            return xs, [_fine_in_place(_blocks_in_place(Qd, dy_run, s), self.stride, coarse)], dQ
         dxbs = _blockwise_matmul(Qd, dys, s, dy_owned)
         dys.clear()
         dxs = self._reorder(dxbs, coarse, join, _usable(dx_out, fine_shape, dxbs[0].dtype))
@@ -489,12 +530,28 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         return out
 
     def _up_backward_parts(self, ys: list[Tensor], dys: list[Tensor], Q: Tensor, need: bool,
+                           y_owned: list[bool] | None = None, dy_owned: list[bool] | None = None,
                            place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
                            ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        """For ``y = up(x)`` (fine parts, any split): rebuild the coarse ``x``; return ``(x, dL/dx, dL/dQ)``."""
+        """For ``y = up(x)`` (fine parts, any split): rebuild the coarse ``x``; return ``(x, dL/dx, dL/dQ)``.
+
+        Fine tensors that are ours and lie in one run of memory are reordered into blocks
+        and transformed in place; others one part at a time into new block tensors.
+        """
         n, s = ys[0].shape[0], self.block_size
         coarse = [size // st for size, st in zip(ys[0].shape[2:], self.stride)]
         Qd = Q.to(ys[0].dtype)
+        y_run, dy_run = _owned_run(ys, y_owned), _owned_run(dys, dy_owned)
+        if y_run is not None and dy_run is not None:
+            ys.clear()
+            xc = _matmul_in_place(Qd, _blocks_of_fine_in_place(y_run, self.stride))
+            if place_x is not None:
+                xc = place_x([xc.view(n, xc.shape[1] * s, *coarse)])[0].view(xc.shape)
+            dys.clear()
+            dfb = _blocks_of_fine_in_place(dy_run, self.stride)
+            dQ = _kernel_grad_parts([xc], [dfb], 1, Q) if need else None
+            dx = _matmul_in_place(Qd, dfb)
+            return ([xc.view(n, xc.shape[1] * s, *coarse)], [dx.view(n, dx.shape[1] * s, *coarse)], dQ)
         xcs, offset = [], 0
         while ys:  # reorder one part at a time, transform it in place, release the input part
             part = to_blocks(ys.pop(0), self.stride)
@@ -613,6 +670,90 @@ def to_blocks(x: Tensor, stride: tuple[int, ...]) -> Tensor:
     # (N, C, h0, s0, h1, s1, ...) -> (N, C, s0, s1, ..., h0, h1, ...)
     perm = [0, 1] + [3 + 2 * k for k in range(dim)] + [2 + 2 * k for k in range(dim)]
     return v.permute(*perm).reshape(n, c, math.prod(stride), -1)
+
+
+#: Elements per sample of the temporary through which a resampling works in place
+#: (:meth:`_InvertibleResampling._in_place`, :func:`_fine_in_place`, :func:`_blocks_of_fine_in_place`).
+_IN_PLACE_ELEMENTS = 1 << 18
+
+
+def _dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    return torch.empty(tuple(shape), device="meta").stride()
+
+
+def _reinterpret(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """The memory of ``t`` (``(N, ...)``, dense per sample) as ``(N, *shape[1:])`` with as many elements."""
+    return t.as_strided(tuple(shape), (t.stride(0),) + _dense_strides(shape)[1:], t.storage_offset())
+
+
+def _dense_run(parts: list[Tensor]) -> Tensor | None:
+    """Channel parts ``(N, C_k, *S)`` as one tensor (a view) when each is dense per sample and
+    they follow one another in one buffer; None otherwise."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for p in parts:
+        if (p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.dtype != first.dtype
+                or p.shape[0] != first.shape[0] or p.shape[2:] != first.shape[2:]
+                or p.storage_offset() != offset or p.stride()[1:] != _dense_strides(p.shape)[1:]
+                or (p.shape[0] > 1 and p.stride(0) != first.stride(0))):
+            return None
+        offset += p[0].numel()
+    return _reinterpret(first, (first.shape[0], sum(p.shape[1] for p in parts), *first.shape[2:]))
+
+
+def _owned_run(parts: list[Tensor], owned: list[bool] | None) -> Tensor | None:
+    """:func:`_dense_run` of parts that may all be overwritten, else None."""
+    if not parts or owned is None or not all(owned):
+        return None
+    return _dense_run(parts)
+
+
+def _channel_chunks(channels: int, per_channel: int) -> list[tuple[int, int]]:
+    """Ranges of channels of about :data:`_IN_PLACE_ELEMENTS` elements per sample (at least one channel)."""
+    k = max(1, _IN_PLACE_ELEMENTS // max(per_channel, 1))
+    return [(c, min(channels, c + k)) for c in range(0, channels, k)]
+
+
+def _matmul_in_place(M: Tensor, blocks: Tensor) -> Tensor:
+    """``blocks`` ``(N, C, s, L)`` := ``M @ blocks`` per channel (``M``: ``(C or 1, s, s)``), slice by slice."""
+    for lo in range(0, blocks.shape[-1], _SLICE):
+        piece = blocks[..., lo:lo + _SLICE]
+        piece.copy_(torch.matmul(M, piece))
+    return blocks
+
+
+def _blocks_in_place(M: Tensor, coarse: Tensor, group: int) -> Tensor:
+    """A coarse ``(N, C*s, *S)`` tensor (dense per sample) transformed in place: ``(N, C, s, L)`` blocks."""
+    n, c = coarse.shape[0], coarse.shape[1] // group
+    return _matmul_in_place(M, _reinterpret(coarse, (n, c, group, coarse[0, 0].numel())))
+
+
+def _private(t: Tensor, memory: Tensor) -> Tensor:
+    """``t``, copied if it shares memory with ``memory`` (a reshape may return a view)."""
+    return t.clone() if t.untyped_storage().data_ptr() == memory.untyped_storage().data_ptr() else t
+
+
+def _fine_in_place(blocks: Tensor, stride: tuple[int, ...], coarse: Sequence[int]) -> Tensor:
+    """:func:`from_blocks` of ``blocks`` ``(N, C, s, L)`` (dense per sample), written over ``blocks``.
+
+    Channel ``c`` of either layout holds the same elements of a sample, so the reordering
+    goes a few channels at a time through a temporary.
+    """
+    n, c = blocks.shape[0], blocks.shape[1]
+    fine = _reinterpret(blocks, (n, c, *(h * st for h, st in zip(coarse, stride))))
+    for c0, c1 in _channel_chunks(c, blocks[0, 0].numel()):
+        fine[:, c0:c1].copy_(_private(from_blocks(blocks[:, c0:c1], stride, coarse), blocks))
+    return fine
+
+
+def _blocks_of_fine_in_place(fine: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """:func:`to_blocks` of ``fine`` ``(N, C, *S)`` (dense per sample), written over ``fine``."""
+    n, c = fine.shape[0], fine.shape[1]
+    s = math.prod(stride)
+    blocks = _reinterpret(fine, (n, c, s, fine[0, 0].numel() // s))
+    for c0, c1 in _channel_chunks(c, fine[0, 0].numel()):
+        blocks[:, c0:c1].copy_(_private(to_blocks(fine[:, c0:c1], stride), fine))
+    return blocks
 
 
 #: Elements of input read at a time by the slab-wise forward (:meth:`_InvertibleResampling.forward_parts`).
