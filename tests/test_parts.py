@@ -142,3 +142,16 @@ def test_one_sample_views_with_another_batch_stride_still_follow_each_other() ->
     assert _follows(two[:, :2], two[:, 2:])
     odd = two[:, 2:].as_strided((2, 4, 4, 4), (5 * 16, 16, 4, 1), two[:, 2:].storage_offset())
     assert not _follows(two[:, :2], odd)
+
+
+def test_fills_its_buffers_only_for_owned_parts_that_are_all_of_their_memory() -> None:
+    """A resampling may leave its output in another layout in its input's memory only where
+    that memory stays allocated anyway: all of a buffer (or a region the stack holds)."""
+    from iunet_nb.engine.parts import fills_its_buffers
+
+    buf, other = torch.randn(1, 6, 4, 4), torch.randn(2, 3, 4)
+    assert fills_its_buffers([Part(buf[:, :2], True), Part(buf[:, 2:], True)])
+    assert fills_its_buffers([Part(buf, True), Part(other, True)])
+    assert not fills_its_buffers([Part(buf[:, 2:], True)])  # the rest of buf would stay alive
+    assert not fills_its_buffers([Part(buf, False)])  # the caller's
+    assert not fills_its_buffers([])

@@ -516,7 +516,8 @@ def test_backward_parts_places_x_before_the_gradient_is_touched(dim, up, split, 
        batch=st.integers(1, 2), chunk=st.sampled_from([1, 5, 1 << 18]), one_buffer=st.booleans())
 def test_owned_runs_are_resampled_in_their_own_memory(data, dim, up, shared, batch, chunk,
                                                       one_buffer) -> None:
-    """Parts the engine owns that follow one another in one buffer: ``forward_parts`` writes the
+    """Parts the engine owns that follow one another in one buffer, where the engine allows it
+    (``in_place``: that memory stays allocated anyway): ``forward_parts`` writes the
     output over them and ``backward_parts`` rebuilds the input and its gradient over the
     output's and the gradient's memory (nothing activation-sized is allocated), with the
     values of ``forward`` and of autograd, for any stride, cut, batch and chunk size; parts
@@ -543,14 +544,17 @@ def test_owned_runs_are_resampled_in_their_own_memory(data, dim, up, shared, bat
     try:
         with torch.no_grad():
             parts = cut(buffer[:, extra:], s if up else 1)
-            (y,) = m.forward_parts(parts, m.kernel(), [True] * len(parts))
+            (elsewhere,) = m.forward_parts(parts, m.kernel(), [True] * len(parts))  # not allowed
+            assert elsewhere.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+            (y,) = m.forward_parts(parts, m.kernel(), [True] * len(parts), in_place=True)
             torch.testing.assert_close(y, y_ref.detach(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(elsewhere, y_ref.detach(), rtol=1e-12, atol=1e-12)
             assert (y.data_ptr() == parts[0].data_ptr()) == (one_buffer or len(parts) == 1)
             ys = cut(y.clone(memory_format=torch.contiguous_format), 1 if up else s)
             dys = cut(dy.clone(memory_format=torch.contiguous_format), 1 if up else s)
             y_memory, dy_memory = ys[0].data_ptr(), dys[0].data_ptr()
             xs, dxs, _ = m.backward_parts(ys, dys, m.kernel(), True, [True] * len(ys), [True] * len(dys),
-                                          False)
+                                          False, x_in_place=True, dx_in_place=True)
     finally:
         resampling._IN_PLACE_ELEMENTS = old
     torch.testing.assert_close(torch.cat(xs, 1), x.detach(), rtol=1e-12, atol=1e-12)

@@ -156,12 +156,16 @@ class OrthogonalKernelModule(ABC):
 
     @abstractmethod
     def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool],
-                      out: Tensor | None = None) -> list[Tensor]:
+                      out: Tensor | None = None, in_place: bool = False) -> list[Tensor]:
         """``y = K cat(parts, dim=1)`` as a list of channel parts.
 
         Parts whose ``owned`` flag is True MAY be overwritten (ownership note 2).
         ``out``: free memory (ownership note 11) the module MAY write ``y`` into when
         ``y`` has exactly its shape and dtype; the returned parts say where ``y`` is.
+        ``in_place``: the input's memory stays allocated whatever the module does (it is
+        all of its buffers, or a slice the skip stack holds), so the module MAY put ``y``
+        there even where ``y`` is laid out differently; without it, a module SHOULD NOT
+        leave ``y`` in a slice of a larger buffer, which would keep the rest alive.
         """
 
     @abstractmethod
@@ -170,6 +174,7 @@ class OrthogonalKernelModule(ABC):
                        allow_split: bool, x_out: Tensor | None = None,
                        dx_out: Tensor | None = None,
                        place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                       x_in_place: bool = False, dx_in_place: bool = False,
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """From the output ``y`` and ``dL/dy`` (channel parts), return ``(x, dL/dx, dL/dK)``.
 
@@ -183,6 +188,8 @@ class OrthogonalKernelModule(ABC):
         ``place_x``: the module SHOULD call it with ``x``'s parts as soon as they are
         complete and before it allocates anything for ``dL/dx``, and use the parts it
         returns (the same values, possibly moved into memory ``y`` left: note 11).
+        ``x_in_place``, ``dx_in_place``: as ``in_place`` of :meth:`forward_parts`, for
+        ``y``'s memory and ``dL/dy``'s.
         """
 
 

@@ -218,6 +218,23 @@ def held_region(state: State) -> Tensor | None:
     return region if _lives_in(region, held) else None
 
 
+def fills_its_buffers(parts: Parts) -> bool:
+    """Whether ``parts`` are owned and all of the memory of the buffers they live in.
+
+    A step may then leave its output in that memory even in another layout: nothing
+    else of those buffers would stay alive with it (ownership note 11).
+    """
+    used: dict[int, int] = {}
+    size: dict[int, int] = {}
+    for p in parts:
+        if not p.owned:
+            return False
+        key = p.tensor.untyped_storage().data_ptr()
+        used[key] = used.get(key, 0) + p.tensor.numel() * p.tensor.element_size()
+        size[key] = p.tensor.untyped_storage().nbytes()
+    return bool(parts) and all(used[k] == size[k] for k in used)
+
+
 def relocate(out: Tensor | Sequence[Tensor], region: Tensor) -> Tensor | None:
     """``out`` copied into ``region`` (a free slice, see :func:`held_region`), or None if it does not fit.
 

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from iunet_nb.engine.contract import DeclaredCouplingFunction, OrthogonalKernelModule, Step
 from iunet_nb.engine.coupling_backward import add_block_output, add_block_output_slabwise, recompute_and_backward
 from iunet_nb.engine.parts import (
-    Part, Parts, State, compact, full, join, move_out_of_consumed, narrow, nbytes, num_channels,
-    held_region, owned_copy, relocate, reunite, room_after, split_like, storage_alias,
+    Part, Parts, State, compact, fills_its_buffers, full, held_region, join, move_out_of_consumed, narrow,
+    nbytes, num_channels, owned_copy, relocate, reunite, room_after, split_like, storage_alias,
 )
 
 __all__ = [
@@ -336,7 +336,8 @@ class KernelStep(Step):
     def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
         room, region = room_after(st), held_region(st)  # ownership note 11
         out = self.module.forward_parts([p.tensor for p in st.cur], self.module.kernel(),
-                                        [p.owned for p in st.cur], out=room)
+                                        [p.owned for p in st.cur], out=room,
+                                        in_place=region is not None or fills_its_buffers(st.cur))
         st.cur = _moved_into(out, region if room is None else None)
 
     def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
@@ -349,13 +350,16 @@ class KernelStep(Step):
         y_owned, dy_owned = [p.owned for p in st.cur], [p.owned for p in gst.cur]
         x_out, dx_out = room_after(st), room_after(gst)  # ownership note 11
         region, dregion = held_region(st), held_region(gst)
+        x_in_place = region is not None or fills_its_buffers(st.cur)
+        dx_in_place = dregion is not None or fills_its_buffers(gst.cur)
         st.cur, gst.cur = [], []  # hand the buffers over, so they can be freed early (note 7)
         need = bool(wanted) and kernel.requires_grad
         # x moves into the memory y left before anything of dL/dx exists (note 11)
         x_region = region if x_out is None else None
         xs, dxs, dk = self.module.backward_parts(
             ys, dys, kernel.detach(), need, y_owned, dy_owned, allow_split, x_out=x_out, dx_out=dx_out,
-            place_x=lambda parts: [p.tensor for p in _moved_into(parts, x_region)])
+            place_x=lambda parts: [p.tensor for p in _moved_into(parts, x_region)],
+            x_in_place=x_in_place, dx_in_place=dx_in_place)
         st.cur = _moved_into(xs, region if x_out is None else None)
         gst.cur = _moved_into(dxs, dregion if dx_out is None else None)
         if not need or dk is None:

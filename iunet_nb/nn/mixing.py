@@ -86,12 +86,13 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         return torch.matmul(Q.to(x.dtype), x.reshape(x.shape[0], c, -1)).view(x.shape)
 
     def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool],
-                      out: Tensor | None = None) -> list[Tensor]:
+                      out: Tensor | None = None, in_place: bool = False) -> list[Tensor]:
         """``Q @ cat(parts, dim=1)`` without building the concatenation; ``kernel``: ``(c, c)``.
 
         Written into the parts themselves (slice by slice, no activation-sized
         temporary) when every part may be overwritten (``owned``); otherwise
-        returned as one new tensor.  ``out`` is not used (the output is where the input was).
+        returned as one new tensor.  ``out`` and ``in_place`` are not used (the output has
+        the input's shape and takes its place).
         """
         return _apply_parts(kernel, parts, owned)
 
@@ -100,6 +101,7 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
                        allow_split: bool, x_out: Tensor | None = None,
                        dx_out: Tensor | None = None,
                        place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                       x_in_place: bool = False, dx_in_place: bool = False,
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from ``y = Q x`` and ``dL/dy``, both as channel parts.
 
@@ -107,7 +109,9 @@ class OrthogonalChannelMixing(OrthogonalBaseMixin, nn.Module):
         Returns ``(x_parts, dx_parts, dQ)``; parts that may be overwritten are
         reused in place (see :meth:`forward_parts`), so the result keeps the
         split of the input whatever ``allow_split`` says (``x_out``, ``dx_out`` are not used).
-        ``place_x`` is called with ``x``'s parts before ``dL/dx`` is computed.
+        ``place_x`` is called with ``x``'s parts before ``dL/dx`` is computed; ``x_in_place``
+        and ``dx_in_place`` change nothing (the map keeps each part's shape, so an owned part
+        is always transformed where it is).
         """
         Qt = kernel.mT
         x_parts = _apply_parts(Qt, y_parts, y_owned)

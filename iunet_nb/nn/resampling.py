@@ -301,6 +301,7 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
                        allow_split: bool, x_out: Tensor | None = None,
                        dx_out: Tensor | None = None,
                        place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                       x_in_place: bool = False, dx_in_place: bool = False,
                        ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """Memory-efficient backward from the output ``y = forward(x)`` and ``dL/dy``, given as
         channel parts: returns ``(x parts, dL/dx parts, dL/dkernel)``; owned parts are reused.
@@ -308,6 +309,8 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         when they have exactly their shapes (then as one part each); else not used.
         ``place_x``: called with ``x``'s parts once they are complete, before anything is
         allocated for ``dL/dx``; the parts it returns are used from then on.
+        ``x_in_place``, ``dx_in_place``: ``y``'s (``dL/dy``'s) memory stays allocated anyway, so
+        owned parts that lie in one run are turned into ``x`` (``dL/dx``) where they are.
 
         Downsampling: with ``allow_split`` the fine tensors come back as one part per
         coarse part, which lowers the peak (see :meth:`_reorder`); otherwise as one
@@ -318,9 +321,11 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         if self.input_is_fine:
             return self._down_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned,
                                              dy_owned, join=not allow_split, x_out=x_out,
-                                             dx_out=dx_out, place_x=place_x)
-        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad, y_owned, dy_owned,
-                                       place_x)
+                                             dx_out=dx_out, place_x=place_x, x_in_place=x_in_place,
+                                             dx_in_place=dx_in_place)
+        return self._up_backward_parts(y_parts, dy_parts, kernel, need_kernel_grad,
+                                       y_owned if x_in_place else None,
+                                       dy_owned if dx_in_place else None, place_x)
 
     def _fine_channels(self, in_channels: int, block_size: int) -> int:
         """The number of fine channels ``C`` of a module with ``in_channels`` inputs."""
@@ -340,7 +345,7 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         )
 
     def forward_parts(self, parts: list[Tensor], kernel: Tensor, owned: list[bool],
-                      out: Tensor | None = None) -> list[Tensor]:
+                      out: Tensor | None = None, in_place: bool = False) -> list[Tensor]:
         """``forward(cat(parts, dim=1), kernel)`` as one tensor, computed slab by slab.
 
         The input is read in slabs of whole blocks along the first spatial dim, so the
@@ -349,14 +354,16 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         ``(C or 1, s, s)`` (:meth:`kernel`); ``out``: a tensor of the output's shape the
         result is written into (e.g. the room a skip connection left, see
         :class:`~iunet_nb.engine.steps.KernelStep`; not used unless it has exactly the
-        output's shape and dtype), or None for a new one.  With grad
+        output's shape and dtype), or None for a new one.  ``in_place``: the input's memory
+        stays allocated anyway; owned parts that lie in one run are then turned into the
+        output where they are (:meth:`_in_place`).  With grad
         mode on (a reference computation) it is ``forward`` of the joined parts.
         """
         if torch.is_grad_enabled():
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return [self(x, kernel=kernel)]
         Q = self._resolve_kernel(kernel, parts[0].dtype)
-        run = _dense_run(parts) if out is None and all(owned) else None
+        run = _dense_run(parts) if in_place and out is None and all(owned) else None
         if run is not None:  # the input's memory is ours: the output takes its place
             return [self._in_place(run, Q)]
         return [self._slabwise(parts, Q, out)]
@@ -472,6 +479,7 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
                              y_owned: list[bool] | None, dy_owned: list[bool] | None, join: bool,
                              x_out: Tensor | None = None, dx_out: Tensor | None = None,
                              place_x: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                             x_in_place: bool = False, dx_in_place: bool = False,
                              ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
         """For ``y = down(x)`` (coarse parts): rebuild ``x`` and return ``(x, dL/dx, dL/dQ)``.
 
@@ -490,7 +498,7 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         coarse = ys[0].shape[2:]
         # Coarse tensors that are ours and lie in one run of memory become the fine ones in
         # place (no fine tensor is allocated); others are transformed, then reordered.
-        y_run = _owned_run(ys, y_owned) if x_out is None else None
+        y_run = _owned_run(ys, y_owned) if x_in_place and x_out is None else None
         xbs = [_blocks_in_place(Qd, y_run, s)] if y_run is not None else _blockwise_matmul(Qd, ys, s, y_owned)
         dQ = _kernel_grad_parts(dys, xbs, s, Q) if need else None
         # The caller hands over its lists: emptying them frees the coarse buffers early.
@@ -502,7 +510,7 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
             xs = self._reorder(xbs, coarse, join, _usable(x_out, fine_shape, xbs[0].dtype))
         if place_x is not None:
             xs = place_x(xs)
-        dy_run = _owned_run(dys, dy_owned) if dx_out is None else None
+        dy_run = _owned_run(dys, dy_owned) if dx_in_place and dx_out is None else None
         if dy_run is not None:
             dys.clear()
             return xs, [_fine_in_place(_blocks_in_place(Qd, dy_run, s), self.stride, coarse)], dQ
