@@ -183,13 +183,7 @@ class CouplingStep(Step):
         one new buffer laid out as :meth:`_into_one_buffer` leaves it.
         """
         if not any(p.owned for p in u + v):
-            s = num_channels(u)
-            first = v[0].tensor
-            out = first.new_empty(first.shape[0], s + num_channels(v), *first.shape[2:])
-            offset = 0
-            for p in u + v:
-                out.narrow(1, offset, p.channels).copy_(p.tensor)
-                offset += p.channels
+            out, s = _level_buffer(u, v, copy_u=True)
             u = [Part(out.narrow(1, 0, s), True)]
             v = [Part(out.narrow(1, s, out.shape[1] - s), True)]
         else:
@@ -206,14 +200,7 @@ class CouplingStep(Step):
         note 11); as ``v`` itself plus a new buffer for ``u + f(v)`` it would stay in
         two buffers up to the chain's output.
         """
-        s = num_channels(u)
-        first = v[0].tensor
-        out = first.new_empty(first.shape[0], s + num_channels(v), *first.shape[2:])
-        # Laid out as the in-place forward would leave them: u + f(v) where u was, then v.
-        offset = s
-        for p in v:
-            out.narrow(1, offset, p.channels).copy_(p.tensor)
-            offset += p.channels
+        out, s = _level_buffer(u, v, copy_u=False)
         sum_ = add_block_output(self.block, [p.tensor for p in v], [p.tensor for p in u], False)
         out.narrow(1, 0, s).copy_(sum_)
         del sum_
@@ -366,6 +353,20 @@ class KernelStep(Step):
             return [None] * len(tensors)
         grads = torch.autograd.grad(kernel, wanted, dk.to(kernel.dtype), allow_unused=True)
         return _gradients_for(tensors, grads)
+
+
+def _level_buffer(u: Parts, v: Parts, copy_u: bool) -> tuple[Tensor, int]:
+    """``(buffer, s)``: a new ``(N, s + c_v, *S)`` tensor with ``v`` copied into its last channels
+    (and ``u`` into its first ``s`` with ``copy_u``), laid out as the in-place forward of a
+    coupling leaves a level: ``u + f(v)`` where ``u`` was, then ``v``."""
+    s = num_channels(u)
+    first = v[0].tensor
+    out = first.new_empty(first.shape[0], s + num_channels(v), *first.shape[2:])
+    offset = 0 if copy_u else s
+    for p in (u + v if copy_u else v):
+        out.narrow(1, offset, p.channels).copy_(p.tensor)
+        offset += p.channels
+    return out, s
 
 
 def _moved_into(out: list[Tensor], region: Tensor | None) -> Parts:
