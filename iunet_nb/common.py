@@ -4,19 +4,23 @@
 * :data:`CONV`, :data:`CONV_FN`, :data:`CONV_TRANSPOSE_FN` -- convolution
   modules and functions by number of spatial dimensions;
 * :data:`KiB`, :data:`MiB`, :data:`GiB` and :func:`format_bytes` -- byte units
-  (binary: 1 GiB = 1024**3 bytes).
+  (binary: 1 GiB = 1024**3 bytes);
+* :func:`dense_strides`, :func:`per_sample_view`, :func:`same_strides`, :func:`follows` --
+  how ``(N, C, *S)`` tensors lie in memory, for the engine's channel parts and the
+  layers that work in their input's memory.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "SPATIAL_DIMS", "check_dim", "CONV", "CONV_FN", "CONV_TRANSPOSE_FN",
-    "KiB", "MiB", "GiB", "format_bytes",
+    "KiB", "MiB", "GiB", "format_bytes", "dense_strides", "per_sample_view", "same_strides", "follows",
 ]
 
 SPATIAL_DIMS: tuple[int, ...] = (1, 2, 3)
@@ -46,3 +50,28 @@ def format_bytes(n: float, gib_digits: int = 2) -> str:
         if abs(n) >= size:
             return f"{n / size:.{gib_digits if unit == 'GiB' else 1}f} {unit}"
     return f"{int(n)} B"
+
+
+def dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    return torch.empty(tuple(shape), device="meta").stride()
+
+
+def per_sample_view(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """The memory of ``t`` (``(N, ...)``, dense within each sample) seen as ``(N, *shape[1:])``,
+    laid out densely within each sample and with ``t``'s batch stride and offset."""
+    return t.as_strided(tuple(shape), (t.stride(0),) + dense_strides(shape)[1:], t.storage_offset())
+
+
+def same_strides(a: Tensor, b: Tensor) -> bool:
+    """Equal strides, the batch stride compared only with more than one sample (for one it
+    is arbitrary: a slice of a buffer and the same memory seen as another level's tensor)."""
+    return a.stride()[1:] == b.stride()[1:] and (a.shape[0] == 1 or a.stride(0) == b.stride(0))
+
+
+def follows(prev: Tensor, t: Tensor) -> bool:
+    """Whether ``t``'s channels come right after ``prev``'s in the same memory and layout
+    (the batch stride counts only with more than one sample: :func:`same_strides`)."""
+    return (prev.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+            and prev.shape[0] == t.shape[0] and prev.shape[2:] == t.shape[2:] and same_strides(prev, t)
+            and t.storage_offset() == prev.storage_offset() + prev.shape[1] * prev.stride(1))

@@ -127,21 +127,21 @@ def test_one_sample_views_with_another_batch_stride_still_follow_each_other() ->
     the next channels seen as another level's tensor (as a resampling done in place leaves
     them) are adjacent, and a concatenation into the room they fill copies nothing.  With
     more samples the batch stride must match."""
-    from iunet_nb.engine.parts import _follows
+    from iunet_nb.common import follows
 
     buf = torch.randn(1, 6, 4, 4)
     skip = buf[:, :2]
     rest = buf[:, 2:]
     other_level = rest.as_strided((1, 16, 2, 2), (1, 4, 2, 1), rest.storage_offset())
     seen_again = other_level.as_strided((1, 4, 4, 4), (7, 16, 4, 1), rest.storage_offset())
-    assert _follows(skip, seen_again)
+    assert follows(skip, seen_again)
     merged = reunite([Part(skip, True)], [Part(seen_again, True)], others=[])
     assert len(merged) == 1 and merged[0].tensor.data_ptr() == buf.data_ptr()
     assert torch.equal(merged[0].tensor, buf)
     two = torch.randn(2, 6, 4, 4)
-    assert _follows(two[:, :2], two[:, 2:])
+    assert follows(two[:, :2], two[:, 2:])
     odd = two[:, 2:].as_strided((2, 4, 4, 4), (5 * 16, 16, 4, 1), two[:, 2:].storage_offset())
-    assert not _follows(two[:, :2], odd)
+    assert not follows(two[:, :2], odd)
 
 
 def test_fills_its_buffers_only_for_owned_parts_that_are_all_of_their_memory() -> None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,23 @@ class _ShiftedMoments:
         self.sum_centered += centered.sum((1, 2)).to(_ACCUMULATE)
         self.sum_squares += centered.square().sum((1, 2)).to(_ACCUMULATE)
 
+    def add_activation(self, a: Tensor) -> None:
+        """Add all of ``a`` ``(N, c, *S)``, chunk by chunk (:func:`_chunks`)."""
+        n = a.shape[0]
+        for sl in _chunks(a):
+            self.add(a[:, sl].reshape(n, sl.stop - sl.start, -1))
+
+    def normalization(self, block: ConvLeakyReLUGroupNorm, shape: Sequence[int],
+                      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mean, scale, bias)`` in ``dtype``, broadcastable to an activation of ``shape``
+        ``(N, c, *S)`` whose chunks were all added: ``f = (a - mean) * scale + bias``."""
+        n, c = shape[0], shape[1]
+        mean, rstd = self.mean_rstd(c * math.prod(shape[2:]), block.eps)
+        per_sample = (n,) + (1,) * (len(shape) - 1)
+        per_channel = (1, c) + (1,) * (len(shape) - 2)
+        scale = rstd.to(dtype).view(per_sample) * block.norm_weight.view(per_channel)
+        return mean.to(dtype).view(per_sample), scale, block.norm_bias.view(per_channel)
+
     def mean_rstd(self, count: int, eps: float) -> tuple[Tensor, Tensor]:
         """``(mu, (sigma^2 + eps)^-1/2)``, each ``(N,)`` float64, over ``count`` elements per sample."""
         assert self.shift is not None
@@ -213,15 +231,10 @@ def add_block_output(block: ConvLeakyReLUGroupNorm, v: list[Tensor], u: list[Ten
     if kernels is None:
         kernels = conv3_kernels_for(v[0].device)
     a = F.leaky_relu_(kernels.conv_parts(v, block.conv_weight), block.negative_slope)
-    n, c = a.shape[0], a.shape[1]
-    moments = _ShiftedMoments(n, a.device)
-    for sl in _chunks(a):
-        moments.add(a[:, sl].reshape(n, sl.stop - sl.start, -1))
-    mean, rstd = moments.mean_rstd(c * math.prod(a.shape[2:]), block.eps)
-    per_sample = (n,) + (1,) * (a.dim() - 1)
-    per_channel = (1, c) + (1,) * (a.dim() - 2)
-    scale = rstd.to(a.dtype).view(per_sample) * block.norm_weight.view(per_channel)
-    a.sub_(mean.to(a.dtype).view(per_sample)).mul_(scale).add_(block.norm_bias.view(per_channel))
+    moments = _ShiftedMoments(a.shape[0], a.device)
+    moments.add_activation(a)
+    mean, scale, bias = moments.normalization(block, a.shape, a.dtype)
+    a.sub_(mean).mul_(scale).add_(bias)
     if len(u) == 1 and u_owned:
         return u[0].add_(a)
     _add_parts_into(a, u)
@@ -243,29 +256,25 @@ def add_block_output_slabwise(block: ConvLeakyReLUGroupNorm, v: list[Tensor], ta
     One more convolution than :func:`add_block_output`, which keeps ``a`` whole.
     """
     v_parts, out = ChannelParts(v), ChannelParts(target)
-    first = v[0]
-    bounds = conv_tile_bounds(v_parts.shape, first.dtype, first.device, backward_tile_elements(slabs=True),
-                              out_channels=block.conv_weight.shape[0])
-
-    def activation(lo: int, hi: int) -> Tensor:
-        return F.leaky_relu_(conv3_halo(v_parts.halo(lo, hi), block.conv_weight), block.negative_slope)
-
-    n, c = out.shape[0], out.shape[1]
-    moments = _ShiftedMoments(n, first.device)
+    bounds = _slab_bounds(block, v_parts)
+    moments = _ShiftedMoments(out.shape[0], v[0].device)
     for lo, hi in bounds:
-        a = activation(lo, hi)
-        for sl in _chunks(a):
-            moments.add(a[:, sl].reshape(n, sl.stop - sl.start, -1))
-        del a
-    mean, rstd = moments.mean_rstd(c * math.prod(out.shape[2:]), block.eps)
-    per_sample = (n,) + (1,) * (len(out.shape) - 1)
-    per_channel = (1, c) + (1,) * (len(out.shape) - 2)
-    scale = rstd.to(first.dtype).view(per_sample) * block.norm_weight.view(per_channel)
-    mean_data = mean.to(first.dtype).view(per_sample)
+        moments.add_activation(_slab_activation(block, v_parts.halo(lo, hi)))
+    mean, scale, bias = moments.normalization(block, out.shape, v[0].dtype)
     for lo, hi in bounds:
-        a = activation(lo, hi)
-        out.add_rows_(lo, hi, a.sub_(mean_data).mul_(scale).add_(block.norm_bias.view(per_channel)))
-        del a
+        out.add_rows_(lo, hi, _slab_activation(block, v_parts.halo(lo, hi)).sub_(mean).mul_(scale).add_(bias))
+
+
+def _slab_bounds(block: ConvLeakyReLUGroupNorm, v: ChannelParts) -> list[tuple[int, int]]:
+    """The slabs of rows in which ``f``'s activation is computed without keeping it whole."""
+    first = v.parts[0]
+    return conv_tile_bounds(v.shape, first.dtype, first.device, backward_tile_elements(slabs=True),
+                            out_channels=block.conv_weight.shape[0])
+
+
+def _slab_activation(block: ConvLeakyReLUGroupNorm, halo: Tensor) -> Tensor:
+    """``a = LeakyReLU(W * v)`` on the rows of a slab, from the slab with its halo."""
+    return F.leaky_relu_(conv3_halo(halo, block.conv_weight), block.negative_slope)
 
 
 def _add_parts_into(a: Tensor, parts: list[Tensor]) -> None:
@@ -365,8 +374,7 @@ class _SlabwiseActivation:
                  grad_v: list[Tensor] | None) -> None:
         self.block, self.v = block, v
         first = v.parts[0]
-        self.bounds = conv_tile_bounds(v.shape, first.dtype, first.device, backward_tile_elements(slabs=True),
-                                       out_channels=block.conv_weight.shape[0])
+        self.bounds = _slab_bounds(block, v)
         self.weight_grad = torch.zeros_like(block.conv_weight)
         self.input_grad: Tensor | None = None
         if grad_v is None:
@@ -377,7 +385,7 @@ class _SlabwiseActivation:
 
     def activation(self, lo: int, hi: int) -> Tensor:
         self._halo = self.v.halo(lo, hi)
-        return F.leaky_relu_(conv3_halo(self._halo, self.block.conv_weight), self.block.negative_slope)
+        return _slab_activation(self.block, self._halo)
 
     def backward_conv(self, lo: int, hi: int, da: Tensor) -> None:
         """``dW`` of these rows, and their contribution to ``dv`` added into its rows."""

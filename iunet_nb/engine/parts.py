@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from iunet_nb.common import dense_strides, follows, per_sample_view, same_strides
+
 __all__ = [
     "Part", "Parts", "State", "num_channels", "narrow", "full", "join", "split_like",
     "owned_copy", "compact", "storage_alias", "nbytes", "release_unreferenced",
@@ -89,27 +91,17 @@ def whole_buffer(t: Tensor, channels: int) -> Tensor | None:
     n, spatial = t.shape[0], t.shape[2:]
     inner = math.prod(spatial)
     shape = (n, channels, *spatial)
-    dense = torch.empty(shape, device="meta").stride()
+    dense = dense_strides(shape)
     if (t.storage_offset() != 0 or t.stride()[1:] != dense[1:] or (n > 1 and t.stride(0) != dense[0])
             or t.untyped_storage().nbytes() != n * channels * inner * t.element_size()):
         return None
     return t.as_strided(shape, dense, 0)
 
 
-def _follows(prev: Tensor, t: Tensor) -> bool:
-    """Whether ``t``'s channels come right after ``prev``'s in the same memory and layout.
-
-    The batch stride counts only with more than one sample (:func:`_same_strides`).
-    """
-    return (prev.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-            and prev.shape[0] == t.shape[0] and prev.shape[2:] == t.shape[2:] and _same_strides(prev, t)
-            and t.storage_offset() == prev.storage_offset() + prev.shape[1] * prev.stride(1))
-
-
 def _adjacent_in_one_buffer(parts: Parts) -> Tensor | None:
     """The buffer that ``parts`` are, in order and without gaps, or None."""
     whole = whole_buffer(parts[0].tensor, num_channels(parts))
-    if whole is None or not all(_follows(a.tensor, b.tensor) for a, b in zip(parts, parts[1:])):
+    if whole is None or not all(follows(a.tensor, b.tensor) for a, b in zip(parts, parts[1:])):
         return None
     return whole
 
@@ -145,7 +137,7 @@ def _merge_adjacent(parts: Parts) -> Parts:
     """``parts`` with neighbours that are consecutive channels of one buffer joined into one view."""
     out: Parts = []
     for p in parts:
-        if out and _follows(out[-1].tensor, p.tensor):
+        if out and follows(out[-1].tensor, p.tensor):
             prev = out[-1].tensor
             shape = (prev.shape[0], prev.shape[1] + p.channels, *prev.shape[2:])
             out[-1] = Part(prev.as_strided(shape, prev.stride(), prev.storage_offset()),
@@ -250,8 +242,7 @@ def relocate(out: Tensor | Sequence[Tensor], region: Tensor) -> Tensor | None:
             for t in parts) or math.prod(shape) != region.numel() or shape[0] != region.shape[0]
             or any(_lives_in(t, [region]) for t in parts)):
         return None
-    dense = torch.empty(shape, device="meta").stride()
-    dst = region.as_strided(shape, (region.stride(0),) + dense[1:], region.storage_offset())
+    dst = per_sample_view(region, shape)
     offset = 0
     for t in parts:
         dst.narrow(1, offset, t.shape[1]).copy_(t)
@@ -264,13 +255,7 @@ def _is_view(t: Tensor, view: Tensor) -> bool:
     the batch stride only with more than one sample)."""
     return (t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
             and t.storage_offset() == view.storage_offset() and t.shape == view.shape
-            and _same_strides(t, view))
-
-
-def _same_strides(a: Tensor, b: Tensor) -> bool:
-    """Equal strides, the batch stride compared only with more than one sample (for one it
-    is arbitrary: a slice of a buffer and the same memory seen as another level's tensor)."""
-    return a.stride()[1:] == b.stride()[1:] and (a.shape[0] == 1 or a.stride(0) == b.stride(0))
+            and same_strides(t, view))
 
 
 def reunite(skip: Parts, cur: Parts, others: Parts) -> Parts:

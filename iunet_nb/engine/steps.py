@@ -347,7 +347,7 @@ class KernelStep(Step):
             ys, dys, kernel.detach(), need, y_owned, dy_owned, allow_split, x_out=x_out, dx_out=dx_out,
             place_x=lambda parts: [p.tensor for p in _moved_into(parts, x_region)],
             x_in_place=x_in_place, dx_in_place=dx_in_place)
-        st.cur = _moved_into(xs, region if x_out is None else None)
+        st.cur = _moved_into(xs, x_region)
         gst.cur = _moved_into(dxs, dregion if dx_out is None else None)
         if not need or dk is None:
             return [None] * len(tensors)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from iunet_nb.common import dense_strides, follows, per_sample_view
 from iunet_nb.nn.orthogonal import OrthogonalBaseMixin, reorthogonalize_
 
 __all__ = [
@@ -380,14 +381,14 @@ class _InvertibleResampling(OrthogonalBaseMixin, nn.Module):
         if self.input_is_fine:
             self._check_divisible(x.shape)
             coarse = [size // st for size, st in zip(x.shape[2:], self.stride)]
-            y = _reinterpret(x, (n, C * s, *coarse))
+            y = per_sample_view(x, (n, C * s, *coarse))
             for c0, c1 in _channel_chunks(C, x[0, 0].numel()):
                 Qk = Q if Q.shape[0] == 1 else Q[c0:c1]
                 res = torch.matmul(Qk, to_blocks(x[:, c0:c1], self.stride))  # (N, k, s, L): new
                 y[:, c0 * s:c1 * s].copy_(res.view(n, (c1 - c0) * s, *coarse))
             return y
         coarse = list(x.shape[2:])
-        y = _reinterpret(x, (n, C, *(h * st for h, st in zip(coarse, self.stride))))
+        y = per_sample_view(x, (n, C, *(h * st for h, st in zip(coarse, self.stride))))
         for c0, c1 in _channel_chunks(C, s * x[0, 0].numel()):
             Qk = Q if Q.shape[0] == 1 else Q[c0:c1]
             res = torch.matmul(Qk.mT, x[:, c0 * s:c1 * s].reshape(n, c1 - c0, s, -1))  # new
@@ -685,28 +686,14 @@ def to_blocks(x: Tensor, stride: tuple[int, ...]) -> Tensor:
 _IN_PLACE_ELEMENTS = 1 << 18
 
 
-def _dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    return torch.empty(tuple(shape), device="meta").stride()
-
-
-def _reinterpret(t: Tensor, shape: Sequence[int]) -> Tensor:
-    """The memory of ``t`` (``(N, ...)``, dense per sample) as ``(N, *shape[1:])`` with as many elements."""
-    return t.as_strided(tuple(shape), (t.stride(0),) + _dense_strides(shape)[1:], t.storage_offset())
-
-
 def _dense_run(parts: list[Tensor]) -> Tensor | None:
     """Channel parts ``(N, C_k, *S)`` as one tensor (a view) when each is dense per sample and
     they follow one another in one buffer; None otherwise."""
     first = parts[0]
-    offset = first.storage_offset()
-    for p in parts:
-        if (p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.dtype != first.dtype
-                or p.shape[0] != first.shape[0] or p.shape[2:] != first.shape[2:]
-                or p.storage_offset() != offset or p.stride()[1:] != _dense_strides(p.shape)[1:]
-                or (p.shape[0] > 1 and p.stride(0) != first.stride(0))):
-            return None
-        offset += p[0].numel()
-    return _reinterpret(first, (first.shape[0], sum(p.shape[1] for p in parts), *first.shape[2:]))
+    if (any(p.dtype != first.dtype or p.stride()[1:] != dense_strides(p.shape)[1:] for p in parts)
+            or not all(follows(a, b) for a, b in zip(parts, parts[1:]))):
+        return None
+    return per_sample_view(first, (first.shape[0], sum(p.shape[1] for p in parts), *first.shape[2:]))
 
 
 def _owned_run(parts: list[Tensor], owned: list[bool] | None) -> Tensor | None:
@@ -733,7 +720,7 @@ def _matmul_in_place(M: Tensor, blocks: Tensor) -> Tensor:
 def _blocks_in_place(M: Tensor, coarse: Tensor, group: int) -> Tensor:
     """A coarse ``(N, C*s, *S)`` tensor (dense per sample) transformed in place: ``(N, C, s, L)`` blocks."""
     n, c = coarse.shape[0], coarse.shape[1] // group
-    return _matmul_in_place(M, _reinterpret(coarse, (n, c, group, coarse[0, 0].numel())))
+    return _matmul_in_place(M, per_sample_view(coarse, (n, c, group, coarse[0, 0].numel())))
 
 
 def _private(t: Tensor, memory: Tensor) -> Tensor:
@@ -748,7 +735,7 @@ def _fine_in_place(blocks: Tensor, stride: tuple[int, ...], coarse: Sequence[int
     goes a few channels at a time through a temporary.
     """
     n, c = blocks.shape[0], blocks.shape[1]
-    fine = _reinterpret(blocks, (n, c, *(h * st for h, st in zip(coarse, stride))))
+    fine = per_sample_view(blocks, (n, c, *(h * st for h, st in zip(coarse, stride))))
     for c0, c1 in _channel_chunks(c, blocks[0, 0].numel()):
         fine[:, c0:c1].copy_(_private(from_blocks(blocks[:, c0:c1], stride, coarse), blocks))
     return fine
@@ -758,7 +745,7 @@ def _blocks_of_fine_in_place(fine: Tensor, stride: tuple[int, ...]) -> Tensor:
     """:func:`to_blocks` of ``fine`` ``(N, C, *S)`` (dense per sample), written over ``fine``."""
     n, c = fine.shape[0], fine.shape[1]
     s = math.prod(stride)
-    blocks = _reinterpret(fine, (n, c, s, fine[0, 0].numel() // s))
+    blocks = per_sample_view(fine, (n, c, s, fine[0, 0].numel() // s))
     for c0, c1 in _channel_chunks(c, fine[0, 0].numel()):
         blocks[:, c0:c1].copy_(_private(to_blocks(fine[:, c0:c1], stride), fine))
     return blocks
