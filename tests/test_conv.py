@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import iunet_nb.engine.tiled as tiled
+import iunet_nb.nn.tiled as tiled
 from iunet_nb.common import CONV
 from iunet_nb.measure.meter import measure_step
 from iunet_nb.nn.conv import TiledConv

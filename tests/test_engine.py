@@ -266,7 +266,8 @@ def test_engine_output_is_not_an_input_alias() -> None:
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_slab_recompute_and_tiled_convolutions_match_autograd(dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the slab-wise recomputation and many convolution tiles on a small model."""
-    from iunet_nb.engine import steps, tiled
+    from iunet_nb.engine import steps
+    from iunet_nb.nn import tiled
 
     monkeypatch.setattr(steps, "SLAB_MIN_BYTES", 0)
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 24)

@@ -1,4 +1,4 @@
-"""Tests of iunet_nb/arch/plan.py: the network as one ordered list of invertible operations."""
+"""Tests of iunet_nb/engine/plan.py: the network as one ordered list of invertible operations."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from iunet_nb import engine as eng
 from iunet_nb import iUNet
 from iunet_nb.arch.layout import compute_layout, count_parameters
-from iunet_nb.arch.plan import (
+from iunet_nb.engine.plan import (
     CONCAT, COUPLING, DECODER, DOWNSAMPLE, ENCODER, MIXING, OP_KINDS, SPLIT, UPSAMPLE, Op, Plan,
     build_plan, check_channel_mixing_freq, coupling_halves, coupling_parameters,
 )
@@ -21,7 +21,7 @@ from iunet_nb.nn.coupling import AdditiveCoupling, create_standard_module
 from iunet_nb.nn.mixing import OrthogonalChannelMixing
 from iunet_nb.nn.resampling import InvertibleDownsampling, InvertibleUpsampling
 
-PLAN_PATH = pathlib.Path(__file__).resolve().parents[1] / "iunet_nb" / "arch" / "plan.py"
+PLAN_PATH = pathlib.Path(__file__).resolve().parents[1] / "iunet_nb" / "engine" / "plan.py"
 
 #: The README's 2D model and a 3D model with an anisotropic last stride.
 MODEL_2D = dict(channels=(64, 128, 256, 384), architecture=(2, 2, 2, 2), dim=2)

@@ -16,7 +16,8 @@ from torch import nn
 
 from iunet_nb import engine as eng
 from iunet_nb.common import CONV
-from iunet_nb.engine import coupling_backward, steps, tiled
+from iunet_nb.engine import coupling_backward, steps
+from iunet_nb.nn import tiled
 from iunet_nb.engine.checks import check_step
 from iunet_nb.nn.checks import check_invertible
 from iunet_nb.nn.coupling import AdditiveCoupling, create_standard_module

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from iunet_nb.measure.meter import _profiler_running_total
-from iunet_nb.engine.tiled import conv3_tiled, conv3_transpose_tiled, conv3_weight_grad_tiled, conv_tile_bounds
+from iunet_nb.nn.tiled import conv3_tiled, conv3_transpose_tiled, conv3_weight_grad_tiled, conv_tile_bounds
 
 
 def _peak(fn) -> int:
@@ -41,7 +41,7 @@ def test_native_path_tiles_account_for_the_unfolded_columns() -> None:
 def test_row_window_convolutions_equal_torch(shape) -> None:
     """float32, one sample, few channels: the slabs are convolved as batches of row windows
     (forward, flipped-kernel input gradient, weight gradient); same numbers as torch's float64."""
-    from iunet_nb.engine import tiled
+    from iunet_nb.nn import tiled
 
     dim = len(shape) - 2
     g = torch.Generator().manual_seed(0)
@@ -96,7 +96,7 @@ def test_input_gradient_on_both_paths_equals_torch(dim: int, weight_larger: bool
     """The input gradient is a plain convolution with the flipped, transposed kernel where that
     kernel's copy is smaller than the gradient, torch's transposed convolution otherwise; tiled
     (several slabs) and whole, both equal torch's, and so does the slab-rows helper."""
-    from iunet_nb.engine.tiled import _flip_pays, conv3_transpose_slab_rows
+    from iunet_nb.nn.tiled import _flip_pays, conv3_transpose_slab_rows
 
     torch.manual_seed(1)
     c = 24 if weight_larger else 3
@@ -119,7 +119,7 @@ def test_input_gradient_on_both_paths_equals_torch(dim: int, weight_larger: bool
 def test_backward_kernels_use_smaller_tiles_and_give_the_same_numbers(monkeypatch) -> None:
     """The coupling backward's kernels tile by TILE_ELEMENTS / BACKWARD_TILE_DIVISOR (read at call
     time) for activations of two forward tiles or more, and compute what the forward's compute."""
-    from iunet_nb.engine import tiled
+    from iunet_nb.nn import tiled
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 4 * 3 * 11 * 11 * tiled.BACKWARD_TILE_DIVISOR)

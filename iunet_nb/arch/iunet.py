@@ -15,7 +15,7 @@ reference package is accepted too: ``channels`` is then derived level by level
 number of channels, rounded to the nearest achievable), see
 :func:`iunet_nb.arch.layout.channels_from_slice_mode`.
 
-The network's structure is its plan (:mod:`iunet_nb.arch.plan`): one ordered
+The network's structure is its plan (:mod:`iunet_nb.engine.plan`): one ordered
 list of couplings, mixings, splits, resamplings and concatenations that the
 construction, the forward and inverse passes, ``encode``/``decode`` and both
 memory-efficient engines walk.
@@ -33,13 +33,14 @@ from torch import Tensor, nn
 
 from iunet_nb import engine as eng
 from iunet_nb.arch.layout import Layout, channels_from_slice_mode, compute_layout
-from iunet_nb.arch.plan import (
+from iunet_nb.engine.plan import (
     CONCAT, COUPLING, DECODER, DOWNSAMPLE, ENCODER, MIXING, SPLIT, UPSAMPLE, Op, Plan, build_plan,
 )
 from iunet_nb.common import check_dim
+from iunet_nb.engine.compile import compile_steps
 from iunet_nb.engine.memcnn import apply_memcnn
 from iunet_nb.nn.checks import check_invertible, probe_input, require_inverse_method
-from iunet_nb.nn.coupling import AdditiveCoupling, create_standard_module
+from iunet_nb.nn.coupling import create_standard_module
 from iunet_nb.nn.mixing import OrthogonalChannelMixing
 from iunet_nb.nn.resampling import InvertibleDownsampling, InvertibleUpsampling
 
@@ -255,7 +256,7 @@ class iUNet(nn.Module):
 
     The model keeps every argument as an attribute of the same name
     (``channels``, ``architecture`` and ``resampling_stride`` as built), its
-    layout's plan as :attr:`plan` (:class:`iunet_nb.arch.plan.Plan`) and the
+    layout's plan as :attr:`plan` (:class:`iunet_nb.engine.plan.Plan`) and the
     module of each operation of the plan, found with :meth:`module_of`.
 
     Args:
@@ -383,7 +384,7 @@ class iUNet(nn.Module):
             print(self._layout.adjustment_message())
         self._create_modules()
         # memcnn's wrapper of each module (a plain dict: the wrappers hold the same modules).
-        self._memcnn_wrappers: dict[int, nn.Module] = {}
+        self._memcnn_wrappers: dict[tuple[int, bool], nn.Module] = {}
         # split/concat modules of the memcnn engine (not registered: they have no state).
         self._channel_modules: dict[Op, nn.Module] = {}
 
@@ -538,23 +539,9 @@ class iUNet(nn.Module):
 
     # ------------------------------------------------------------------ engines
     def _steps(self) -> list[eng.Step]:
-        """The fused engine's steps, one per operation of the plan."""
-        return [self._step(op) for op in self.plan.ops]
-
-    def _step(self, op: Op) -> eng.Step:
-        if op.kind == SPLIT:
-            return eng.SplitStep(op.kept)
-        if op.kind == CONCAT:
-            return eng.ConcatStep(op.kept)
-        module = self.module_of(op)
-        if op.kind == COUPLING:
-            if isinstance(module, AdditiveCoupling):
-                return eng.CouplingStep(module, self.preserve_rng_state, slabs=True,
-                                        slab_forward=self.consume_output)
-            return eng.InvertibleModuleStep(module, self.preserve_rng_state)
-        # Mixings and resamplings are orthogonal kernels; the finest level's downsampling
-        # may hand its input back in parts (the slab-wise couplings there read parts).
-        return eng.KernelStep(module, split_output=op.kind == DOWNSAMPLE and op.level == 0)
+        """The fused engine's steps, one per operation of the plan (chosen at every call:
+        a module replaced or hooked since the last one gets the step it now needs)."""
+        return compile_steps(self.plan, self.module_of, self.preserve_rng_state, self.consume_output)
 
     def _channel_module(self, op: Op) -> nn.Module:
         """The split or concat module of ``op`` for the memcnn engine (created once)."""

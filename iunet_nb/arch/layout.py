@@ -19,7 +19,7 @@ and every non-bottom level must keep at least one and send at least one
 channel.
 
 Where the channel mixings go and in which order the operations run is the
-plan's business (:mod:`iunet_nb.arch.plan`, built from a :class:`Layout`);
+plan's business (:mod:`iunet_nb.engine.plan`, built from a :class:`Layout`);
 :func:`count_parameters` counts the plan's operations.  The dimension check
 is this module's own (:func:`iunet_nb.common.check_dim` lives in a module
 that imports torch).
@@ -591,8 +591,8 @@ def count_parameters(layout: Layout, depth: int = 1,
                      resampling_shared: bool = False) -> dict:
     """Count the learnable parameters of the default iUNet, without torch.
 
-    The operations of :func:`iunet_nb.arch.plan.build_plan` are counted with
-    :meth:`iunet_nb.arch.plan.Plan.op_parameters`, at level ``i`` with ``c``
+    The operations of :func:`iunet_nb.engine.plan.build_plan` are counted with
+    :meth:`iunet_nb.engine.plan.Plan.op_parameters`, at level ``i`` with ``c``
     channels:
 
     * ``2 * architecture[i]`` additive coupling layers:
@@ -613,7 +613,7 @@ def count_parameters(layout: Layout, depth: int = 1,
     """
     # plan.py builds on this module; importing it here keeps layout.py
     # loadable on its own (without the package and torch) for layouts only.
-    from iunet_nb.arch.plan import (COUPLING, DOWNSAMPLE, MIXING, UPSAMPLE,
+    from iunet_nb.engine.plan import (COUPLING, DOWNSAMPLE, MIXING, UPSAMPLE,
                                     build_plan)
 
     if not _is_int(depth) or depth < 1:

@@ -4,7 +4,7 @@ Files: :mod:`~iunet_nb.engine.contract` (the step contract and the numbered
 tensor-ownership notes), :mod:`~iunet_nb.engine.parts` (activations as channel
 parts), :mod:`~iunet_nb.engine.steps` (one step class per kind of operation),
 :mod:`~iunet_nb.engine.coupling_backward` (the fused recompute-and-backward of
-the standard coupling), :mod:`~iunet_nb.engine.tiled` (slab-wise convolutions),
+the standard coupling), :mod:`~iunet_nb.nn.tiled` (slab-wise convolutions),
 :mod:`~iunet_nb.engine.fused` (the autograd function over a chain of steps),
 :mod:`~iunet_nb.engine.checks` (the step conformance checker),
 :mod:`~iunet_nb.engine.memcnn` (the memcnn backend: memcnn's wrappers walked along the plan) and
@@ -59,5 +59,7 @@ from iunet_nb.engine.steps import (  # noqa: F401
     InvertibleModuleStep,
     KernelStep,
     RecomputeContext,
+    RecordedStep,
     SplitStep,
 )
+from iunet_nb.engine.compile import compile_steps  # noqa: F401

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iunet_nb.engine.contract import ConvLeakyReLUGroupNorm
-from iunet_nb.engine.tiled import (
+from iunet_nb.nn.tiled import (
     ChannelParts,
     Conv3Kernels,
     backward_tile_elements,
@@ -95,7 +95,7 @@ def recompute_and_backward(block: ConvLeakyReLUGroupNorm, v: list[Tensor], grad_
         grad_v: ``(N, c_in, *S)`` channel parts that receive ``+= dL/dv`` in place, or None.
         slabs: recompute ``a`` slab by slab instead of keeping it (module docstring).
         kernels: the whole-tensor convolutions of ``slabs=False``
-            (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for` the device and the
+            (default: :func:`~iunet_nb.nn.tiled.conv3_kernels_for` the device and the
             size of ``f``'s activation: the backward's tiles).
 
     Returns:
@@ -221,7 +221,7 @@ def add_block_output(block: ConvLeakyReLUGroupNorm, v: list[Tensor], u: list[Ten
         u: ``(N, c, *S)`` as channel parts; a single part is updated in place and
             returned when ``u_owned``.
         u_owned: whether that part may be overwritten (ownership note 2).
-        kernels: the convolutions (default: :func:`~iunet_nb.engine.tiled.conv3_kernels_for`).
+        kernels: the convolutions (default: :func:`~iunet_nb.nn.tiled.conv3_kernels_for`).
 
     ``a = LeakyReLU(W * v)`` is computed once; its statistics are summed in chunks,
     then it is normalised in place and added to ``u`` (or ``u`` is added to it,

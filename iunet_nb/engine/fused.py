@@ -38,8 +38,8 @@ one more convolution each, no activation-sized temporary).  The rules:
   tensor shares that memory but the returned output and the views registered
   with :func:`add_output_view` (a view or ``detach()`` the caller took before
   the backward keeps ``y`` intact: the mode then does nothing for ``y``).
-  The storage's use count, which this check reads, also counts the engine's
-  own references (:data:`ENGINE_REFERENCES`).
+  Who else holds that memory is read from counts compared with those of a probe
+  (:func:`iunet_nb.torch_internals.reference_baselines`).
 * ``dy`` (in both modes) is taken only if it is dense, the whole of its memory, in the
   output's dtype, and nothing else refers to it: not a gradient passed
   explicitly (``y.backward(g)`` leaves ``g`` intact), not the expanded
@@ -69,10 +69,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from iunet_nb import torch_internals as internals
 from iunet_nb.engine.contract import Step
 from iunet_nb.engine.parts import Part, State, full, owned_copy, release_unreferenced, storage_alias
 
-__all__ = ["DOUBLE_BACKWARD_MESSAGE", "CONSUMED_MESSAGE", "ENGINE_REFERENCES", "EARLY_GRADIENTS",
+__all__ = ["DOUBLE_BACKWARD_MESSAGE", "CONSUMED_MESSAGE", "GRADIENT_CONSUMED_MESSAGE", "EARLY_GRADIENTS",
            "ConsumedTensor", "run_forward", "FusedInvertibleFunction", "apply_fused", "add_output_view"]
 
 #: The error for ``torch.autograd.grad(..., create_graph=True)`` through an engine.
@@ -92,9 +93,13 @@ CONSUMED_MESSAGE = (
     "through it (retain_graph=True), or build the model with consume_output=False."
 )
 
-#: References to the output's storage that the consuming mode's check finds in the engine
-#: itself: the saved output, its unpacked copy and the storage object the check reads.
-ENGINE_REFERENCES = 3
+#: The error for any use of an incoming gradient the consuming mode took over.
+GRADIENT_CONSUMED_MESSAGE = (
+    "consume_output=True: this tensor is the incoming gradient of a model output that the "
+    "backward consumed; its memory now holds the engine's own gradients, so its values are gone. "
+    "A hook that needs the gradient should keep a .clone() of it, or build the model with "
+    "consume_output=False (the default), which never reuses a gradient that someone else holds."
+)
 
 
 class ConsumedTensor(Tensor):
@@ -110,7 +115,8 @@ class ConsumedTensor(Tensor):
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        raise RuntimeError(CONSUMED_MESSAGE)
+        consumed = next((a for a in args if isinstance(a, ConsumedTensor)), None)
+        raise RuntimeError(getattr(consumed, "_iunet_consumed_message", CONSUMED_MESSAGE))
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         with torch._C.DisableTorchFunctionSubclass():
@@ -193,6 +199,8 @@ class FusedInvertibleFunction(torch.autograd.Function):
             y = run_forward(steps, x.to(body_dtype) if ctx.autocast[0] else x, tensors, records)
         ctx.steps = steps
         ctx.records = records
+        # A saved-tensor hook sees the saved output and may keep it: then y is never taken.
+        ctx.saved_tensor_hooks = internals.saved_tensor_hooks_active()
         ctx.device_type = device_type
         ctx.save_for_backward(y, *tensors)
         out = y.to(ctx.autocast[1]) if ctx.autocast[0] else y
@@ -203,7 +211,8 @@ class FusedInvertibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
-        dy_references = sys.getrefcount(dy)  # first: compared with _ReferenceProbe's count
+        references = sys.getrefcount(dy)  # first: as in torch_internals._Probe.backward
+        seen = internals.observe_gradient(dy, references)
         if torch.is_grad_enabled():  # create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         if ctx.consumed:  # before unpacking: the saved output's memory is gone
@@ -211,7 +220,7 @@ class FusedInvertibleFunction(torch.autograd.Function):
         y, *tensors = ctx.saved_tensors
         steps: Sequence[Step] = ctx.steps
         grads: list[Tensor | None] = [None] * len(tensors)
-        st, gst = _backward_states(ctx, y, dy, dy_references)
+        st, gst = _backward_states(ctx, y, dy, seen)
         del y  # the state holds it
         slices = _tensor_slices(steps)
         with torch.no_grad(), torch.autocast(ctx.device_type, enabled=False):
@@ -248,101 +257,91 @@ def _alive_outputs(ctx: Any) -> list[Tensor]:
 
 
 def _output_sharers(ctx: Any, y: Tensor) -> list[Tensor] | None:
-    """The caller's tensors that share the saved output's memory, or None if some are unknown.
+    """The caller's tensors that share the saved output's memory, or None if some may be unknown.
 
     Known are the returned output and the views registered with
-    :func:`add_output_view`; any other reference (a view, a ``detach()``) shows
-    in the storage's use count beyond :data:`ENGINE_REFERENCES`.
+    :func:`add_output_view`.  Any other owner -- a view, a ``detach()``, a tensor a
+    saved-tensor hook kept, a numpy array or DLPack capsule made from one of them --
+    shows in the storage's use count beyond the baseline of
+    :func:`~iunet_nb.torch_internals.reference_baselines`; a storage object the
+    caller kept (``y.untyped_storage()``) in its Python reference count.  Where
+    a count cannot be read, or the baselines are unknown, the answer is None.
     """
     storage = y.untyped_storage()
     known = [t for t in _alive_outputs(ctx) if t.untyped_storage().data_ptr() == storage.data_ptr()]
     if any(type(t) is not Tensor for t in known):
         return None
-    if torch._C._storage_Use_Count(storage._cdata) != ENGINE_REFERENCES + len(known):
+    base = internals.reference_baselines()
+    uses = internals.storage_use_count(y)
+    references = internals.python_references(storage)
+    if base is None or uses is None or references is None:
+        return None
+    if uses != base.output_storage_uses + len(known) or references > base.output_storage_references:
         return None
     return known
 
 
-class _ReferenceProbe(torch.autograd.Function):
-    """Measures how many Python references a backward's gradient argument has when
-    nothing but autograd's call holds it (the count depends on the interpreter)."""
-
-    count: int | None = None
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
-        return x * 1
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
-        references = sys.getrefcount(grad)  # the same statement as the engine's backward's first
-        _ReferenceProbe.count = references
-        return grad
-
-
-def _probe_references() -> int:
-    """Python references of a backward's gradient that only autograd's call holds
-    (run once, when this module is imported: not from inside a backward)."""
-    with torch.inference_mode(False), torch.enable_grad():  # whatever mode imports us
-        x = torch.zeros(2, requires_grad=True)
-        (_ReferenceProbe.apply(x) * 2).sum().backward()
-    assert _ReferenceProbe.count is not None
-    return _ReferenceProbe.count
-
-
-#: see :func:`_probe_references`
-UNREACHABLE_REFERENCES = _probe_references()
-
-
-def _gradient_reusable(ctx: Any, dy: Tensor, y: Tensor, dy_references: int) -> bool:
+def _gradient_reusable(ctx: Any, dy: Tensor, y: Tensor, seen: internals.GradientObservation) -> bool:
     """Whether the engine may rebuild gradients in ``dy``'s memory (ownership notes 9, 10).
 
-    Only the argument itself holds the tensor (a gradient passed explicitly is also held
-    by the caller and by autograd's graph root), only that tensor and the storage object
-    read here hold the memory, and no output has hooks (which may have kept it).  By
-    default also no Python reference beyond autograd's call (a hook of an output the
-    caller dropped may have stored the gradient); the consuming mode instead makes such
-    a reference raise (:class:`ConsumedTensor`).
+    ``seen``: what :func:`~iunet_nb.torch_internals.observe_gradient` saw of ``dy`` first
+    thing in the backward.  Only torch's allocator made the memory (not numpy, DLPack or
+    another library: their buffers stay theirs), and every count equals the baseline of
+    an argument nothing but autograd holds: no other tensor or view, no storage object, no
+    Python reference (a hook may have stored the gradient), no hook on an output.  In the
+    consuming mode Python references above the baseline are allowed: they are switched to
+    :class:`ConsumedTensor` and raise on use.
     """
-    if any(t._backward_hooks for t in _alive_outputs(ctx)):
+    if type(dy) is not Tensor or not seen.resizable or dy.dtype != y.dtype \
+            or not _whole_of_its_memory(dy):
         return False
-    storage = dy.untyped_storage()
-    reachable = (type(dy) is not Tensor or dy._use_count() != 1
-                 or torch._C._storage_Use_Count(storage._cdata) != 2)
-    if reachable or dy.dtype != y.dtype or not _whole_of_its_memory(dy):
+    if any(internals.tensor_has_hooks(t) for t in _alive_outputs(ctx)):
         return False
-    return ctx.consume_output or dy_references <= UNREACHABLE_REFERENCES
+    base = internals.reference_baselines()
+    if base is None:
+        return False
+    b = base.gradient
+    counts = (seen.tensor_uses, seen.storage_uses, seen.storage_references)
+    if None in counts or counts != (b.tensor_uses, b.storage_uses, b.storage_references):
+        return False
+    if ctx.consume_output:
+        return True
+    return seen.references is not None and b.references is not None and seen.references <= b.references
 
 
 def _output_takeable(ctx: Any, y: Tensor) -> bool:
     """Whether the backward may consider taking ``y``'s memory (ownership notes 9 and 12).
 
-    In the consuming mode whenever ``y`` is dense and the whole of its memory; by default
-    also only when the graph is not kept (``retain_graph=True`` would run this backward
+    ``y`` must be dense and the whole of its memory, and no saved-tensor hook may
+    have been active in the forward (it saw ``y`` and may keep it).  By default also
+    only when the graph is not kept (``retain_graph=True`` would run this backward
     again, from ``y``).  Who else shares ``y`` is checked by :func:`_output_sharers`.
     """
-    if not _whole_of_its_memory(y):
+    if not _whole_of_its_memory(y) or ctx.saved_tensor_hooks:
         return False
-    return ctx.consume_output or not torch._C._autograd._get_current_graph_task_keep_graph()
+    return ctx.consume_output or not internals.graph_is_kept()
 
 
-def _backward_states(ctx: Any, y: Tensor, dy: Tensor, dy_references: int) -> tuple[State, State]:
+def _backward_states(ctx: Any, y: Tensor, dy: Tensor,
+                     seen: internals.GradientObservation) -> tuple[State, State]:
     """The state and the gradient state the backward starts from.
 
     Ownership note 1 by default: ``y`` is the caller's (a cast ``dy`` is a new
-    tensor of our own), unless no tensor of the caller shares it any more and the
-    graph is not kept (note 12); a ``dy`` that nothing else refers to is taken in
-    both modes (note 10).  In the consuming mode (note 9) the tensors sharing a taken
-    ``y`` become :class:`ConsumedTensor` s at once, and so does a taken ``dy``:
-    from here on their memory holds the engine's activations.
+    tensor of our own), unless no one else can reach it and the graph is not kept
+    (note 12); a ``dy`` no one else can reach is taken in both modes (note 10).  In
+    the consuming mode (note 9) the tensors sharing a taken ``y`` become
+    :class:`ConsumedTensor` s at once, and so does a taken ``dy``: from here on their
+    memory holds the engine's activations.  By default nothing is switched: what is
+    taken has no other owner.
     """
     sharers = _output_sharers(ctx, y) if _output_takeable(ctx, y) else None
     if not ctx.consume_output and sharers:  # by default only an output no one can reach (note 12)
         sharers = None
     st = State([Part(y, sharers is not None)], consumed=[y] if sharers is not None else [])
-    if _gradient_reusable(ctx, dy, y, dy_references):  # in both modes (ownership notes 9, 10)
-        grad = dy.detach()  # the engine's handle on the memory; the argument itself is switched
-        dy.__class__ = ConsumedTensor
+    if _gradient_reusable(ctx, dy, y, seen):  # in both modes (ownership notes 9, 10)
+        grad = dy.detach()  # the engine's handle on the memory
+        if ctx.consume_output:  # Python references to the argument raise from now on
+            _consume(dy, GRADIENT_CONSUMED_MESSAGE)
         gst = State([Part(grad, True)], consumed=[grad])
     else:
         gst = State([Part(dy.to(y.dtype), dy.dtype != y.dtype)])
@@ -351,8 +350,14 @@ def _backward_states(ctx: Any, y: Tensor, dy: Tensor, dy_references: int) -> tup
         # Autograd nodes that saved y themselves now fail their version check if run again.
         torch.autograd.graph.increment_version(y)
         for t in sharers:
-            t.__class__ = ConsumedTensor
+            _consume(t, CONSUMED_MESSAGE)
     return st, gst
+
+
+def _consume(t: Tensor, message: str) -> None:
+    """Switch ``t`` to :class:`ConsumedTensor`, whose every use raises ``message``."""
+    t.__class__ = ConsumedTensor
+    t._iunet_consumed_message = message
 
 
 def add_output_view(output: Tensor, view: Tensor) -> None:
@@ -379,4 +384,5 @@ def apply_fused(steps: Sequence[Step], x: Tensor, consume_output: bool = False) 
     gradient (the module docstring's consuming mode).
     """
     tensors = [t for step in steps for t in step.tensors()]
+    internals.reference_baselines()  # measured here, outside any backward, the first time
     return FusedInvertibleFunction.apply(steps, consume_output, x, *tensors)

@@ -40,85 +40,19 @@ model's plan in ``memcnn.InvertibleModuleWrapper`` and runs them in order.
 
 from __future__ import annotations
 
-import functools
-import importlib
-import sys
-import threading
 import warnings
 import weakref
-from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from iunet_nb import engine as eng
-from iunet_nb.arch.plan import CONCAT, SPLIT, Plan
+from iunet_nb import torch_internals as internals
+from iunet_nb.engine.plan import CONCAT, SPLIT, Plan
+from iunet_nb.nn.memcnn_library import import_memcnn
 
 __all__ = ["import_memcnn", "apply_memcnn"]
-
-_lock = threading.Lock()
-_memcnn: ModuleType | None = None
-
-
-def _import_with_modern_amp_decorators() -> ModuleType:
-    """Import ``memcnn`` with ``torch.cuda.amp.custom_fwd/bwd`` swapped out."""
-    import torch.amp
-    import torch.cuda.amp as cuda_amp
-
-    replacements = {}
-    if hasattr(torch.amp, "custom_fwd") and hasattr(torch.amp, "custom_bwd"):
-        replacements = {
-            "custom_fwd": functools.partial(torch.amp.custom_fwd, device_type="cuda"),
-            "custom_bwd": functools.partial(torch.amp.custom_bwd, device_type="cuda"),
-        }
-    originals = {name: getattr(cuda_amp, name) for name in replacements}
-    try:
-        for name, replacement in replacements.items():
-            setattr(cuda_amp, name, replacement)
-        return importlib.import_module("memcnn")
-    finally:
-        for name, original in originals.items():
-            setattr(cuda_amp, name, original)
-
-
-def import_memcnn() -> ModuleType:
-    """Return the ``memcnn`` module, imported without side effects.
-
-    After the call ``warnings.filters`` is exactly what it was before, and the
-    import raises no FutureWarning/DeprecationWarning (even with
-    ``-W error::FutureWarning -W error::DeprecationWarning``).  Repeated calls
-    return the cached module.  If ``memcnn`` was already imported by someone
-    else, that module is returned as is (its import side effects, if any,
-    have then already happened outside our control).
-
-    Raises :class:`ImportError` with an install hint when memcnn is missing.
-    """
-    global _memcnn
-    if _memcnn is not None:
-        return _memcnn
-    with _lock:
-        if _memcnn is not None:
-            return _memcnn
-        already = sys.modules.get("memcnn")
-        if already is not None:
-            _memcnn = already
-            return already
-        try:
-            # catch_warnings hands the import a copy of the filter list and
-            # puts the original list object back on exit, undoing memcnn's
-            # filterwarnings('ignore', category=UserWarning).
-            with warnings.catch_warnings():
-                module = _import_with_modern_amp_decorators()
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "memcnn is not installed. Install it without its dependencies "
-                "(they would pull torchvision and a CUDA build of torch): "
-                "pip install --no-deps memcnn==1.5.2"
-            ) from exc
-        _memcnn = module
-        return module
-
 
 # ---------------------------------------------------------------------------- the memcnn engine
 class _MemcnnSafe(nn.Module):
@@ -225,22 +159,25 @@ def _walk(plan: Plan, modules: Sequence[nn.Module], x: Tensor,
 
 
 def apply_memcnn(plan: Plan, modules: Sequence[nn.Module], x: Tensor, preserve_rng_state: bool,
-                 wrappers: dict[int, nn.Module]) -> Tensor:
+                 wrappers: dict[tuple[int, bool], nn.Module]) -> Tensor:
     """The body ``(N, C, *spatial) -> (N, C, *spatial)`` with every operation in memcnn's wrapper.
 
     ``modules[k]`` is the invertible module of ``plan.ops[k]`` (a split returns
     ``(kept, sent)`` copies, a concat takes ``(kept, sent)``).  ``wrappers``
     caches one ``memcnn.InvertibleModuleWrapper`` per module (keyed by
-    ``id(module)``) across calls.  The output carries a hook that refuses
+    ``(id(module), hooked)``) across calls.  The output carries a hook that refuses
     what memcnn would get wrong (see :func:`_guard_output`).
     """
     memcnn = import_memcnn()
 
     def wrap(module: nn.Module) -> nn.Module:
-        key = id(module)
+        # A module with hooks keeps its input: a hook may change values, so its input cannot
+        # be rebuilt with its inverse (the backward recomputes it from the kept input).
+        hooked = internals.module_has_hooks(module, recurse=False)
+        key = (id(module), hooked)
         if key not in wrappers:
             wrappers[key] = memcnn.InvertibleModuleWrapper(
-                fn=_MemcnnSafe(module, preserve_rng_state), keep_input=False,
+                fn=_MemcnnSafe(module, preserve_rng_state), keep_input=hooked,
                 keep_input_inverse=False, preserve_rng_state=preserve_rng_state,
             )
         return wrappers[key]

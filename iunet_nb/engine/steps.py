@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from iunet_nb import torch_internals as internals
 from iunet_nb.engine.contract import DeclaredCouplingFunction, OrthogonalKernelModule, Step
 from iunet_nb.engine.coupling_backward import add_block_output, add_block_output_slabwise, recompute_and_backward
 from iunet_nb.engine.parts import (
@@ -26,7 +27,7 @@ from iunet_nb.engine.parts import (
 
 __all__ = [
     "SLAB_MIN_BYTES", "private_buffers", "RecomputeContext", "CouplingStep",
-    "InvertibleModuleStep", "KernelStep", "SplitStep", "ConcatStep",
+    "InvertibleModuleStep", "RecordedStep", "KernelStep", "SplitStep", "ConcatStep",
 ]
 
 #: Couplings whose ``f(v)`` is at least this large are recomputed slab by slab (one extra
@@ -293,6 +294,49 @@ class InvertibleModuleStep(Step):
             grads = torch.autograd.grad(y_re, [x_in] + wanted, dy.to(y_re.dtype), allow_unused=True)
         dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
         st.cur = [Part(x.detach(), True)]
+        gst.cur = [Part(dx.to(dy.dtype), True)]
+        return _gradients_for(tensors, grads[1:])
+
+
+class RecordedStep(Step):
+    """A module called as itself with autograd in the forward, its graph kept for the backward.
+
+    For modules that the engine must not rebuild from their output: those with hooks
+    (a hook may change values, and fires here exactly as in plain autograd: forward
+    hooks once in the forward, backward hooks in the backward).  The step costs what
+    conventional backpropagation costs for this module (its graph and a copy of its
+    input); the rest of the chain stays memory-efficient.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.module.parameters())
+
+    def forward(self, st: State, tensors: Sequence[Tensor], record: dict) -> None:
+        x = full(st.cur).tensor
+        with torch.enable_grad():
+            # A copy: later steps may write into the memory x lives in (ownership note 11).
+            x_in = x.detach().clone().requires_grad_(True)
+            y = self.module(x_in)
+        record["graph"] = (x_in, y)
+        # Not owned: y's memory may be saved by its own graph (ownership note 1).
+        st.cur = [Part(y.detach(), False)]
+
+    def backward(self, st: State, gst: State, tensors: Sequence[Tensor],
+                 record: dict) -> list[Tensor | None]:
+        x_in, y = record["graph"]
+        dy = full(gst.cur).tensor
+        st.cur, gst.cur = [], []
+        keep = internals.graph_is_kept()
+        wanted = [t for t in tensors if t.requires_grad]
+        grads = torch.autograd.grad(y, [x_in] + wanted, dy.to(y.dtype), retain_graph=keep,
+                                    allow_unused=True)
+        if not keep:  # this backward runs once: the graph can go now (note 8)
+            del record["graph"]
+        dx = grads[0] if grads[0] is not None else torch.zeros_like(x_in)
+        st.cur = [Part(x_in.detach(), False)]
         gst.cur = [Part(dx.to(dy.dtype), True)]
         return _gradients_for(tensors, grads[1:])
 

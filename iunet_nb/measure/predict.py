@@ -18,7 +18,7 @@ not fit in memory.
 
 How it works (first principles, a few calibrated constants)
 -----------------------------------------------------------
-The body of the network is the model's plan (:mod:`iunet_nb.arch.plan`):
+The body of the network is the model's plan (:mod:`iunet_nb.engine.plan`):
 its couplings, channel mixings and down/upsamplings (splits and concats only
 slice); for the U-Net baseline the same plan read as residual blocks, strided
 and transposed convolutions and 1x1 fusions.
@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from iunet_nb.arch.layout import Layout, compute_layout
-from iunet_nb.arch.plan import (
+from iunet_nb.engine.plan import (
     CONCAT, COUPLING, DECODER, DOWNSAMPLE, ENCODER, MIXING, UPSAMPLE, Op, Plan, build_plan,
     check_channel_mixing_freq, coupling_halves,
 )

@@ -4,7 +4,7 @@
 allocates activation-sized buffers on top of the result: the backward of a 16 -> 1
 convolution, for example, briefly holds two 16-channel buffers besides its saved input and
 the input gradient it returns.  :class:`TiledConv` computes the same convolution with
-:func:`iunet_nb.engine.tiled.conv3` (slabs along the first spatial dimension on CPU, one
+:func:`iunet_nb.nn.tiled.conv3` (slabs along the first spatial dimension on CPU, one
 plain call on other devices and under autocast), so the step needs no more than the output,
 the gradients and a few tile-sized buffers.  It is a drop-in replacement for
 ``nn.ConvNd(in, out, 3, padding=1)``: same parameter names, shapes and initialisation, so the
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from iunet_nb.common import check_dim
-from iunet_nb.engine.tiled import conv3
+from iunet_nb.nn.tiled import conv3
 
 __all__ = ["TiledConv"]
 
@@ -37,7 +37,7 @@ class TiledConv(nn.Module):
     """``(N, in_channels, *S) -> (N, out_channels, *S)``: a 3^dim convolution, stride 1, padding 1.
 
     The same function as ``nn.Conv{dim}d(in_channels, out_channels, 3, padding=1, bias=bias)``,
-    computed by :func:`iunet_nb.engine.tiled.conv3` (slab by slab on CPU, forward and
+    computed by :func:`iunet_nb.nn.tiled.conv3` (slab by slab on CPU, forward and
     backward); the bias is added to the convolution's result in place.
 
     Args:

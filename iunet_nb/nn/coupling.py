@@ -19,9 +19,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from iunet_nb import torch_internals as internals
 from iunet_nb.common import CONV, check_dim
-from iunet_nb.engine.contract import ConvLeakyReLUGroupNorm, DeclaredCouplingFunction
-from iunet_nb.engine.tiled import conv3
+from iunet_nb.nn.interfaces import ConvLeakyReLUGroupNorm, DeclaredCouplingFunction
+from iunet_nb.nn.tiled import conv3
 
 __all__ = [
     "AdditiveCoupling",
@@ -109,18 +110,51 @@ class StandardCouplingFunction(nn.Sequential, DeclaredCouplingFunction):
         self.depth = depth
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, in_channels, *S) -> (N, out_channels, *S)``; convolutions tiled on CPU."""
+        """``(N, in_channels, *S) -> (N, out_channels, *S)``; standard convolutions tiled on CPU.
+
+        A layer that was replaced or hooked since construction runs as the module it is.
+        """
+        if not self._standard_triples():
+            return super().forward(x)
         for i in range(0, len(self), 3):
             conv, act, norm = self[i], self[i + 1], self[i + 2]
-            x = norm(act(conv3(x, conv.weight)))
+            y = conv3(x, conv.weight) if _is_standard_conv(conv, self.dim) else conv(x)
+            x = norm(act(y))
         return x
 
+    def _standard_triples(self) -> bool:
+        """Whether the layers are still (convolution, activation, normalisation) triples."""
+        return len(self) % 3 == 0 and all(
+            isinstance(self[i], nn.modules.conv._ConvNd) for i in range(0, len(self), 3))
+
     def fused_block(self) -> ConvLeakyReLUGroupNorm | None:
-        """The single conv -> LeakyReLU -> GroupNorm block (``depth=1``); None for deeper ``f``."""
-        if self.depth != 1:
+        """The block for the engine's fused kernel, or None where the kernel would not compute ``f``.
+
+        The kernel computes exactly ``GroupNorm(1, c, eps, affine)(LeakyReLU(slope)(conv3(v, w)))``
+        with a bias-free 3^dim convolution of stride 1, padding 1, dilation 1, one group and
+        zero padding.  Anything else -- ``depth > 1``, a replaced layer (``GroupNorm(2, c)``,
+        ``BatchNorm``, another activation or convolution), a subclass with its own ``forward``,
+        a hook on ``f`` or on one of its layers -- gets None, and the engine runs ``f`` itself.
+        """
+        if type(self).forward is not StandardCouplingFunction.forward or len(self) != 3:
             return None
         conv, act, norm = self[0], self[1], self[2]
+        exact = (_is_standard_conv(conv, self.dim)
+                 and type(act) is nn.LeakyReLU
+                 and type(norm) is nn.GroupNorm and norm.num_groups == 1 and norm.affine
+                 and norm.num_channels == conv.out_channels)
+        if not exact or internals.module_has_hooks(self):
+            return None
         return ConvLeakyReLUGroupNorm(conv.weight, act.negative_slope, norm.weight, norm.bias, norm.eps)
+
+
+def _is_standard_conv(conv: nn.Module, dim: int) -> bool:
+    """Whether ``conv`` is exactly ``CONV[dim](c_in, c, 3, padding=1, bias=False)`` without hooks."""
+    return (type(conv) is CONV[dim] and conv.kernel_size == (3,) * dim
+            and conv.stride == (1,) * dim and conv.padding in ((1,) * dim, 1)
+            and conv.dilation == (1,) * dim and conv.groups == 1 and conv.bias is None
+            and conv.padding_mode == "zeros" and not conv.transposed
+            and not internals.module_has_hooks(conv, recurse=False))
 
 
 def _resolve_depth(depth: int | None, block_depth: int | None) -> int:
@@ -171,7 +205,7 @@ def create_memcnn_module(in_channels: int, dim: int = 2, depth: int | None = Non
     memcnn splits with ``torch.chunk``: ``x1`` gets ``ceil(C/2)`` channels.
     ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``.
     """
-    from iunet_nb.engine.memcnn import import_memcnn
+    from iunet_nb.nn.memcnn_library import import_memcnn
 
     memcnn = import_memcnn()
     depth = _resolve_depth(depth, block_depth)

@@ -23,7 +23,7 @@ from torch import nn
 from torch import Tensor
 
 from iunet_nb.common import check_dim
-from iunet_nb.engine.contract import OrthogonalKernelModule
+from iunet_nb.nn.interfaces import OrthogonalKernelModule
 
 __all__ = [
     "METHODS",

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
-if TYPE_CHECKING:  # the plan reads a layout's fields only; no import at run time
-    from iunet_nb.arch.layout import Layout, LevelLayout
+#: What the plan reads of an :class:`iunet_nb.arch.layout.Layout` and of its levels: their
+#: fields only (duck-typed, so that the engine does not depend on the architecture layer).
+Layout = Any
+LevelLayout = Any
 
 __all__ = [
     "COUPLING", "MIXING", "DOWNSAMPLE", "UPSAMPLE", "SPLIT", "CONCAT", "OP_KINDS",
