@@ -137,7 +137,8 @@ def will_accumulate(t: Tensor) -> bool | None:
     if not available() or t.grad_fn is not None:
         return None
     try:
-        node = t.view_as(t).grad_fn.next_functions[0][0]  # t's AccumulateGrad node
+        with torch.enable_grad():  # a backward runs without grad mode: no grad_fn there
+            node = t.view_as(t).grad_fn.next_functions[0][0]  # t's AccumulateGrad node
         return bool(torch._C._will_engine_execute_node(node))
     except (AttributeError, RuntimeError, IndexError, TypeError):
         return None

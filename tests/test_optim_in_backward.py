@@ -113,3 +113,70 @@ def test_gradients_never_all_alive_in_the_fused_engine() -> None:
     assert plain.grad_bytes > 0.5 * plain.peak_bytes  # the weights dominate this small model
     # the peak loses most of the gradients (what remains: one step's gradients + temporaries)
     assert inb.peak_bytes < plain.peak_bytes - 0.6 * plain.grad_bytes, (inb.peak_bytes, plain.peak_bytes)
+
+
+# ------------------------------------------------------------------ only what autograd accumulates
+def _snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("how", ["autograd.grad", "backward(inputs=)"])
+def test_an_input_gradient_alone_steps_no_parameter(engine: str, how: str) -> None:
+    """Adversarial examples, saliency maps, the first half of a gradient penalty: only dL/dx is
+    asked for, so autograd accumulates no parameter gradient and nothing may be stepped."""
+    model, ref = _model(engine), _model("conventional")
+    (x, target), = _data()[:1]
+    before = _snapshot(model)
+    with optimizer_in_backward(model, "sgd", lr=0.1) as inb:
+        xr = x.clone().requires_grad_(True)
+        loss = _loss(model, xr, target)
+        if engine == "memcnn":  # memcnn refuses both itself, with an error that names backward()
+            with pytest.raises(RuntimeError, match=r"not compatible with \.grad\(\)"):
+                if how == "autograd.grad":
+                    torch.autograd.grad(loss, [xr])
+                else:
+                    loss.backward(inputs=[xr])
+            dx = None
+        elif how == "autograd.grad":
+            (dx,) = torch.autograd.grad(loss, [xr])
+        else:
+            loss.backward(inputs=[xr])
+            dx = xr.grad
+    assert inb.steps == 0
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    if dx is not None:
+        xr_ref = x.clone().requires_grad_(True)
+        (dx_ref,) = torch.autograd.grad(_loss(ref, xr_ref, target), [xr_ref])
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_frozen_parameters_are_not_stepped(engine: str) -> None:
+    model, ref = _model(engine), _model(engine)
+    frozen = [n for n, _ in model.named_parameters()][::3]
+    for m in (model, ref):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n not in frozen)
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.05)
+    (x, target), = _data()[:1]
+    _loss(ref, x, target).backward()
+    opt.step()
+    with optimizer_in_backward([p for p in model.parameters() if p.requires_grad], "sgd", lr=0.05):
+        _loss(model, x, target).backward()
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13, msg=n)
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_two_forwards_then_two_backwards_are_refused_as_by_autograd(engine: str) -> None:
+    """The first backward steps the parameters in place; the second forward's backward would
+    then use parameters other than its forward's.  Plain autograd refuses; so does every engine."""
+    model = _model(engine)
+    (x1, t1), (x2, t2) = _data()[:2]
+    with optimizer_in_backward(model, "sgd", lr=0.05):
+        loss1, loss2 = _loss(model, x1, t1), _loss(model, x2, t2)
+        loss1.backward()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss2.backward()

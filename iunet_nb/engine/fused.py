@@ -232,6 +232,10 @@ class FusedInvertibleFunction(torch.autograd.Function):
                     if g is not None:
                         g = g.to(tensors[i].dtype)
                         early = _early_callback(tensors[i]) if EARLY_GRADIENTS else None
+                        if early is not None and not internals.will_accumulate(tensors[i]):
+                            # Autograd would not accumulate it in this backward (inputs=,
+                            # autograd.grad, or unknown): no step; autograd decides as usual.
+                            early = None
                         if early is None:
                             grads[i] = g
                         else:  # handed over now (e.g. an optimizer step), not at the end

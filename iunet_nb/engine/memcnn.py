@@ -103,19 +103,25 @@ def _not_a_view(t: Tensor) -> Tensor:
     return t if t._base is None else eng.storage_alias(t)
 
 
-def _guard_output(y: Tensor) -> Tensor:
+def _guard_output(y: Tensor, parameters: Sequence[Tensor] = ()) -> Tensor:
     """Make the memcnn engine fail loudly where it would silently give wrong gradients.
 
     memcnn rebuilds every activation from the output tensor itself, so an
     in-place change of the output before ``backward`` (``y.add_(1)``) would
     corrupt all of them; its checkpoint function has no double backward; and
     it can back-propagate each forward only once (keeping what a second pass
-    needs would keep every activation of the first one alive).  A hook on
-    ``y`` checks all three when the backward reaches it.
+    needs would keep every activation of the first one alive).  It also
+    recomputes every step with the parameters as they are at the backward:
+    where one was changed in place since the forward (an optimizer step between
+    two forwards and their backwards, or inside a backward), plain autograd
+    refuses, and so does this engine.  A hook on ``y`` checks all of it when
+    the backward reaches it.
     """
     if not y.requires_grad:
         return y
     version = y._version
+    parameters = [p for p in parameters if p.requires_grad]
+    versions = [p._version for p in parameters]
     ref = weakref.ref(y)
     passes = [0]
 
@@ -129,6 +135,16 @@ def _guard_output(y: Tensor) -> Tensor:
                 "what a second backward would need). For backward(retain_graph=True) followed by "
                 "another backward use me_backend='fused' (the default) or disable_custom_gradient=True, "
                 "or run the forward again."
+            )
+        changed = [i for i, (p, v) in enumerate(zip(parameters, versions)) if p._version != v]
+        if changed:
+            p = parameters[changed[0]]
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: {len(changed)} parameter(s) of the iUNet (the first of shape {tuple(p.shape)}) "
+                "changed after this forward (an optimizer step between the forward and its backward). "
+                "me_backend='memcnn' recomputes with the current parameters, which would give wrong "
+                "gradients; run backward before the next optimizer step, as with plain autograd."
             )
         out = ref()
         if out is not None and out._version != version:
@@ -199,4 +215,4 @@ def apply_memcnn(plan: Plan, modules: Sequence[nn.Module], x: Tensor, preserve_r
         # one-time UserWarning about it says nothing the user can act on.
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
         y = _walk(plan, modules, x, apply)
-    return _guard_output(y)
+    return _guard_output(y, [p for m in modules for p in m.parameters()])
