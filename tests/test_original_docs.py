@@ -426,10 +426,11 @@ def test_tutorial3_introductory_example(capsys):
 
     assert torch_img.shape == (1, 1, 512, 512)
     assert output.shape == (1, 4, 256, 256)
-    # "By default, this is initialized as the Haar transform": the four sub-bands
+    # "By default, this is initialized as the Haar transform": the four sub-bands, in the
+    # reference's order for 2D and Cayley (checked against iunets in tests/test_reference_oracle.py)
     a, b = img[0::2, 0::2], img[0::2, 1::2]
     c, d = img[1::2, 0::2], img[1::2, 1::2]
-    for k, band in enumerate([a + b + c + d, a - b + c - d, a + b - c - d, a - b - c + d]):
+    for k, band in enumerate([a + b - c - d, a + b + c + d, a - b + c - d, a - b - c + d]):
         np.testing.assert_allclose(output[0, k], band / 2, rtol=0, atol=1e-6)
 
     # We now check how well the inversion works.  The docs call

@@ -387,6 +387,8 @@ class iUNet(nn.Module):
         self._memcnn_wrappers: dict[tuple[int, bool], nn.Module] = {}
         # split/concat modules of the memcnn engine (not registered: they have no state).
         self._channel_modules: dict[Op, nn.Module] = {}
+        # State dicts saved from the reference package's iUNet load too (converted while loading).
+        self.register_load_state_dict_pre_hook(_reference_checkpoint_hook)
 
     def _set_layout_attributes(self, layout: Layout) -> None:
         self.dim = layout.dim
@@ -706,6 +708,13 @@ class iUNet(nn.Module):
             if c.dim() != self.dim + 2 or c.shape[1] != want:
                 raise ValueError(f"code {i} must have {want} channels and {self.dim + 2} dims, "
                                  f"got shape {tuple(c.shape)}")
+
+
+def _reference_checkpoint_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Convert a state dict saved from ``iunets.iUNet`` (see :mod:`iunet_nb.compat.checkpoints`)."""
+    from iunet_nb.compat.checkpoints import convert_iunet
+
+    convert_iunet(module, state_dict, prefix)
 
 
 def _pairs(padding: list[int]) -> list[tuple[int, int]]:
