@@ -39,12 +39,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from iunet_nb.arch.iunet import _ConcatChannels, _SplitChannels
 from iunet_nb.compat import checkpoints as _ckpt
+from iunet_nb.compat.modules import AdditiveCoupling
 from iunet_nb.compat.reference import StandardBlock, reorder_haar_to_reference
-from iunet_nb.nn.coupling import AdditiveCoupling as _AdditiveCoupling
 from iunet_nb.nn.coupling import create_memcnn_module, create_standard_module
 from iunet_nb.nn.mixing import OrthogonalChannelMixing as _ChannelMixing
 from iunet_nb.nn.resampling import InvertibleDownsampling, InvertibleUpsampling
@@ -204,48 +203,8 @@ InvertibleChannelMixing3D = _fixed_dim_class(OrthogonalChannelMixing, 3)
 
 
 # ------------------------------------------------------------------ coupling, split, concatenate
-def _input_channels(F: nn.Module) -> int | None:
-    """``in_channels`` of the first layer of ``F`` that declares it (a convolution), else None."""
-    for m in F.modules():
-        c = getattr(m, "in_channels", None)
-        if isinstance(c, int) and not isinstance(c, bool):
-            return c
-    return None
-
-
-class AdditiveCoupling(_AdditiveCoupling):
-    """The reference's ``AdditiveCoupling(F, channel_split_pos)``: ``(x1, x2) -> (x2, x1 + F(x2))``.
-
-    ``x1 = x[:, :channel_split_pos]``, ``x2 = x[:, channel_split_pos:]``; ``F`` maps
-    ``x2`` to the shape of ``x1``.  The number of channels ``C`` is
-    ``channel_split_pos`` plus the input channels of ``F``'s first convolution,
-    or given as ``channels``.  Input and output ``(N, C, *spatial)``.
-    """
-
-    def __init__(self, F: nn.Module, channel_split_pos: int, channels: int | None = None) -> None:
-        if not isinstance(F, nn.Module):
-            raise TypeError(f"AdditiveCoupling: F must be a torch.nn.Module, got {type(F).__name__}")
-        if channels is None:
-            f_in = _input_channels(F)
-            if f_in is None:
-                raise TypeError(
-                    "AdditiveCoupling(F, channel_split_pos): cannot tell the number of channels from F "
-                    "(it has no layer with in_channels); pass channels=C as well"
-                )
-            channels = channel_split_pos + f_in
-        super().__init__(F, channels, channel_split_pos)
-        self.channel_split_pos = channel_split_pos
-        _ckpt.register(self, _ckpt.coupling_pre_hook)
-
-    @property
-    def F(self) -> nn.Module:
-        """The coupling function (the reference's name for :attr:`f`)."""
-        return self.f
-
-
 #: The name of the same coupling in the reference package's 0.1 release.
 StandardAdditiveCoupling = AdditiveCoupling
-
 
 
 def _check_split(split_location: Any) -> int:

@@ -32,8 +32,9 @@ from torch import nn
 
 import iunet_nb.layers  # noqa: F401  (as in the reference, ``networks`` makes ``layers`` available)
 from iunet_nb.arch.iunet import iUNet as _iUNet
+from iunet_nb.compat.modules import create_reference_module
 from iunet_nb.compat.reference import (
-    create_reference_module, reorder_haar_to_reference, use_reference_mixing_placement,
+    reorder_haar_to_reference, use_reference_mixing_placement,
 )
 
 __all__ = ["iUNet", "create_standard_module", "first_api_channels"]

@@ -20,13 +20,15 @@ LAYERS: dict[str, int] = {
     "iunet_nb.torch_internals": 0,
     "iunet_nb.nn": 1,
     "iunet_nb.engine": 2,
-    "iunet_nb.arch": 3,
-    "iunet_nb.measure": 4,
-    "iunet_nb.notebook": 5,
-    "iunet_nb.apps": 6,
+    "iunet_nb.compat": 3,
+    "iunet_nb.arch": 4,
+    "iunet_nb.measure": 5,
+    "iunet_nb.notebook": 6,
+    "iunet_nb.apps": 7,
 }
-#: Everything else (the package's public face and its command-line entry points) is on top.
-TOP = 7
+#: Everything else (the package's public face, the original package's module names and the
+#: command-line entry points) is on top.
+TOP = 8
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -24,10 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from iunet_nb.compat.reference import (
-    REFERENCE_GROUPNORM_EPS, StandardBlock, reference_kernel, use_reference_mixing_placement,
+    REFERENCE_GROUPNORM_EPS, StandardBlock, block_pre_hook, convert_block, reference_kernel,
+    use_reference_mixing_placement,
 )
 from iunet_nb.nn.coupling import AdditiveCoupling, StandardCouplingFunction
 from iunet_nb.nn.orthogonal import OrthogonalBaseMixin
@@ -74,25 +75,6 @@ def convert_orthogonal(module: OrthogonalBaseMixin, state_dict: dict, prefix: st
     state_dict[prefix + "base"] = Q
     if module.weight is not None:
         state_dict[prefix + "weight"] = torch.zeros_like(Q)
-
-
-def _block_layer_keys(state_dict: dict, prefix: str) -> bool:
-    return any(k.startswith(prefix + "seq.") or k.startswith(prefix + "F.") for k in state_dict)
-
-
-def convert_block(state_dict: dict, prefix: str) -> None:
-    """Reference ``StandardBlock`` keys at ``prefix``: ``seq.k.*`` -> ``k.*``; ``F.k.*`` checked, dropped."""
-    if not _block_layer_keys(state_dict, prefix):
-        return
-    for key in _keys_under(state_dict, prefix + "F."):
-        twin = prefix + "seq." + key[len(prefix + "F."):]
-        value = state_dict.pop(key)
-        if twin not in state_dict:
-            state_dict[twin] = value
-        elif not torch.equal(state_dict[twin], value):
-            raise ValueError(f"{key} and {twin} differ; in a reference checkpoint they are the same tensor")
-    for key in _keys_under(state_dict, prefix + "seq."):
-        state_dict[prefix + key[len(prefix + "seq."):]] = state_dict.pop(key)
 
 
 def _block_shapes(state_dict: dict, prefix: str) -> list[tuple[int, ...]]:
@@ -182,11 +164,6 @@ def orthogonal_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args:
 def coupling_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of a coupling: accept the reference's format."""
     convert_coupling(module, state_dict, prefix)  # type: ignore[arg-type]
-
-
-def block_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook of a :class:`StandardBlock`: accept the reference's format."""
-    convert_block(state_dict, prefix)
 
 
 def iunet_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

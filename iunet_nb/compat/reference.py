@@ -19,15 +19,14 @@ package).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from iunet_nb.arch.plan import COUPLING, DECODER, MIXING, Plan
+from iunet_nb.engine.plan import COUPLING, DECODER, MIXING, Plan
 from iunet_nb.common import CONV, check_dim
-from iunet_nb.nn.coupling import AdditiveCoupling, StandardCouplingFunction
+from iunet_nb.nn.coupling import StandardCouplingFunction
 from iunet_nb.nn.resampling import haar_matrix
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "reference_haar",
     "StandardBlock",
     "reference_split",
-    "create_reference_module",
     "use_reference_mixing_placement",
 ]
 
@@ -98,6 +96,34 @@ def reference_haar(dim: int, method: str) -> Tensor:
 
 
 # ------------------------------------------------------------------ the standard coupling
+def _keys_under(state_dict: dict, prefix: str) -> list[str]:
+    return [k for k in state_dict if k.startswith(prefix)]
+
+
+def _block_layer_keys(state_dict: dict, prefix: str) -> bool:
+    return any(k.startswith(prefix + "seq.") or k.startswith(prefix + "F.") for k in state_dict)
+
+
+def convert_block(state_dict: dict, prefix: str) -> None:
+    """Reference ``StandardBlock`` keys at ``prefix``: ``seq.k.*`` -> ``k.*``; ``F.k.*`` checked, dropped."""
+    if not _block_layer_keys(state_dict, prefix):
+        return
+    for key in _keys_under(state_dict, prefix + "F."):
+        twin = prefix + "seq." + key[len(prefix + "F."):]
+        value = state_dict.pop(key)
+        if twin not in state_dict:
+            state_dict[twin] = value
+        elif not torch.equal(state_dict[twin], value):
+            raise ValueError(f"{key} and {twin} differ; in a reference checkpoint they are the same tensor")
+    for key in _keys_under(state_dict, prefix + "seq."):
+        state_dict[prefix + key[len(prefix + "seq."):]] = state_dict.pop(key)
+
+
+def block_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of a :class:`StandardBlock`: accept the reference's format."""
+    convert_block(state_dict, prefix)
+
+
 class StandardBlock(StandardCouplingFunction):
     """The reference's coupling function ``(N, num_in_channels, *S) -> (N, num_out_channels, *S)``.
 
@@ -132,9 +158,7 @@ class StandardBlock(StandardCouplingFunction):
         self.depth = block_depth
         self.num_in_channels = num_in_channels
         self.num_out_channels = num_out_channels
-        from iunet_nb.compat.checkpoints import block_pre_hook, register
-
-        register(self, block_pre_hook)  # the reference's keys (seq.k / F.k) load too
+        self.register_load_state_dict_pre_hook(block_pre_hook)  # the reference's keys (seq.k / F.k) load too
 
     @property
     def F(self) -> nn.Sequential:
@@ -157,31 +181,6 @@ def reference_split(channels: int, module_index: int) -> int:
     return channels // 2 if module_index % 2 == 0 else channels - channels // 2
 
 
-def create_reference_module(in_channels: Any, dim: int = 2, block_depth: int | None = None,
-                            module_index: int = 0, zero_init: bool = True, *,
-                            depth: int | None = None, LR: str | None = None, level: int | None = None,
-                            architecture: Any = None, branch: str | None = None) -> AdditiveCoupling:
-    """The reference's standard coupling for ``in_channels`` channels (or an input shape ``(C, *S)``).
-
-    ``(u, v) -> (v, u + f(v))`` with ``u = x[:, :split]``, ``split`` from
-    :func:`reference_split` and ``f`` a :class:`StandardBlock` of ``block_depth``
-    (alias ``depth``) layers.  The coordinates (``LR``, ``branch``, ``level``,
-    ``architecture``) are accepted and, as in the reference, not used.
-    """
-    from iunet_nb.layers import StandardAdditiveCoupling  # the reference-named coupling
-
-    channels = in_channels[0] if isinstance(in_channels, (tuple, list, torch.Size)) else in_channels
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
-        raise ValueError(f"a coupling layer needs in_channels >= 2, got in_channels={in_channels!r}")
-    if depth is not None and block_depth is not None:
-        raise TypeError(f"give block_depth= or its alias depth=, not both (got {block_depth}, {depth})")
-    blocks = 1 if depth is None and block_depth is None else (depth if block_depth is None else block_depth)
-    split = reference_split(channels, module_index)
-    f = StandardBlock(dim, channels - split, split, block_depth=blocks, zero_init=zero_init)
-    return StandardAdditiveCoupling(f, split, channels=channels)
-
-
-# ------------------------------------------------------------------ decoder mixing placement
 def _reference_decoder_order(ops: list) -> list:
     """A decoder level's module ops with a leading mixing moved behind the first coupling."""
     if len(ops) >= 2 and ops[0].kind == MIXING and ops[1].kind == COUPLING:
