@@ -566,9 +566,40 @@ class iUNet(nn.Module):
             return _empty_batch_output(x, self.parameters())
         if self.disable_custom_gradient or not needs_graph:
             return self._plain_body(x)
+        return self._memory_efficient_body(x)
+
+    @torch.compiler.disable
+    def _memory_efficient_body(self, x: Tensor) -> Tensor:
+        """The body run by an engine.  Compilers (``torch.compile``) compile around it: the
+        engine's autograd function, its ownership checks and its in-place kernels run eagerly,
+        and the layers before and after it are compiled as usual."""
+        _refuse_tracers(self.me_backend)
         if self.me_backend == "memcnn":
-            return self._memcnn_body(x)
+            return self._memcnn_body_autocast(x)
         return eng.apply_fused(self._steps(), x, consume_output=self.consume_output)
+
+    def _memcnn_body_autocast(self, x: Tensor) -> Tensor:
+        """The memcnn body; under autocast it runs in the parameters' dtype, as the fused engine.
+
+        An exact inverse needs it (a coupling undone in bfloat16 loses its input), and memcnn's
+        convolutions would otherwise see a bfloat16 input with float32 weights.  The output
+        has the autocast dtype, as the layers of a conventional network would give.
+        """
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return self._memcnn_body(x)
+        body_dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), x.dtype)
+        with torch.autocast(device_type, enabled=False):
+            y = self._memcnn_body(x.to(body_dtype))
+        return y.to(torch.get_autocast_dtype(device_type))
+
+    def __prepare_scriptable__(self) -> "iUNet":
+        """``torch.jit.script`` calls this first: an iUNet cannot be scripted, say why and what works."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile an iUNet (its layers use Python features TorchScript "
+            "lacks). For export, trace it: torch.jit.trace(model.eval(), x) under torch.no_grad(); "
+            "to train faster, use torch.compile(model)."
+        )
 
     def _plain_body(self, x: Tensor) -> Tensor:
         return self._decode(self._encode(x))
@@ -705,9 +736,31 @@ class iUNet(nn.Module):
                 f"got {len(codes)}"
             )
         for i, (c, want) in enumerate(zip(codes, self.plan.code_channels)):
+            if not isinstance(c, Tensor):
+                raise TypeError(f"code {i} must be a tensor, got {type(c).__name__}")
             if c.dim() != self.dim + 2 or c.shape[1] != want:
                 raise ValueError(f"code {i} must have {want} channels and {self.dim + 2} dims, "
                                  f"got shape {tuple(c.shape)}")
+        self._check_code_sizes(codes)
+
+    def _check_code_sizes(self, codes: list[Tensor]) -> None:
+        """Each code's batch and spatial size must follow from code 0's and the strides."""
+        size = list(codes[0].shape[2:])
+        for i, c in enumerate(codes):
+            if i > 0:
+                stride = self.resampling_stride[i - 1]
+                if any(s % k for s, k in zip(size, stride)):
+                    raise ValueError(
+                        f"code 0 has spatial size {tuple(codes[0].shape[2:])}, which the strides "
+                        f"{self.resampling_stride} do not divide down to level {i}; use a size that is "
+                        f"a multiple of {self.downsampling_factors} (encode() pads to one)")
+                size = [s // k for s, k in zip(size, stride)]
+            if c.shape[0] != codes[0].shape[0] or list(c.shape[2:]) != size:
+                raise ValueError(
+                    f"code {i} has shape {tuple(c.shape)}; with code 0 of shape {tuple(codes[0].shape)} "
+                    f"and strides {self.resampling_stride} it must be "
+                    f"{(codes[0].shape[0], c.shape[1], *size)} (batch {codes[0].shape[0]}, spatial size "
+                    f"{tuple(size)}): pass the codes of one encode() call, in its order")
 
 
 def _reference_checkpoint_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -715,6 +768,22 @@ def _reference_checkpoint_hook(module: nn.Module, state_dict: dict, prefix: str,
     from iunet_nb.compat.checkpoints import convert_iunet
 
     convert_iunet(module, state_dict, prefix)
+
+
+#: The error for tracers that cannot record the engines' autograd functions.
+TRACING_MESSAGE = (
+    "torch.jit.trace/torch.jit.script cannot record the memory-efficient engine (an autograd "
+    "function with its own backward). For a traced or scripted model (inference, export), trace it "
+    "in eval mode under torch.no_grad(), or set model.disable_custom_gradient = True first: the "
+    "iUNet then runs as plain layers. To speed up training, use torch.compile(model), which "
+    "compiles around the engine."
+)
+
+
+def _refuse_tracers(me_backend: str) -> None:
+    """Raise :data:`TRACING_MESSAGE` under ``torch.jit`` tracing or scripting."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        raise RuntimeError(f"me_backend={me_backend!r}: {TRACING_MESSAGE}")
 
 
 def _pairs(padding: list[int]) -> list[tuple[int, int]]:

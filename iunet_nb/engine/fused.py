@@ -73,7 +73,7 @@ from iunet_nb import torch_internals as internals
 from iunet_nb.engine.contract import Step
 from iunet_nb.engine.parts import Part, State, full, owned_copy, release_unreferenced, storage_alias
 
-__all__ = ["DOUBLE_BACKWARD_MESSAGE", "CONSUMED_MESSAGE", "GRADIENT_CONSUMED_MESSAGE", "EARLY_GRADIENTS",
+__all__ = ["DOUBLE_BACKWARD_MESSAGE", "COMPILED_AUTOGRAD_MESSAGE", "CONSUMED_MESSAGE", "GRADIENT_CONSUMED_MESSAGE", "EARLY_GRADIENTS",
            "ConsumedTensor", "run_forward", "FusedInvertibleFunction", "apply_fused", "add_output_view"]
 
 #: The error for ``torch.autograd.grad(..., create_graph=True)`` through an engine.
@@ -82,6 +82,16 @@ DOUBLE_BACKWARD_MESSAGE = (
     "e.g. for a gradient penalty) is not supported by the memory-efficient engines, which do not "
     "record a graph of their backward. Build the model with disable_custom_gradient=True (or set "
     "model.disable_custom_gradient = True for that loss) to use plain autograd, which supports it."
+)
+
+
+#: The error for a backward traced by compiled autograd.
+COMPILED_AUTOGRAD_MESSAGE = (
+    "compiled autograd (torch._dynamo.config.compiled_autograd = True) traces every backward "
+    "with fake tensors, which the memory-efficient engine's backward cannot run on: it decides "
+    "what memory to reuse from the real tensors. Leave compiled autograd off -- torch.compile(model) "
+    "alone compiles the layers around the engine -- or set model.disable_custom_gradient = True "
+    "to train the iUNet with plain autograd, which compiled autograd can trace."
 )
 
 
@@ -210,8 +220,9 @@ class FusedInvertibleFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.compiler.disable  # compilers run it as it is (the probe's backward is wrapped alike)
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
-        references = sys.getrefcount(dy)  # first: as in torch_internals._Probe.backward
+        references = sys.getrefcount(dy)  # first use of dy: as in torch_internals._Probe.backward
         seen = internals.observe_gradient(dy, references)
         if torch.is_grad_enabled():  # create_graph=True
             raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
