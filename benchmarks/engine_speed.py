@@ -2,9 +2,12 @@
 
 64-channel 2D iUNet, 4 downsamplings (channels doubling per level), delta coupling
 layers per block, one thread.  Engines are interleaved in each round so that the
-machine's drift affects them alike; the median over rounds is reported.
+machine's drift affects them alike; the median over rounds is reported.  Each engine is
+timed with each loss of ``--losses``: ``torch`` is the loss a user writes
+(``y.square().mean()``), ``mean_square`` the project's meter loss
+(:func:`iunet_nb.measure.meter.mean_square`, whose backward allocates only ``dL/dy``).
 
-    python benchmarks/engine_speed.py --size 128 --delta 5 --rounds 5
+    python benchmarks/engine_speed.py --size 128 --delta 5 --rounds 5 --losses torch mean_square
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import time
 import torch
 
 from iunet_nb.arch.iunet import iUNet
+from iunet_nb.measure.meter import mean_square
 
 MODES = ("conventional", "fused", "memcnn")
 
@@ -28,12 +32,19 @@ def build(delta: int, mode: str) -> iUNet:
     )
 
 
-def step(model: iUNet, x: torch.Tensor) -> float:
+LOSSES = {
+    "torch": lambda y: y.square().mean(),
+    "mean_square": mean_square,
+}
+
+
+def step(model: iUNet, x: torch.Tensor, loss: str = "torch") -> float:
+    """Seconds of one training step (forward, loss, backward) with the loss ``loss``."""
     for p in model.parameters():
         p.grad = None
     t0 = time.perf_counter()
     y = model(x)
-    y.square().mean().backward()
+    LOSSES[loss](y).backward()
     return time.perf_counter() - t0
 
 
@@ -44,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--losses", nargs="+", default=["torch"], choices=sorted(LOSSES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = {m: build(args.delta, m) for m in args.modes}
@@ -55,19 +67,20 @@ def main() -> None:
     for m in models.values():
         m.load_state_dict(ref.state_dict())
     x = torch.randn(1, 64, args.size, args.size)
-    for m in models.values():  # warm-up
-        step(m, x)
-    times: dict[str, list[float]] = {m: [] for m in models}
+    runs = [(m, loss) for loss in args.losses for m in models]
+    for m, loss in runs:  # warm-up
+        step(models[m], x, loss)
+    times: dict[tuple[str, str], list[float]] = {r: [] for r in runs}
     for _ in range(args.rounds):
-        for name, m in models.items():
-            times[name].append(step(m, x))
-    base = statistics.median(times["conventional"]) if "conventional" in times else None
+        for m, loss in runs:
+            times[(m, loss)].append(step(models[m], x, loss))
     print(f"iUNet 64ch 2D, 4 downsamplings, delta={args.delta}, {args.size}x{args.size}, "
           f"threads={args.threads}, median of {args.rounds} interleaved rounds")
-    for name, ts in times.items():
+    for (name, loss), ts in times.items():
         med = statistics.median(ts)
-        ratio = f"{med / base:6.2f}x conventional" if base else ""
-        print(f"  {name:13s} {med:8.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})  {ratio}")
+        conv = times.get(("conventional", loss))
+        ratio = f"{med / statistics.median(conv):6.3f}x conventional" if conv else ""
+        print(f"  {name:13s} {loss:12s} {med:8.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})  {ratio}")
 
 
 if __name__ == "__main__":
