@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -38,7 +39,7 @@ __all__ = [
     "CHECKED_TORCH", "available", "unavailable", "storage_use_count", "tensor_use_count",
     "python_references", "graph_is_kept", "saved_tensor_hooks_active", "will_accumulate",
     "module_has_hooks", "tensor_has_hooks", "ReferenceBaselines", "reference_baselines",
-    "observe_gradient", "GradientObservation",
+    "observe_gradient", "GradientObservation", "run_eagerly",
 ]
 
 #: The torch versions (inclusive range of ``(major, minor)``) whose internals this module
@@ -211,6 +212,22 @@ class ReferenceBaselines:
     output_storage_references: int  #: Python references to that storage's object
 
 
+def _compiler_disable() -> Any:
+    """``torch.compiler.disable``, with the compiler's import kept from touching ``warnings.filters``.
+
+    ``torch.compiler.disable`` imports ``torch._dynamo``, which imports sympy, which adds a
+    warnings filter; importing this package must leave the filters as they were.
+    """
+    with warnings.catch_warnings():
+        import torch._dynamo  # noqa: F401
+    return torch.compiler.disable
+
+
+#: Decorator: the function runs eagerly, never traced by ``torch.compile`` or compiled
+#: autograd (the engine decides what memory to reuse from real tensors).
+run_eagerly = _compiler_disable()
+
+
 class _Probe(torch.autograd.Function):
     """A function with an unreachable output and an unreachable incoming gradient."""
 
@@ -223,7 +240,7 @@ class _Probe(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.compiler.disable  # as the engine's backward, so that the counts are the same
+    @run_eagerly  # as the engine's backward, so that the counts are the same
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         references = sys.getrefcount(grad)  # the same statement as the engine's backward's first
         gradient = observe_gradient(grad, references)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iunet_nb import engine as eng
+from iunet_nb import torch_internals as internals
 from iunet_nb.arch.layout import Layout, channels_from_slice_mode, compute_layout
 from iunet_nb.engine.plan import (
     CONCAT, COUPLING, DECODER, DOWNSAMPLE, ENCODER, MIXING, SPLIT, UPSAMPLE, Op, Plan, build_plan,
@@ -568,7 +569,7 @@ class iUNet(nn.Module):
             return self._plain_body(x)
         return self._memory_efficient_body(x)
 
-    @torch.compiler.disable
+    @internals.run_eagerly
     def _memory_efficient_body(self, x: Tensor) -> Tensor:
         """The body run by an engine.  Compilers (``torch.compile``) compile around it: the
         engine's autograd function, its ownership checks and its in-place kernels run eagerly,

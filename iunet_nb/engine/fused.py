@@ -220,7 +220,7 @@ class FusedInvertibleFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.compiler.disable  # compilers run it as it is (the probe's backward is wrapped alike)
+    @internals.run_eagerly  # compilers run it as it is (the probe's backward is wrapped alike)
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
         references = sys.getrefcount(dy)  # first use of dy: as in torch_internals._Probe.backward
         seen = internals.observe_gradient(dy, references)
