@@ -39,7 +39,7 @@ __all__ = [
     "CHECKED_TORCH", "available", "unavailable", "storage_use_count", "tensor_use_count",
     "python_references", "graph_is_kept", "saved_tensor_hooks_active", "will_accumulate",
     "module_has_hooks", "tensor_has_hooks", "ReferenceBaselines", "reference_baselines",
-    "observe_gradient", "GradientObservation", "run_eagerly",
+    "observe_gradient", "GradientObservation", "run_eagerly", "plain_tensor_functions",
 ]
 
 #: The torch versions (inclusive range of ``(major, minor)``) whose internals this module
@@ -168,6 +168,12 @@ def module_has_hooks(module: nn.Module, recurse: bool = True) -> bool:
         return any(getattr(m, name) for m in modules for name in _CALL_HOOK_DICTS)
     except AttributeError:
         return True
+
+
+def plain_tensor_functions() -> Any:
+    """Context in which a tensor subclass's ``__torch_function__`` is not consulted (torch's own
+    ``DisableTorchFunctionSubclass``, as its documentation's subclass examples use)."""
+    return torch._C.DisableTorchFunctionSubclass()
 
 
 def tensor_has_hooks(t: Tensor) -> bool:

@@ -73,7 +73,7 @@ from iunet_nb import torch_internals as internals
 from iunet_nb.engine.contract import Step
 from iunet_nb.engine.parts import Part, State, full, owned_copy, release_unreferenced, storage_alias
 
-__all__ = ["DOUBLE_BACKWARD_MESSAGE", "COMPILED_AUTOGRAD_MESSAGE", "CONSUMED_MESSAGE", "GRADIENT_CONSUMED_MESSAGE", "EARLY_GRADIENTS",
+__all__ = ["DOUBLE_BACKWARD_MESSAGE", "CONSUMED_MESSAGE", "GRADIENT_CONSUMED_MESSAGE", "EARLY_GRADIENTS",
            "ConsumedTensor", "run_forward", "FusedInvertibleFunction", "apply_fused", "add_output_view"]
 
 #: The error for ``torch.autograd.grad(..., create_graph=True)`` through an engine.
@@ -82,16 +82,6 @@ DOUBLE_BACKWARD_MESSAGE = (
     "e.g. for a gradient penalty) is not supported by the memory-efficient engines, which do not "
     "record a graph of their backward. Build the model with disable_custom_gradient=True (or set "
     "model.disable_custom_gradient = True for that loss) to use plain autograd, which supports it."
-)
-
-
-#: The error for a backward traced by compiled autograd.
-COMPILED_AUTOGRAD_MESSAGE = (
-    "compiled autograd (torch._dynamo.config.compiled_autograd = True) traces every backward "
-    "with fake tensors, which the memory-efficient engine's backward cannot run on: it decides "
-    "what memory to reuse from the real tensors. Leave compiled autograd off -- torch.compile(model) "
-    "alone compiles the layers around the engine -- or set model.disable_custom_gradient = True "
-    "to train the iUNet with plain autograd, which compiled autograd can trace."
 )
 
 
@@ -123,13 +113,13 @@ class ConsumedTensor(Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in _METADATA:
-            with torch._C.DisableTorchFunctionSubclass():
+            with internals.plain_tensor_functions():
                 return func(*args, **(kwargs or {}))
         consumed = next((a for a in args if isinstance(a, ConsumedTensor)), None)
         raise RuntimeError(getattr(consumed, "_iunet_consumed_message", CONSUMED_MESSAGE))
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
-        with torch._C.DisableTorchFunctionSubclass():
+        with internals.plain_tensor_functions():
             return (f"ConsumedTensor(shape={tuple(self.shape)}, dtype={self.dtype}: "
                     "consumed by the backward with consume_output=True)")
 
