@@ -235,3 +235,21 @@ def test_without_private_details_nothing_is_reused_and_gradients_are_exact(
         step(model, x)
     assert taken == [(False, False)]
     _assert_same(_grads(model, x), _reference(consume, step))
+
+
+def test_a_kept_graph_keeps_the_output_for_the_next_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``retain_graph=True``: the backward will run again from ``y``, so ``y`` is not taken, and
+    both backwards give plain autograd's gradients."""
+    taken = _taken(monkeypatch)
+
+    def step(model: nn.Module, x: Tensor) -> None:
+        head = nn.Conv2d(4, 1, 1).double()
+        torch.nn.init.constant_(head.weight, 0.5)
+        loss = head(model(x)).square().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+    model, x = _model(False), _input().requires_grad_(True)
+    step(model, x)
+    assert taken[0][0] is False
+    _assert_same(_grads(model, x), _reference(False, step))
