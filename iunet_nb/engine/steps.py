@@ -64,10 +64,33 @@ class private_buffers:
         self._saved = []
 
 
+def _rng_device(x: Tensor) -> torch.device | None:
+    """The accelerator whose RNG state a recomputation on ``x`` must replay (None: CPU's only).
+
+    The CPU generator is always replayed; ``meta`` tensors draw no random numbers.
+    Any other device type (``cuda``, ``xpu``, ``mps``, ...) is handled through
+    ``torch.get_device_module``, which must provide ``get_rng_state`` and
+    ``set_rng_state``.
+    """
+    if x.device.type in ("cpu", "meta"):
+        return None
+    module = torch.get_device_module(x.device.type)
+    if not (hasattr(module, "get_rng_state") and hasattr(module, "set_rng_state")):
+        raise RuntimeError(
+            f"cannot replay the RNG state of device type {x.device.type!r}: torch.{x.device.type} has no "
+            "get_rng_state/set_rng_state; build the engine with preserve_rng_state=False (and no "
+            "randomness in the recomputed modules) on this device")
+    return x.device
+
+
 class RecomputeContext:
     """Replays the forward's RNG state for ``module`` and gives it private buffers.
 
-    ``record`` is what :meth:`capture` returned when the forward ran.
+    ``record`` is what :meth:`capture` returned when the forward ran.  The states are
+    those of the CPU generator and, when the input lives on an accelerator, of that
+    device's default generator, read and restored through torch's device-generic
+    helpers (``torch.get_device_module``, ``torch.random.fork_rng(device_type=...)``),
+    so the same code serves CPU, CUDA and other back-ends.
     """
 
     def __init__(self, module: nn.Module, record: dict, preserve_rng_state: bool) -> None:
@@ -81,20 +104,25 @@ class RecomputeContext:
         record: dict[str, Any] = {}
         if preserve_rng_state:
             record["cpu_rng"] = torch.get_rng_state()
-            if x.is_cuda:
-                record["cuda_device"] = x.device
-                record["cuda_rng"] = torch.cuda.get_rng_state(x.device)
+            device = _rng_device(x)
+            if device is not None:
+                record["rng_device"] = device
+                record["device_rng"] = torch.get_device_module(device.type).get_rng_state(device)
         return record
 
     def __enter__(self) -> None:
         self._exit = ExitStack()
         self._exit.enter_context(private_buffers(self.module))
         if self.preserve_rng_state and "cpu_rng" in self.record:
-            devices = [self.record["cuda_device"]] if "cuda_device" in self.record else []
-            self._exit.enter_context(torch.random.fork_rng(devices=devices, enabled=True))
+            device: torch.device | None = self.record.get("rng_device")
+            # ``device_type`` is explicit: its default differs between torch versions
+            # ("cuda" up to some 2.x, the current accelerator later).
+            self._exit.enter_context(torch.random.fork_rng(
+                devices=[] if device is None else [device], enabled=True,
+                device_type="cpu" if device is None else device.type))
             torch.set_rng_state(self.record["cpu_rng"])
-            if devices:
-                torch.cuda.set_rng_state(self.record["cuda_rng"], devices[0])
+            if device is not None:
+                torch.get_device_module(device.type).set_rng_state(self.record["device_rng"], device)
 
     def __exit__(self, *exc: Any) -> None:
         self._exit.__exit__(*exc)

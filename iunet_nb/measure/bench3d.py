@@ -34,7 +34,12 @@ measured total (parameters + input + step peak, :func:`iunet_nb.measure.meter.me
 ``--budget-gib`` is found: a first guess from the predictor (:mod:`iunet_nb.measure.predict`, plus the
 two outer convolutions), then a bracketing search of measured steps, each in a fresh process,
 until ``D`` fits and ``D + 8`` does not (both measured).  One step at ``D`` is timed without
-the profiler (one thread).  Results: a table on stdout, ``data/results/volume3d-<stamp>.csv``
+the profiler (one thread).
+
+``--device cuda`` runs the same search on the GPU (as ``bench table1 --device cuda``): the
+model and the volume live on the GPU and the meter reads the CUDA caching allocator
+(``torch.cuda.max_memory_allocated``: bytes handed to tensors, not the allocator's reserved
+pool); the outer convolutions are then plain whole-tensor ones (see ``docs/engine-devices.md``).  Results: a table on stdout, ``data/results/volume3d-<stamp>.csv``
 (one row per mode), ``...-points.csv`` (every measured step) and a PNG.
 """
 from __future__ import annotations
@@ -87,9 +92,22 @@ DEFAULT_BUDGET_GIB = 0.5
 CSV_COLUMNS = ["run", "mode", "budget_gib", "D", "voxels", "voxel_ratio_to_iunets", "total_bytes",
                "peak_bytes", "param_bytes", "grad_bytes", "activation_bytes", "overhead_tensors",
                "seconds", "next_D", "next_total_bytes", "predicted_D", "measured_steps", "status",
-               "message"]
+               "message", "device"]
 POINT_COLUMNS = ["run", "mode", "D", "total_bytes", "peak_bytes", "fits", "seconds", "status",
-                 "message"]
+                 "message", "device"]
+#: ``--device`` choices (the meters of :func:`iunet_nb.measure.meter.measure_step`)
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: Any, option: str = "--device") -> str:
+    """``device`` if it is one of :data:`DEVICES` and usable here; ``ValueError`` naming the fix."""
+    if device not in DEVICES:
+        raise ValueError(f"{option} {device!r}: use one of {DEVICES}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} cuda but CUDA is not available (torch {torch.__version__}, CUDA "
+                         f"build {torch.version.cuda or 'none'}): use {option} cpu, or a machine "
+                         "with a GPU and a CUDA build of torch")
+    return device
 
 
 # ----------------------------------------------------------------------------- the model
@@ -179,8 +197,10 @@ def predicted_largest(mode: str, budget_bytes: int, d_max: int = 4096) -> int:
 
 # ----------------------------------------------------------------------------- measuring
 def measure_volume(mode: str, D: int, *, budget_bytes: int | None = None, time_it: bool = True,
-                   threads: int = 1, seed: int = 0) -> dict:
-    """Measure one training step of ``mode`` at ``D^3`` in this process.
+                   threads: int = 1, seed: int = 0, device: str = "cpu") -> dict:
+    """Measure one training step of ``mode`` at ``D^3`` in this process, on ``device``
+    (``'cpu'`` or ``'cuda'``: the model and the volume are moved there, and the meter is the
+    device's: the CPU allocator's events, or the CUDA caching allocator's peak).
 
     Returns a dict with ``total_bytes``, ``peak_bytes``, ``param_bytes``, ``grad_bytes``,
     ``activation_bytes``, ``overhead_tensors`` (activations / bytes of one 16-channel
@@ -189,9 +209,10 @@ def measure_volume(mode: str, D: int, *, budget_bytes: int | None = None, time_i
     """
     from iunet_nb.measure.meter import measure_step, time_step
 
+    check_device(device)
     torch.set_num_threads(int(threads))
-    model = build_volume_model(mode, seed)
-    x = torch.randn(1, 1, D, D, D, generator=torch.Generator().manual_seed(seed + 1))
+    model = build_volume_model(mode, seed).to(device)
+    x = torch.randn(1, 1, D, D, D, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     handle = None
     if mode == "fused_sgd_in_backward":
         from iunet_nb.engine.optim_in_backward import optimizer_in_backward
@@ -208,14 +229,14 @@ def measure_volume(mode: str, D: int, *, budget_bytes: int | None = None, time_i
     return dict(mode=mode, D=D, total_bytes=m.total_bytes, peak_bytes=m.peak_bytes,
                 param_bytes=m.param_bytes, grad_bytes=m.grad_bytes,
                 activation_bytes=m.activation_bytes, overhead_tensors=m.activation_bytes / tensor,
-                seconds=seconds, status="ok", message="")
+                seconds=seconds, status="ok", message="", device=str(m.device))
 
 
 def run_point(mode: str, D: int, budget_bytes: int, *, threads: int = 1,
-              timeout: float = 900.0) -> dict:
+              timeout: float = 900.0, device: str = "cpu") -> dict:
     """:func:`measure_volume` in a fresh subprocess (status 'error' with a message on failure)."""
     cmd = [sys.executable, "-m", "iunet_nb.measure.bench", "_one3d", "--mode", mode, "--D", str(D),
-           "--budget-bytes", str(int(budget_bytes)), "--threads", str(threads)]
+           "--budget-bytes", str(int(budget_bytes)), "--threads", str(threads), "--device", device]
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env["OMP_NUM_THREADS"] = str(threads)
@@ -223,14 +244,15 @@ def run_point(mode: str, D: int, budget_bytes: int, *, threads: int = 1,
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return dict(mode=mode, D=D, status="error", message=f"timed out after {timeout:.0f} s")
+        return dict(mode=mode, D=D, status="error", message=f"timed out after {timeout:.0f} s",
+                    device=device)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         msg = tail[-1] if tail else f"exit code {proc.returncode}"
         if proc.returncode < 0 or proc.returncode == 137:
             msg = "killed (out of memory?)"
-        return dict(mode=mode, D=D, status="error", message=msg)
+        return dict(mode=mode, D=D, status="error", message=msg, device=device)
     return json.loads(lines[-1])
 
 
@@ -304,8 +326,9 @@ def _write_csv_atomic(path: Path, rows: Sequence[dict], columns: Sequence[str]) 
 
 
 def validate_volume_args(budget_gib: Any, modes: Sequence[str] | None, out: str | Path,
-                         threads: Any = 1) -> list[str]:
+                         threads: Any = 1, device: Any = "cpu") -> list[str]:
     """Check the arguments before any work; ``ValueError`` naming the CLI option."""
+    check_device(device)
     if isinstance(budget_gib, bool) or not isinstance(budget_gib, (int, float)) \
             or not math.isfinite(budget_gib) or budget_gib <= 0:
         raise ValueError(f"--budget-gib must be a positive number of GiB, got {budget_gib!r}")
@@ -323,15 +346,16 @@ def validate_volume_args(budget_gib: Any, modes: Sequence[str] | None, out: str 
 def run_volume3d(budget_gib: float = DEFAULT_BUDGET_GIB, modes: Sequence[str] | None = None, *,
                  out: str | Path = DEFAULT_OUT, threads: int = 1, progress: bool = True,
                  plot: bool = True, measure: Callable[[str, int, int], dict] | None = None,
-                 log: Callable[[str], None] = print) -> VolumeRun:
+                 log: Callable[[str], None] = print, device: str = "cpu") -> VolumeRun:
     """Find the largest volume of every mode; write the CSVs and the PNG; return the report.
 
-    ``measure(mode, D, budget_bytes)`` defaults to :func:`run_point` (a fresh process per step).
+    ``measure(mode, D, budget_bytes)`` defaults to :func:`run_point` (a fresh process per step,
+    on ``device``).
     """
     from tqdm.auto import tqdm
 
-    modes = validate_volume_args(budget_gib, modes, out, threads)
-    measure = measure or (lambda m, d, b: run_point(m, d, b, threads=threads))
+    modes = validate_volume_args(budget_gib, modes, out, threads, device)
+    measure = measure or (lambda m, d, b: run_point(m, d, b, threads=threads, device=device))
     budget = int(budget_gib * GiB)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,6 +375,7 @@ def run_volume3d(budget_gib: float = DEFAULT_BUDGET_GIB, modes: Sequence[str] | 
             pt = measure(mode, d, budget)
             pt = dict(pt, run=run_id, mode=mode, D=d, fits=pt.get("status") == "ok"
                       and pt["total_bytes"] <= budget)
+            pt.setdefault("device", device)
             all_points.append(pt)
             _write_csv_atomic(points_path, all_points, POINT_COLUMNS)
             return pt
@@ -360,7 +385,7 @@ def run_volume3d(budget_gib: float = DEFAULT_BUDGET_GIB, modes: Sequence[str] | 
         nxt = res["points"].get(res["next"], {}) if res["next"] else {}
         row = dict(run=run_id, mode=mode, budget_gib=budget_gib, D=res["D"], voxels=res["D"] ** 3,
                    predicted_D=guess, measured_steps=len(res["points"]), status=res["status"],
-                   message=res["message"], next_D=res["next"],
+                   message=res["message"], next_D=res["next"], device=device,
                    next_total_bytes=nxt.get("total_bytes"))
         for k in ("total_bytes", "peak_bytes", "param_bytes", "grad_bytes", "activation_bytes",
                   "overhead_tensors", "seconds"):
@@ -374,7 +399,7 @@ def run_volume3d(budget_gib: float = DEFAULT_BUDGET_GIB, modes: Sequence[str] | 
     png = None
     if plot and rows:
         png = plot_volume3d(rows, all_points, out / f"volume3d-{run_id}.png", budget_gib)
-    report = format_volume_report(rows, budget_gib, messages)
+    report = format_volume_report(rows, budget_gib, messages, device=device)
     return VolumeRun(rows, all_points, csv_path, points_path, png, report, messages)
 
 
@@ -387,11 +412,13 @@ def _add_ratios(rows: list[dict]) -> None:
 TARGET_RATIO = 2.5
 
 
-def format_volume_report(rows: Sequence[dict], budget_gib: float, messages: Sequence[str] = ()) -> str:
+def format_volume_report(rows: Sequence[dict], budget_gib: float, messages: Sequence[str] = (),
+                         device: str = "cpu") -> str:
     """The printed table: D, voxels, ratio to iunets, measured peak, step time; and the target."""
+    where = "CPU, one thread" if device == "cpu" else "CUDA, the caching allocator's peak"
     lines = [f"Largest cubic volume D^3 whose training step fits {budget_gib:g} GiB (1 -> 16 channels, "
-             f"3D body {CHANNELS}, 2 blocks per level and side, stride 2; batch 1, float32; CPU, one "
-             "thread; total = parameters + input + step peak, measured)"]
+             f"3D body {CHANNELS}, 2 blocks per level and side, stride 2; batch 1, float32; {where}; "
+             "total = parameters + input + step peak, measured)"]
     hdr = (f"{'mode':<22} {'D':>4} {'voxels':>10} {'/iunets':>8} {'total MiB':>10} {'peak MiB':>9} "
            f"{'act. T':>7} {'step s':>7} {'D+8 MiB':>9} {'pred. D':>7}")
     lines += [hdr, "-" * len(hdr)]
@@ -493,7 +520,7 @@ def read_volume_csv(path: str | Path) -> list[dict]:
                 r[k] = None
             elif k in ("fits",):
                 r[k] = v == "True"
-            elif k not in ("run", "mode", "status", "message"):
+            elif k not in ("run", "mode", "status", "message", "device"):
                 r[k] = float(v) if any(c in v for c in ".en") else int(v)
     return rows
 
@@ -506,6 +533,8 @@ def add_cli(sub: Any) -> None:
     v.add_argument("--modes", nargs="+", default=None, choices=MODES,
                    help="default: all (iunets only when importable)")
     v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="measure on this device (cuda: the CUDA allocator's peak; default cpu)")
     v.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default data/results)")
     v.add_argument("--no-progress", action="store_true")
     v.add_argument("--no-plot", action="store_true")
@@ -514,20 +543,21 @@ def add_cli(sub: Any) -> None:
     o.add_argument("--D", type=int, required=True)
     o.add_argument("--budget-bytes", type=int, default=None)
     o.add_argument("--threads", type=int, default=1)
+    o.add_argument("--device", default="cpu", choices=DEVICES)
 
 
 def main_cli(args: Any, parser: Any) -> int:
     """Run the ``volume3d`` / ``_one3d`` subcommands."""
     if args.command == "_one3d":
         print(json.dumps(measure_volume(args.mode, args.D, budget_bytes=args.budget_bytes,
-                                        threads=args.threads)))
+                                        threads=args.threads, device=args.device)))
         return 0
     try:
-        modes = validate_volume_args(args.budget_gib, args.modes, args.out, args.threads)
+        modes = validate_volume_args(args.budget_gib, args.modes, args.out, args.threads, args.device)
     except ValueError as err:
         parser.error(str(err))
     run = run_volume3d(args.budget_gib, modes, out=args.out, threads=args.threads,
-                       progress=not args.no_progress, plot=not args.no_plot)
+                       progress=not args.no_progress, plot=not args.no_plot, device=args.device)
     print(run.report)
     print()
     print(f"results: {run.csv_path}, every measured step: {run.points_path}"
