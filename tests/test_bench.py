@@ -147,6 +147,7 @@ def test_strict_targets_use_medians_and_every_size():
     (("--threads", "0"), "--threads"),
     (("--max-gb", "-1"), "--max-gb must be a positive number"),
     (("--optimizer-in-backward",), "--optimizer-in-backward needs --optimizer sgd or adamw"),
+    (("--losses", "torch", "torch"), "give one or more of"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, match):
     out = tmp_path / "results"
@@ -237,3 +238,23 @@ def test_table1_overhead_at_256_stays_below_the_targets():
     consuming = measure_config("fused_consuming", 256, 5, repeats=0)
     assert fused["overhead_tensors"] <= 3.5, fused["overhead_tensors"]
     assert consuming["overhead_tensors"] <= 2.5, consuming["overhead_tensors"]
+
+
+@pytest.mark.slow
+def test_both_losses_side_by_side(tmp_path):
+    """``--losses mean_square torch``: every configuration with each loss, a ``loss`` column, the
+    Table-1 summary from the meter's loss alone, and a side-by-side runtime section."""
+    run = bench.run_table1(sizes=[32], deltas=[1], modes=["conventional", "fused"], repeats=1,
+                           out=tmp_path, progress=False, plot=False, in_process=True,
+                           losses=["mean_square", "torch"])
+    assert sorted((r["mode"], r["loss"]) for r in run.rows) == [
+        ("conventional", "mean_square"), ("conventional", "torch"), ("fused", "mean_square"), ("fused", "torch")]
+    assert {r["loss"] for r in bench.read_results(run.csv_path)} == {"mean_square", "torch"}
+    assert set(run.summary["cell"]) == {("conventional", 32, 1), ("fused", 32, 1)}
+    section = run.report.split("Step time by loss")[1]
+    fused = [ln for ln in section.splitlines() if " fused " in ln][0].split()
+    conv = {r["loss"]: r for r in run.rows if r["mode"] == "conventional"}
+    ours = {r["loss"]: r for r in run.rows if r["mode"] == "fused"}
+    assert float(fused[-1]) == pytest.approx(
+        bench.median_step_seconds(ours["torch"]) / bench.median_step_seconds(conv["torch"]), abs=1e-3)
+    assert "including the optimizer" not in run.report  # torch-loss rows are no optimizer rows

@@ -89,8 +89,13 @@ CSV_COLUMNS = [
     "run", "mode", "size", "delta", "dtype", "device", "threads", "status", "parameters",
     "param_bytes", "input_bytes", "grad_bytes", "activation_bytes", "peak_bytes", "total_bytes",
     "total_gib", "overhead_tensors", "seconds", "seconds_all", "predicted_total_bytes",
-    "prediction_error", "message", "optimizer", "state_bytes",
+    "prediction_error", "message", "optimizer", "state_bytes", "loss",
 ]
+
+#: ``--losses`` choices: the meter's ``mean_square`` (:func:`iunet_nb.measure.meter.default_loss`,
+#: a backward that allocates only ``dL/dy``; Table 1 proper) and ``torch``, the loss a user writes,
+#: ``y.float().square().mean()``.  The runtime section of the report compares them side by side.
+LOSS_CHOICES = ("mean_square", "torch")
 
 #: ``--optimizer`` choices; the update is part of the measured step (``none``: Table 1 as in the paper)
 OPTIMIZER_CHOICES = ("none", "sgd", "adamw")
@@ -218,7 +223,8 @@ def make_optimizer(model: Any, optimizer: str = "none", in_backward: bool = Fals
 
 def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
                    device: str = "cpu", threads: int = 1, repeats: int = 2,
-                   seed: int = 0, optimizer: str = "none", in_backward: bool = False) -> dict:
+                   seed: int = 0, optimizer: str = "none", in_backward: bool = False,
+                   loss: str = "mean_square") -> dict:
     """Measure one configuration in this process (use :func:`run_config` for a fresh one).
 
     The first step is measured with :func:`measure_step` (it doubles as the
@@ -230,11 +236,13 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
     second one, in the steady state of a training loop: the optimizer's state
     (``state_bytes``, e.g. Adam's two moments) exists before it and stays
     resident throughout, so total = parameters + optimizer state + input +
-    step peak.
+    step peak.  ``loss``: one of :data:`LOSS_CHOICES`.
     """
     import torch
 
     from iunet_nb.measure.meter import measure_step, optimizer_state_bytes, time_step
+
+    loss_fn = _loss_fn(loss)
 
     torch.set_num_threads(int(threads))
     if device == "cuda" and not torch.cuda.is_available():
@@ -247,11 +255,11 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
     x = torch.randn(1, CHANNELS[0], size, size, generator=gen).to(device=device, dtype=tdtype)
     opt, inb = make_optimizer(model, optimizer, in_backward)
     if label != "none":  # a first step creates the optimizer state: measure the steady state
-        time_step(model, x, repeats=0, warmup=1, optimizer=opt)
-    m = measure_step(model, x, optimizer=opt)
+        time_step(model, x, loss_fn, repeats=0, warmup=1, optimizer=opt)
+    m = measure_step(model, x, loss_fn, optimizer=opt)
     state = optimizer_state_bytes(opt if inb is None else inb)
     activation = m.activation_bytes
-    times = (time_step(model, x, repeats=repeats, warmup=0, optimizer=opt) if repeats > 0
+    times = (time_step(model, x, loss_fn, repeats=repeats, warmup=0, optimizer=opt) if repeats > 0
              else [m.seconds])
     if inb is not None:
         inb.remove()
@@ -262,17 +270,18 @@ def measure_config(mode: str, size: int, delta: int, *, dtype: str = "float32",
         grad_bytes=m.grad_bytes, activation_bytes=activation, peak_bytes=m.peak_bytes,
         total_bytes=m.total_bytes + state, total_gib=(m.total_bytes + state) / GiB,
         overhead_tensors=activation / tensor, seconds=min(times),
-        seconds_all=" ".join(f"{t:.4f}" for t in times), message="",
+        seconds_all=" ".join(f"{t:.4f}" for t in times), message="", loss=loss,
     )
 
 
 def run_config(mode: str, size: int, delta: int, *, dtype: str = "float32", device: str = "cpu",
                threads: int = 1, repeats: int = 2, timeout: float = 1800.0,
-               optimizer: str = "none", in_backward: bool = False) -> dict:
+               optimizer: str = "none", in_backward: bool = False, loss: str = "mean_square") -> dict:
     """Measure one configuration in a fresh subprocess; returns the row (status 'error' on failure)."""
     cmd = [sys.executable, "-m", "iunet_nb.measure.bench", "_one", "--json", "--mode", mode,
            "--size", str(size), "--delta", str(delta), "--dtype", dtype, "--device", device,
-           "--threads", str(threads), "--repeats", str(repeats), "--optimizer", optimizer]
+           "--threads", str(threads), "--repeats", str(repeats), "--optimizer", optimizer,
+           "--loss", loss]
     if in_backward:
         cmd.append("--optimizer-in-backward")
     label = optimizer_label(optimizer, in_backward)
@@ -283,16 +292,16 @@ def run_config(mode: str, size: int, delta: int, *, dtype: str = "float32", devi
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return _failed_row(mode, size, delta, dtype, device, threads, f"timed out after {timeout:.0f} s",
-                           optimizer=label)
+        return dict(_failed_row(mode, size, delta, dtype, device, threads,
+                                f"timed out after {timeout:.0f} s", optimizer=label), loss=loss)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         msg = tail[-1] if tail else f"exit code {proc.returncode}"
         if proc.returncode < 0 or proc.returncode == 137:
             msg = f"killed (signal {-proc.returncode if proc.returncode < 0 else 9}; out of memory?)"
-        return _failed_row(mode, size, delta, dtype, device, threads, msg, optimizer=label)
-    return json.loads(lines[-1])
+        return dict(_failed_row(mode, size, delta, dtype, device, threads, msg, optimizer=label), loss=loss)
+    return dict(json.loads(lines[-1]), loss=loss)
 
 
 def _failed_row(mode, size, delta, dtype, device, threads, message, status="error",
@@ -443,8 +452,46 @@ def _estimate_at(pts: list[tuple[int, dict]], mode: str, delta: int, target_size
 
 
 def _plain(row: dict) -> bool:
-    """Whether a row is a step without optimizer (older CSVs have no ``optimizer`` column)."""
-    return row.get("optimizer") in (None, "", "none")
+    """Whether a row is a Table-1 step: no optimizer, the meter's loss (older CSVs have neither column)."""
+    return row.get("optimizer") in (None, "", "none") and row.get("loss") in (None, "", "mean_square")
+
+
+def _loss_fn(loss: str):
+    """The loss function of ``--losses`` choice ``loss`` (None: the meter's default)."""
+    if loss not in LOSS_CHOICES:
+        raise ValueError(f"--losses {loss!r}: use one of {LOSS_CHOICES}")
+    if loss == "mean_square":
+        return None
+    return lambda y: y.float().square().mean()
+
+
+def loss_rows(rows: Sequence[dict]) -> list[dict]:
+    """The ok rows timed with a loss other than the meter's, without optimizer."""
+    return [r for r in rows if r.get("status") == "ok" and r.get("loss") not in (None, "", "mean_square")
+            and r.get("optimizer") in (None, "", "none")]
+
+
+def format_loss_section(rows: Sequence[dict]) -> list[str]:
+    """Runtime per loss, side by side: each mode's median step over conventional's with the same loss."""
+    other = loss_rows(rows)
+    if not other:
+        return []
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("optimizer") in (None, "", "none")]
+    by = {(r.get("loss") or "mean_square", r["mode"], r["size"], r["delta"]): r for r in ok}
+    losses = [l for l in LOSS_CHOICES if any((r.get("loss") or "mean_square") == l for r in ok)]
+    lines = ["", "Step time by loss (median step s, and / conventional with the same loss):"]
+    hdr = f"{'size':>5} {'delta':>5} {'mode':<16} " + " ".join(f"{l + ' s':>14} {'/conv':>6}" for l in losses)
+    lines += [hdr, "-" * len(hdr)]
+    keys = sorted({(r["size"], r["delta"], r["mode"]) for r in ok},
+                  key=lambda k: (k[0], k[1], ALL_MODES.index(k[2])))
+    for size, delta, mode in keys:
+        cells = []
+        for l in losses:
+            r, c = by.get((l, mode, size, delta)), by.get((l, "conventional", size, delta))
+            t, tc = (median_step_seconds(r) if r else None), (median_step_seconds(c) if c else None)
+            cells.append(f"{(f'{t:.3f}' if t else '-'):>14} {(f'{t / tc:.3f}' if t and tc else '-'):>6}")
+        lines.append(f"{size:>5} {delta:>5} {mode:<16} " + " ".join(cells))
+    return lines
 
 
 #: the target of the optimizer in the backward: fused + SGD in the backward at 512^2, delta=30
@@ -453,7 +500,7 @@ OPTIMIZER_TARGET = dict(mode="fused", optimizer="sgd-in-backward", size=512, del
 
 def optimizer_rows(rows: Sequence[dict]) -> list[dict]:
     """The ok rows of steps with an optimizer, sorted by size, delta, mode, optimizer."""
-    out = [r for r in rows if r.get("status") == "ok" and not _plain(r)]
+    out = [r for r in rows if r.get("status") == "ok" and r.get("optimizer") not in (None, "", "none")]
     return sorted(out, key=lambda r: (r["size"], r["delta"], ALL_MODES.index(r["mode"]),
                                       str(r["optimizer"])))
 
@@ -641,7 +688,7 @@ def format_report(rows: Sequence[dict], summary: dict | None = None) -> str:
     lines = _measured_lines(rows, s) + [""] + _estimate_lines(s) + [""] + _runtime_lines(s) + [""]
     lines.append("Targets (fused engine):")
     lines += [_fmt_target(t) for t in s["targets"]] or ["  (need the fused and conventional modes)"]
-    return "\n".join(lines + format_optimizer_section(rows))
+    return "\n".join(lines + format_optimizer_section(rows) + format_loss_section(rows))
 
 
 def _measured_lines(rows: Sequence[dict], s: dict) -> list[str]:
@@ -865,6 +912,15 @@ def check_modes(modes: Iterable[str], valid: Sequence[str]) -> list[str]:
     return modes
 
 
+def check_losses(losses: Iterable[str]) -> list[str]:
+    """``--losses``: a non-empty list of :data:`LOSS_CHOICES`, without repeats."""
+    losses = list(losses)
+    bad = [l for l in losses if l not in LOSS_CHOICES]
+    if not losses or bad or len(set(losses)) != len(losses):
+        raise ValueError(f"--losses {losses!r}: give one or more of {LOSS_CHOICES}, each once")
+    return losses
+
+
 def validate_table1_args(sizes: Iterable[int], deltas: Iterable[int], modes: Iterable[str] | None,
                          *, device: str = "cpu", dtype: str = "float32", threads: int = 1,
                          repeats: int = 2, max_gb: float | None = None, out: str | Path = DEFAULT_OUT,
@@ -928,13 +984,16 @@ def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEF
                threads: int = 1, repeats: int = 2, max_gb: float | None = None,
                out: str | Path = DEFAULT_OUT, progress: bool = True, plot: bool = True,
                in_process: bool = False, log: Callable[[str], None] = print,
-               optimizer: str = "none", in_backward: bool = False) -> Table1Run:
+               optimizer: str = "none", in_backward: bool = False,
+               losses: Iterable[str] = ("mean_square",)) -> Table1Run:
     """Measure the grid, one fresh subprocess per configuration; write CSV, latest copy and PNG.
 
     ``max_gb``: skip (with a message) every configuration whose *predicted* total exceeds it.
     ``in_process``: measure in this process instead (only for tiny grids, e.g. a notebook smoke run).
     ``optimizer`` (``'none'``, ``'sgd'``, ``'adamw'``): include the update in every measured step;
     ``in_backward``: apply it per parameter during the backward (:mod:`iunet_nb.engine.optim_in_backward`).
+    ``losses``: each configuration is measured with each loss of :data:`LOSS_CHOICES` in turn
+    (the report's last section compares their step times side by side).
     Every argument is checked before any work (``ValueError``); the CSV is written atomically after
     each configuration, so it is never empty or half-written.
     """
@@ -943,6 +1002,7 @@ def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEF
     sizes, deltas, modes = validate_table1_args(
         sizes, deltas, modes, device=device, dtype=dtype, threads=threads, repeats=repeats,
         max_gb=max_gb, out=out, optimizer=optimizer, in_backward=in_backward)
+    losses = check_losses(losses)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_id = _timestamp(out)
@@ -951,11 +1011,11 @@ def run_table1(sizes: Iterable[int] = DEFAULT_SIZES, deltas: Iterable[int] = DEF
     measure = dict(dtype=dtype, device=device, threads=threads, repeats=repeats, optimizer=optimizer,
                    in_backward=in_backward)
     rows: list[dict] = []
-    bar = tqdm([(s, d, m) for s in sizes for d in deltas for m in modes], desc="table1", unit="config",
-               disable=not progress, file=sys.stderr)
-    for size, delta, mode in bar:
-        bar.set_postfix_str(f"{mode} {size}² δ={delta}")
-        row, message = _table1_row(mode, size, delta, max_gb, in_process, **measure)
+    bar = tqdm([(s, d, m, l) for s in sizes for d in deltas for l in losses for m in modes], desc="table1",
+               unit="config", disable=not progress, file=sys.stderr)
+    for size, delta, mode, loss in bar:
+        bar.set_postfix_str(f"{mode} {size}² δ={delta}" + ("" if loss == "mean_square" else f" {loss} loss"))
+        row, message = _table1_row(mode, size, delta, max_gb, in_process, loss=loss, **measure)
         if message:
             messages.append(message)
             tqdm.write(message, file=sys.stderr)
@@ -998,12 +1058,13 @@ def _table1_row(mode: str, size: int, delta: int, max_gb: float | None, in_proce
     dtype, device, threads = measure["dtype"], measure["device"], measure["threads"]
     label = optimizer_label(measure["optimizer"], measure["in_backward"])
     pred = predicted_total(mode, size, delta, dtype) if label == "none" else None
+    loss = measure["loss"]
     message = ""
     if max_gb is not None and pred is not None and pred > max_gb * GiB:
         message = (f"skipped {mode} {size}x{size} delta={delta}: predicted total "
                    f"{pred / GiB:.2f} GiB > --max-gb {max_gb:g}")
-        row = _failed_row(mode, size, delta, dtype, device, threads, message, status="skipped",
-                          optimizer=label)
+        row = dict(_failed_row(mode, size, delta, dtype, device, threads, message, status="skipped",
+                               optimizer=label), loss=loss)
     elif in_process:
         row = measure_config(mode, size, delta, **measure)
     else:
@@ -1035,6 +1096,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="include the optimizer's update in the measured step (default: none, as Table 1)")
     t.add_argument("--optimizer-in-backward", action="store_true",
                    help="apply the update per parameter during the backward (iunet_nb.engine.optim_in_backward)")
+    t.add_argument("--losses", nargs="+", default=["mean_square"], choices=LOSS_CHOICES,
+                   help="measure each configuration with each loss: mean_square (the meter's, default) "
+                        "and/or torch (y.square().mean(), the loss a user writes); the report compares "
+                        "their step times side by side")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     t.add_argument("--repeats", type=int, default=2, help="timed steps per configuration (default 2)")
     t.add_argument("--max-gb", type=float, default=None,
@@ -1059,6 +1124,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--repeats", type=int, default=2)
     o.add_argument("--optimizer", default="none", choices=OPTIMIZER_CHOICES)
     o.add_argument("--optimizer-in-backward", action="store_true")
+    o.add_argument("--loss", default="mean_square", choices=LOSS_CHOICES)
     return ap
 
 
@@ -1072,7 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "_one":
         row = measure_config(args.mode, args.size, args.delta, dtype=args.dtype, device=args.device,
                              threads=args.threads, repeats=args.repeats, optimizer=args.optimizer,
-                             in_backward=args.optimizer_in_backward)
+                             in_backward=args.optimizer_in_backward, loss=args.loss)
         print(json.dumps(row))
         return 0
     if args.command == "report":
@@ -1091,12 +1157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              threads=args.threads, repeats=args.repeats, max_gb=args.max_gb,
                              out=args.out, optimizer=args.optimizer,
                              in_backward=args.optimizer_in_backward)
+        check_losses(args.losses)
     except ValueError as err:
         parser.error(str(err))
     run = run_table1(args.sizes, args.deltas, args.modes, device=args.device, dtype=args.dtype,
                      threads=args.threads, repeats=args.repeats, max_gb=args.max_gb, out=args.out,
                      progress=not args.no_progress, plot=not args.no_plot, optimizer=args.optimizer,
-                     in_backward=args.optimizer_in_backward)
+                     in_backward=args.optimizer_in_backward, losses=args.losses)
     print(run.report)
     print()
     print(f"results: {run.csv_path} (copy: {run.latest_path})" +
