@@ -390,6 +390,8 @@ class iUNet(nn.Module):
         self._channel_modules: dict[Op, nn.Module] = {}
         # State dicts saved from the reference package's iUNet load too (converted while loading).
         self.register_load_state_dict_pre_hook(_reference_checkpoint_hook)
+        # ... and its state dicts record its structure, so a converted model's load back strictly.
+        self.register_state_dict_post_hook(_record_structure_hook)
 
     def _set_layout_attributes(self, layout: Layout) -> None:
         self.dim = layout.dim
@@ -764,11 +766,20 @@ class iUNet(nn.Module):
                     f"{tuple(size)}): pass the codes of one encode() call, in its order")
 
 
-def _reference_checkpoint_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Convert a state dict saved from ``iunets.iUNet`` (see :mod:`iunet_nb.compat.checkpoints`)."""
+def _reference_checkpoint_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
+                               *args: Any) -> None:
+    """Convert a state dict saved from ``iunets.iUNet`` or restore a recorded structure
+    (see :mod:`iunet_nb.compat.checkpoints`)."""
     from iunet_nb.compat.checkpoints import convert_iunet
 
-    convert_iunet(module, state_dict, prefix)
+    convert_iunet(module, state_dict, prefix, local_metadata)
+
+
+def _record_structure_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Record the decoder mixing placement and GroupNorm eps in ``state_dict._metadata``."""
+    from iunet_nb.compat.checkpoints import iunet_state_dict_hook
+
+    iunet_state_dict_hook(module, state_dict, prefix, local_metadata)
 
 
 #: The error for tracers that cannot record the engines' autograd functions.

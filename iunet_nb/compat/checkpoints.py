@@ -18,6 +18,14 @@ loaded, before the module's own keys are checked, so ``strict=True`` holds:
   moves behind the first coupling of its level, where the reference has it.
 
 Saving always writes this package's format; such checkpoints load unchanged.
+An iUNet's ``state_dict()`` records its structure in ``_metadata[prefix]``
+under :data:`STRUCTURE_KEY` (``{"mixing_placement": "reference" | "mirrored",
+"groupnorm_eps": {module name: eps}}``), so a converted model's checkpoint loads
+strictly into a fresh model of the same constructor arguments: the fresh model
+takes the recorded placement, rebuilds couplings whose stored shapes are the
+reference's block and takes the recorded GroupNorm eps.  Without the record
+(old checkpoints, or a copy of the dict that dropped ``_metadata``) the placement
+is read from the keys, and a reference placement implies the reference's eps.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from iunet_nb.compat.reference import (
     REFERENCE_GROUPNORM_EPS, StandardBlock, block_pre_hook, convert_block, reference_kernel,
     use_reference_mixing_placement,
 )
+from iunet_nb.engine.plan import COUPLING, DECODER, MIXING
 from iunet_nb.nn.coupling import AdditiveCoupling, StandardCouplingFunction
 from iunet_nb.nn.orthogonal import OrthogonalBaseMixin
 
@@ -43,8 +52,14 @@ __all__ = [
     "coupling_pre_hook",
     "block_pre_hook",
     "iunet_pre_hook",
+    "iunet_state_dict_hook",
     "register",
+    "STRUCTURE_KEY",
 ]
+
+#: Key of an iUNet's structure record in ``state_dict()._metadata[prefix]``.
+STRUCTURE_KEY = "iunet_nb_structure"
+
 
 
 def _keys_under(state_dict: dict, prefix: str) -> list[str]:
@@ -102,6 +117,26 @@ def convert_coupling(module: AdditiveCoupling, state_dict: dict, prefix: str) ->
     for key in _keys_under(state_dict, prefix + "F."):
         state_dict[prefix + "f." + key[len(prefix + "F."):]] = state_dict.pop(key)
     convert_block(state_dict, prefix + "f.")
+    match_block_shapes(module, state_dict, prefix)
+    if isinstance(module.f, StandardCouplingFunction):
+        _set_reference_eps(module)
+
+
+def _set_reference_eps(module: AdditiveCoupling) -> None:
+    for layer in module.f:
+        if isinstance(layer, nn.GroupNorm):
+            layer.eps = REFERENCE_GROUPNORM_EPS
+
+
+def match_block_shapes(module: AdditiveCoupling, state_dict: dict, prefix: str) -> None:
+    """Rebuild ``module.f`` as the reference's :class:`StandardBlock` if the stored ``f.k.weight`` shapes say so.
+
+    Only a standard block is rebuilt; it gets the checkpoint's widths and depth
+    and ``split`` becomes its output channels.
+
+    Raises:
+        ValueError: the stored block does not fit the coupling's channels.
+    """
     f = module.f
     if not isinstance(f, StandardCouplingFunction):
         return
@@ -119,9 +154,6 @@ def convert_coupling(module: AdditiveCoupling, state_dict: dict, prefix: str) ->
         module.split = f_out
         if hasattr(module, "channel_split_pos"):
             module.channel_split_pos = f_out
-    for layer in module.f:
-        if isinstance(layer, nn.GroupNorm):
-            layer.eps = REFERENCE_GROUPNORM_EPS
 
 
 def _strip_wrapper(state_dict: dict, prefix: str) -> bool:
@@ -134,9 +166,73 @@ def _strip_wrapper(state_dict: dict, prefix: str) -> bool:
     return found
 
 
-def convert_iunet(model: nn.Module, state_dict: dict, prefix: str) -> None:
-    """Convert a reference ``iunets.iUNet`` state dict at ``prefix`` for ``model`` (an :class:`iunet_nb.iUNet`)."""
+def _stored_placement(model: nn.Module, state_dict: dict, prefix: str) -> str | None:
+    """``'reference'`` or ``'mirrored'`` as the keys show it (slot 0 of a decoder level), None if they cannot tell.
+
+    Only ``channel_mixing_freq=-1`` places the mixings differently.  A decoder
+    level whose slot 0 is a mixing in this model tells by a coupling there in the
+    checkpoint (``f.`` keys: the reference's placement); one whose slot 0 is a
+    coupling followed by a mixing tells by a mixing there (``base``: this package's).
+    """
+    if model.plan.channel_mixing_freq != -1:
+        return None
+    for level in range(model.num_levels):
+        kinds = [op.kind for op in model.plan.module_ops(level, DECODER)]
+        if len(kinds) < 2:
+            continue
+        slot0 = f"{prefix}decoder_modules.{level}.0."
+        if kinds[0] == MIXING and any(k.startswith(slot0 + "f.") for k in state_dict):
+            return "reference"
+        if kinds[0] == MIXING and slot0 + "base" in state_dict:
+            return "mirrored"
+        if kinds[:2] == [COUPLING, MIXING] and slot0 + "base" in state_dict:
+            return "mirrored"
+    return None
+
+
+def _restore_structure(model: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Give ``model`` the structure recorded with (or shown by) one of this package's iUNet state dicts."""
+    record = local_metadata.get(STRUCTURE_KEY) if isinstance(local_metadata, dict) else None
+    placement = record.get("mixing_placement") if isinstance(record, dict) else None
+    if placement is None:
+        placement = _stored_placement(model, state_dict, prefix)
+    current = getattr(model, "mixing_placement", "mirrored")
+    if placement == "mirrored" and current == "reference" and model.plan.channel_mixing_freq == -1:
+        raise ValueError(
+            f"{prefix or 'state_dict'}: this checkpoint has iunet_nb.iUNet's own decoder mixing placement "
+            "(before each level's first coupling), this model the reference's (after it); load it into an "
+            "iunet_nb.iUNet built with the same arguments"
+        )
+    if placement != "reference":
+        return
+    use_reference_mixing_placement(model)
+    couplings = [(f"{prefix}{name}.{level}.{slot}.", module)
+                 for name in ("encoder_modules", "decoder_modules")
+                 for level, mods in enumerate(getattr(model, name))
+                 for slot, module in enumerate(mods) if isinstance(module, AdditiveCoupling)]
+    for key, module in couplings:
+        match_block_shapes(module, state_dict, key)
+    eps = record.get("groupnorm_eps") if isinstance(record, dict) else None
+    if isinstance(eps, dict):
+        modules = dict(model.named_modules())
+        for name, value in eps.items():
+            if isinstance(modules.get(name), nn.GroupNorm):
+                modules[name].eps = float(value)
+    else:  # no record: a reference placement comes from a converted reference checkpoint
+        for _, module in couplings:
+            if isinstance(module.f, StandardCouplingFunction):
+                _set_reference_eps(module)
+
+
+def convert_iunet(model: nn.Module, state_dict: dict, prefix: str, local_metadata: dict | None = None) -> None:
+    """Prepare ``model`` (an :class:`iunet_nb.iUNet`) for the iUNet state dict at ``prefix``.
+
+    A reference ``iunets.iUNet`` state dict is converted (keys and kernels) and
+    the model takes the reference's structure; one of this package's takes the
+    structure recorded in ``local_metadata`` (see :data:`STRUCTURE_KEY`) or shown by its keys.
+    """
     if not _strip_wrapper(state_dict, prefix):
+        _restore_structure(model, state_dict, prefix, local_metadata or {})
         return
     use_reference_mixing_placement(model)
     for name in ("encoder_modules", "decoder_modules"):
@@ -166,9 +262,21 @@ def coupling_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: A
     convert_coupling(module, state_dict, prefix)  # type: ignore[arg-type]
 
 
-def iunet_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook of an iUNet: accept the reference's format."""
-    convert_iunet(module, state_dict, prefix)
+def iunet_pre_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict | None = None,
+                   *args: Any) -> None:
+    """``load_state_dict`` pre-hook of an iUNet: accept the reference's format and restore a recorded structure."""
+    convert_iunet(module, state_dict, prefix, local_metadata)
+
+
+def iunet_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook of an iUNet: record its structure in ``local_metadata`` (:data:`STRUCTURE_KEY`).
+
+    The GroupNorm eps are recorded by module name (relative to the iUNet).
+    """
+    local_metadata[STRUCTURE_KEY] = {
+        "mixing_placement": getattr(module, "mixing_placement", "mirrored"),
+        "groupnorm_eps": {name: float(m.eps) for name, m in module.named_modules() if isinstance(m, nn.GroupNorm)},
+    }
 
 
 def register(module: nn.Module, hook: Any) -> None:

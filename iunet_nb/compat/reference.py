@@ -213,9 +213,13 @@ def use_reference_mixing_placement(model: nn.Module) -> bool:
     coupling 1, ...``; this package mirrors the encoder (``mixing, coupling 0,
     ...``).  Only ``channel_mixing_freq=-1`` differs.  The modules are reordered
     in ``decoder_modules`` and the plan is rebuilt; the parameters stay the
-    same objects.  Returns True if anything moved.
+    same objects.  ``model.mixing_placement`` becomes ``'reference'`` (also where
+    nothing moves; a state dict records it).  Returns True if anything moved.
     """
-    if getattr(model, "mixing_placement", "mirrored") == "reference" or model.plan.channel_mixing_freq != -1:
+    if getattr(model, "mixing_placement", "mirrored") == "reference":
+        return False
+    if model.plan.channel_mixing_freq != -1:  # both placements are the same; mark the reference's structure
+        model.mixing_placement = "reference"
         return False
     moved = False
     for level in range(model.num_levels):
