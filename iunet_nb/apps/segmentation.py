@@ -10,6 +10,13 @@ Data
     the lower classes, so a per-voxel threshold cannot separate them
     (:func:`fit_voxelwise_classifier` measures that) and a network has to use
     each voxel's neighbourhood.
+
+    :func:`make_context_volumes` draws a harder task that needs context by
+    construction: every object has the *same* intensity in every channel and
+    its class is its shape (ball, rod or plate), on a smooth random texture
+    plus white noise, with several input channels (different contrast, texture
+    and noise per channel, like MRI modalities) and any ``(D, H, W)``.  The
+    voxel-wise rule can find objects but not tell their classes apart.
 Models
     :func:`build_model`: ``1x1 conv (1 -> c0) -> body -> 1x1 conv (c0 -> classes + 1)``
     (:class:`iunet_nb.nn.wrappers.ChannelLift`, the talk's Figure 5), the body being
@@ -38,6 +45,8 @@ from iunet_nb.apps.task import Task, engine_kwargs, positive_int
 
 __all__ = [
     "make_volumes",
+    "make_context_volumes",
+    "CONTEXT_SHAPES",
     "fit_voxelwise_classifier",
     "apply_voxelwise_classifier",
     "dice_per_class",
@@ -55,19 +64,26 @@ __all__ = [
 ]
 
 MODELS = ("iunet", "unet")
+#: the ``--data`` choices: MONAI's intensity-coded spheres, or :func:`make_context_volumes`
+DATA = ("spheres", "context")
+#: class ``k`` of :func:`make_context_volumes` is ``CONTEXT_SHAPES[k - 1]``
+CONTEXT_SHAPES = ("ball", "rod", "plate")
 
 
 # ----------------------------------------------------------------------------- data
 def make_volumes(n: int, size: int = 32, num_classes: int = 3, noise: float = 0.6, num_objs: int = 10,
-                 rad_min: int = 3, rad_max: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+                 rad_min: int = 3, rad_max: int | None = None, seed: int = 0,
+                 shape: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """``n`` noisy volumes and their labels from MONAI's ``create_test_image_3d``.
 
     Returns:
         images: ``(n, 1, size, size, size)`` float32 in [0, 1];
         labels: ``(n, size, size, size)`` int64 in ``0..num_classes`` (0 = background).
 
-    Deterministic in ``seed`` (a ``numpy.random.RandomState``).  ``rad_max``
-    defaults to ``size // 4`` (MONAI needs ``size > 2 * rad_max``).
+    ``shape=(D, H, W)`` (optional) replaces the cube ``size``^3 by a box
+    (MONAI draws the spheres in any box).  Deterministic in ``seed`` (a
+    ``numpy.random.RandomState``).  ``rad_max`` defaults to ``min(shape) // 4``
+    (MONAI needs ``min(shape) > 2 * rad_max``).
     """
     for name, value, low in (("n", n, 1), ("size", size, 8), ("num_classes", num_classes, 1),
                              ("num_objs", num_objs, 1), ("rad_min", rad_min, 1)):
@@ -75,24 +91,38 @@ def make_volumes(n: int, size: int = 32, num_classes: int = 3, noise: float = 0.
             raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise:
         raise ValueError(f"noise must be >= 0 (0 = no noise, 1 = up to the top class), got noise={noise!r}")
-    rad_max = size // 4 if rad_max is None else rad_max
-    if not rad_min < rad_max < size / 2:
+    dims = (size,) * 3 if shape is None else _check_shape3d(shape, "shape", low=8)
+    rad_max = min(dims) // 4 if rad_max is None else rad_max
+    if not rad_min < rad_max < min(dims) / 2:
         raise ValueError(
-            f"need rad_min < rad_max < size / 2, got rad_min={rad_min}, rad_max={rad_max}, size={size}")
-    x, y = _volumes(n, size, num_classes, float(noise), num_objs, rad_min, rad_max, seed)
+            f"need rad_min < rad_max < min(shape) / 2, got rad_min={rad_min}, rad_max={rad_max}, "
+            f"shape={dims}")
+    x, y = _volumes(n, dims, num_classes, float(noise), num_objs, rad_min, rad_max, seed)
     return x.clone(), y.clone()
 
 
+def _check_shape3d(shape: object, name: str, low: int) -> tuple[int, int, int]:
+    """``shape`` as three ints ``>= low``, or a ``ValueError`` naming ``name``."""
+    try:
+        dims = tuple(shape)  # type: ignore[arg-type]
+    except TypeError:
+        dims = ()
+    if len(dims) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low
+                             for v in dims):
+        raise ValueError(f"{name} must be three ints (D, H, W), each >= {low}, got {name}={shape!r}")
+    return tuple(int(v) for v in dims)  # type: ignore[return-value]
+
+
 @functools.lru_cache(maxsize=4)
-def _volumes(n: int, size: int, num_classes: int, noise: float, num_objs: int, rad_min: int, rad_max: int,
-             seed: int) -> tuple[Tensor, Tensor]:
+def _volumes(n: int, dims: tuple[int, int, int], num_classes: int, noise: float, num_objs: int, rad_min: int,
+             rad_max: int, seed: int) -> tuple[Tensor, Tensor]:
     """:func:`make_volumes` without checks, cached (a notebook and the loop build the same data)."""
     from monai.data.synthetic import create_test_image_3d
 
     rs = np.random.RandomState(seed)
     images, labels = [], []
     for _ in range(n):
-        img, lab = create_test_image_3d(size, size, size, num_objs=num_objs, rad_max=rad_max,
+        img, lab = create_test_image_3d(*dims, num_objs=num_objs, rad_max=rad_max,
                                         rad_min=rad_min, noise_max=noise, num_seg_classes=num_classes,
                                         random_state=rs)
         images.append(img)
@@ -102,28 +132,158 @@ def _volumes(n: int, size: int, num_classes: int, noise: float, num_objs: int, r
     return x, y
 
 
-def fit_voxelwise_classifier(images: Tensor, labels: Tensor, num_classes: int, bins: int = 100) -> Tensor:
-    """The best classifier that sees one voxel at a time, fitted on ``(images, labels)``.
+def make_context_volumes(n: int, shape: Sequence[int] = (24, 32, 40), channels: int = 2, num_classes: int = 3,
+                         num_objs: int = 8, texture: float = 0.4, noise: float = 0.3,
+                         seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` multi-channel volumes whose classes differ in shape only, not in intensity.
 
-    Intensities in [0, 1] are cut into ``bins`` equal bins and each bin gets the
-    most frequent label of the training voxels in it (the Bayes rule of the
-    binned intensity).  Returns the lookup table ``(bins,)`` for
-    :func:`apply_voxelwise_classifier`; a baseline that ignores every
-    neighbourhood.
+    Each volume holds up to ``num_objs`` non-overlapping, axis-aligned objects
+    (a 1-voxel gap between them); object ``i`` gets class ``1 + i % num_classes``
+    and the shape ``CONTEXT_SHAPES[class - 1]``:
+
+    * ``ball``: radius 3 or 4 (:func:`skimage.morphology.ball`);
+    * ``rod``: a box 2-3 x 2-3 voxels across and 10-14 long, along a random axis;
+    * ``plate``: a box 2-3 voxels thick and 7-10 x 7-10 wide, across a random axis
+
+    (long sides are cut to fit small shapes).  Objects that find no free place
+    in 50 tries are left out.  Channel ``c`` of the image is
+
+        ``contrast[c] * object_mask + texture * T_c + noise * (1 + c / 2) * N_c``
+
+    with ``contrast[c] = (-1) ** c * max(0.3, 1 - 0.2 c)`` = ``(1, -0.8, 0.6, -0.4, 0.3, ...)`` (bright in some channels,
+    dark in others), ``T_c`` a smooth random texture (white noise blurred by a
+    Gaussian of sigma 2, :func:`skimage.filters.gaussian`, scaled to unit
+    standard deviation) and ``N_c`` standard white noise, each independent per
+    channel; then every channel of every volume is min-max rescaled to [0, 1].
+
+    Why it needs context: all classes share the same intensity in every
+    channel, so the best voxel-by-voxel rule (:func:`fit_voxelwise_classifier`)
+    can at most tell object from background and must give all objects one
+    class; a voxel's class is decided by the extent of its object along the
+    three axes (thin in 0, 1 or 2 directions), which a network reads from
+    a neighbourhood of about 10 voxels.
 
     Args:
-        images: ``(n, 1, *S)`` in [0, 1]; labels: ``(n, *S)`` in ``0..num_classes``.
+        n: volumes; shape: ``(D, H, W)``, each >= 12 (any, not necessarily cubic);
+        channels: input channels C >= 1; num_classes: 1..3 foreground classes;
+        num_objs: objects per volume; texture, noise: amplitudes >= 0 (relative to
+        the object contrast 1 of channel 0); seed: of a ``numpy.random.RandomState``
+        (the result is a deterministic function of all arguments).
+    Returns:
+        images ``(n, C, D, H, W)`` float32 in [0, 1] and labels ``(n, D, H, W)``
+        int64 in ``0..num_classes`` (0 = background).
     """
-    idx = (images[:, 0].clamp(0, 1) * (bins - 1)).round().long().reshape(-1)
-    counts = torch.zeros(bins, num_classes + 1, dtype=torch.long)
+    for name, value, low in (("n", n, 1), ("channels", channels, 1), ("num_classes", num_classes, 1),
+                             ("num_objs", num_objs, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
+    if num_classes > len(CONTEXT_SHAPES):
+        raise ValueError(f"num_classes must be <= {len(CONTEXT_SHAPES)} (one class per shape in "
+                         f"{CONTEXT_SHAPES}), got num_classes={num_classes}")
+    for name, value in (("texture", texture), ("noise", noise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {name}={value!r}")
+    dims = _check_shape3d(shape, "shape", low=12)
+    x, y = _context_volumes(n, dims, channels, num_classes, num_objs, float(texture), float(noise), seed)
+    return x.clone(), y.clone()
+
+
+def _context_object(kind: str, dims: tuple[int, ...], rs: np.random.RandomState) -> np.ndarray:
+    """Boolean mask of one object of ``kind`` (its bounding box), fitting in ``dims``."""
+    from skimage.morphology import ball
+
+    if kind == "ball":
+        return ball(int(rs.randint(3, 5))).astype(bool)
+    thin = [int(rs.randint(2, 4)) for _ in range(3)]
+    axis = int(rs.randint(3))
+    if kind == "rod":  # long along `axis`
+        thin[axis] = int(rs.randint(10, 15))
+    else:  # plate: thin along `axis`, wide along the others
+        thin = [thin[axis] if a == axis else int(rs.randint(7, 11)) for a in range(3)]
+    return np.ones([min(e, d - 2) for e, d in zip(thin, dims)], dtype=bool)
+
+
+@functools.lru_cache(maxsize=4)
+def _context_volumes(n: int, dims: tuple[int, int, int], channels: int, num_classes: int, num_objs: int,
+                     texture: float, noise: float, seed: int) -> tuple[Tensor, Tensor]:
+    """:func:`make_context_volumes` without checks, cached."""
+    from skimage.filters import gaussian
+
+    rs = np.random.RandomState(seed)
+    contrast = [(-1) ** c * max(0.3, 1.0 - 0.2 * c) for c in range(channels)]
+    images = np.empty((n, channels, *dims), dtype=np.float32)
+    labels = np.zeros((n, *dims), dtype=np.int64)
+    for i in range(n):
+        lab = labels[i]
+        occupied = np.zeros(dims, dtype=bool)
+        for j in range(num_objs):
+            k = 1 + j % num_classes
+            obj = _context_object(CONTEXT_SHAPES[k - 1], dims, rs)
+            for _ in range(50):
+                corner = [int(rs.randint(1, d - e)) for d, e in zip(dims, obj.shape)]
+                box = tuple(slice(c, c + e) for c, e in zip(corner, obj.shape))
+                margin = tuple(slice(c - 1, c + e + 1) for c, e in zip(corner, obj.shape))
+                if not occupied[margin].any():
+                    lab[box][obj] = k
+                    occupied[box] |= obj
+                    break
+        mask = (lab > 0).astype(np.float32)
+        for c in range(channels):
+            t = gaussian(rs.standard_normal(dims), sigma=2.0)
+            t = t / max(float(t.std()), 1e-12)
+            img = contrast[c] * mask + texture * t + noise * (1 + c / 2) * rs.standard_normal(dims)
+            lo, hi = float(img.min()), float(img.max())
+            images[i, c] = (img - lo) / max(hi - lo, 1e-12)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _default_bins(channels: int) -> int:
+    return max(2, min(100, int(20000 ** (1 / channels))))
+
+
+def _bin_indices(images: Tensor, bins: int) -> tuple[Tensor, ...]:
+    """Per channel, the bin of every voxel: ``C`` tensors ``(n, *S)``."""
+    q = (images.clamp(0, 1) * (bins - 1)).round().long()
+    return tuple(q[:, c] for c in range(images.shape[1]))
+
+
+def fit_voxelwise_classifier(images: Tensor, labels: Tensor, num_classes: int, bins: int | None = None) -> Tensor:
+    """The best classifier that sees one voxel at a time, fitted on ``(images, labels)``.
+
+    The intensities of each of the ``C`` channels, in [0, 1], are cut into
+    ``bins`` equal bins and each cell of the joint ``C``-dimensional histogram
+    gets the most frequent label of the training voxels in it (the Bayes rule
+    of the binned intensities; empty cells say background).  Returns the
+    lookup table ``(bins,) * C`` for :func:`apply_voxelwise_classifier`; a
+    baseline that ignores every neighbourhood.
+
+    Args:
+        images: ``(n, C, *S)`` in [0, 1]; labels: ``(n, *S)`` in ``0..num_classes``.
+        bins: per channel; default 100 for one or two channels, fewer for more
+            (``int(20000 ** (1 / C))``: about 20 000 cells or fewer).
+    """
+    if images.dim() < 3 or images.shape[0] != labels.shape[0] or images.shape[2:] != labels.shape[1:]:
+        raise ValueError(f"need images (n, C, *S) and labels (n, *S), got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    c = images.shape[1]
+    bins = _default_bins(c) if bins is None else bins
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be an int >= 2, got bins={bins!r}")
+    idx = torch.zeros(labels.shape, dtype=torch.long)
+    for q in _bin_indices(images, bins):
+        idx = idx * bins + q
+    counts = torch.zeros(bins ** c, num_classes + 1, dtype=torch.long)
+    idx = idx.reshape(-1)
     counts.index_put_((idx, labels.reshape(-1)), torch.ones_like(idx), accumulate=True)
-    return counts.argmax(1)
+    return counts.argmax(1).reshape((bins,) * c)
 
 
 def apply_voxelwise_classifier(images: Tensor, table: Tensor) -> Tensor:
-    """``(n, 1, *S) -> (n, *S)`` labels from the lookup table of :func:`fit_voxelwise_classifier`."""
-    bins = table.shape[0]
-    return table[(images[:, 0].clamp(0, 1) * (bins - 1)).round().long()]
+    """``(n, C, *S) -> (n, *S)`` labels from the lookup table ``(bins,) * C`` of :func:`fit_voxelwise_classifier`."""
+    if images.dim() < 3 or images.shape[1] != table.dim():
+        raise ValueError(f"the table was fitted on {table.dim()} channel(s); images must be "
+                         f"(n, {table.dim()}, *S), got {tuple(images.shape)}")
+    return table[_bin_indices(images, table.shape[0])]
 
 
 # ----------------------------------------------------------------------------- metric
@@ -311,13 +471,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``segmentation3d`` task (defaults: minutes on a laptop CPU)."""
     g = parser.add_argument_group("task 'segmentation3d' (synthetic 3D volumes, Dice)")
     g.add_argument("--arch", choices=MODELS, default="iunet", help="body of the network")
+    g.add_argument("--data", choices=DATA, default="spheres",
+                   help="'spheres': MONAI's spheres, class = intensity (make_volumes); 'context': equal-"
+                        "intensity balls, rods and plates, class = shape (make_context_volumes)")
     g.add_argument("--size", type=positive_int, default=32, help="edge of the cubic volumes (voxels)")
+    g.add_argument("--shape", type=positive_int, nargs=3, default=None, metavar=("D", "H", "W"),
+                   help="volume shape instead of the cube --size (any box; the U-Net needs multiples "
+                        "of 2 ** (levels - 1))")
+    g.add_argument("--in-channels", type=positive_int, default=1,
+                   help="input channels (more than 1 only with --data context)")
     g.add_argument("--n-train", type=positive_int, default=24, help="training volumes")
     g.add_argument("--n-val", type=positive_int, default=8, help="held-out volumes")
     g.add_argument("--classes", type=positive_int, default=3, help="foreground classes")
     g.add_argument("--noise", type=float, default=0.6,
                    help="MONAI noise_max: background noise up to noise * classes intensity levels")
-    g.add_argument("--objects", type=positive_int, default=10, help="spheres per volume")
+    g.add_argument("--objects", type=positive_int, default=10, help="objects per volume")
+    g.add_argument("--texture", type=float, default=0.4,
+                   help="--data context: amplitude of the smooth background texture")
+    g.add_argument("--context-noise", type=float, default=0.3,
+                   help="--data context: amplitude of the white noise (channel c: times 1 + c / 2)")
     g.add_argument("--channels", type=positive_int, nargs="+", default=[8, 16, 32])
     g.add_argument("--architecture", type=positive_int, nargs="+", default=[2, 2, 2],
                    help="blocks per side and level (iUNet: couplings; U-Net: residual blocks)")
@@ -325,20 +497,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def datasets(opts: argparse.Namespace) -> tuple[TensorDataset, TensorDataset]:
-    """Training and held-out volumes (disjoint random streams derived from ``opts.seed``)."""
+    """Training and held-out volumes (disjoint random streams derived from ``opts.seed``).
+
+    ``--data spheres`` (default): :func:`make_volumes`; ``--data context``:
+    :func:`make_context_volumes` with ``--in-channels``, ``--texture`` and
+    ``--context-noise``.  ``--shape D H W`` replaces the cube ``--size``.
+    """
+    data = getattr(opts, "data", "spheres")
+    in_channels = getattr(opts, "in_channels", 1)
+    shape = getattr(opts, "shape", None)
+    if data == "context":
+        if opts.classes > len(CONTEXT_SHAPES):
+            raise ValueError(f"--data context has {len(CONTEXT_SHAPES)} shape classes {CONTEXT_SHAPES}: use "
+                             f"--classes 1..{len(CONTEXT_SHAPES)}, got --classes {opts.classes}")
+        kw = dict(shape=tuple(shape) if shape else (opts.size,) * 3, channels=in_channels,
+                  num_classes=opts.classes, num_objs=opts.objects, texture=opts.texture,
+                  noise=opts.context_noise)
+        train = make_context_volumes(opts.n_train, seed=2 * opts.seed, **kw)
+        val = make_context_volumes(opts.n_val, seed=2 * opts.seed + 1, **kw)
+        return TensorDataset(*train), TensorDataset(*val)
+    if data != "spheres":
+        raise ValueError(f"--data must be one of {DATA}, got {data!r}")
+    if in_channels != 1:
+        raise ValueError(f"--data spheres has one input channel: use --in-channels 1, or --data context "
+                         f"for {in_channels} channels")
     kw = dict(size=opts.size, num_classes=opts.classes, noise=opts.noise, num_objs=opts.objects)
+    if shape:
+        kw["shape"] = tuple(shape)
     train = make_volumes(opts.n_train, seed=2 * opts.seed, **kw)
     val = make_volumes(opts.n_val, seed=2 * opts.seed + 1, **kw)
     return TensorDataset(*train), TensorDataset(*val)
 
 
 def model(opts: argparse.Namespace) -> nn.Module:
-    """The network chosen by ``--arch`` (the iUNet uses the loop's ``--engine``)."""
+    """The network chosen by ``--arch`` for ``--in-channels`` inputs (the iUNet uses the loop's ``--engine``)."""
     if len(opts.channels) != len(opts.architecture):
         raise ValueError(f"--channels and --architecture need one value per level, got "
                          f"{opts.channels} and {opts.architecture}")
     extra = engine_kwargs(getattr(opts, "engine", "fused")) if opts.arch == "iunet" else {}
-    return build_model(opts.arch, opts.channels, opts.architecture, opts.depth, opts.classes, **extra)
+    return build_model(opts.arch, opts.channels, opts.architecture, opts.depth, opts.classes,
+                       in_channels=getattr(opts, "in_channels", 1), **extra)
 
 
 def _loss(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
