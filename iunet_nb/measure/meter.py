@@ -1,5 +1,8 @@
 """Memory and time meters for one training step (forward + loss + backward).
 
+(:func:`measure_forward` applies the same meters to one inference forward
+under ``torch.no_grad()``.)
+
 Two meters, chosen by the device of the input:
 
 ``'cuda'``
@@ -47,6 +50,8 @@ from iunet_nb.engine.optim_in_backward import OptimizerInBackward
 __all__ = [
     "StepMeasurement",
     "measure_step",
+    "ForwardMeasurement",
+    "measure_forward",
     "time_step",
     "optimizer_state_bytes",
     "peak_rss_of",
@@ -303,6 +308,72 @@ def _measure(model: nn.Module, x: torch.Tensor, dev: torch.device, loss_fn: Opti
         device=str(dev),
         meter=meter,
     )
+
+
+@dataclass
+class ForwardMeasurement:
+    """Memory and time of one inference forward (``torch.no_grad()``); byte counts in bytes.
+
+    Attributes:
+        peak_bytes: peak allocator total during the forward minus the total
+            just before it (activations, temporaries and the output).
+        param_bytes: bytes of the model's parameters (resident before).
+        input_bytes: bytes of the input tensor.
+        output_bytes: bytes of the output tensor(s), alive after the forward.
+        seconds: wall time (with the CPU meter, including profiler overhead).
+        device, meter: as in :class:`StepMeasurement`.
+    """
+
+    peak_bytes: int
+    param_bytes: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    device: str
+    meter: str
+
+    @property
+    def total_bytes(self) -> int:
+        """Parameters + input + forward peak: what inference needs at its peak."""
+        return self.param_bytes + self.input_bytes + self.peak_bytes
+
+
+def measure_forward(model: nn.Module, x: torch.Tensor, *,
+                    device: Optional[Union[str, torch.device]] = None) -> tuple[Any, ForwardMeasurement]:
+    """Run ``model(x)`` under ``torch.no_grad()`` and measure its memory with the step meters.
+
+    The same meters as :func:`measure_step` (CPU: the profiler's raw allocator
+    events; CUDA: the caching allocator's peak), for a forward alone, without
+    a graph.  The model and input are moved to ``device`` (default: the
+    device of ``x``; ``model.to`` acts in place).  Returns
+    ``(output, ForwardMeasurement)``.
+    """
+    dev = _check_device(x, device)
+    model.to(dev)
+    x = x.to(dev)
+    param_bytes = sum(p.nbytes for p in _parameters(model))
+    with torch.no_grad():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            start = time.perf_counter()
+            out = model(x)
+            torch.cuda.synchronize(dev)
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(dev) - base
+            meter = "cuda"
+        else:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+                start = time.perf_counter()
+                out = model(x)
+                seconds = time.perf_counter() - start
+            peak, _ = _profiler_running_total(prof)
+            meter = "cpu-profiler"
+    output_bytes = sum(t.nbytes for t in _tensors_of(out))
+    return out, ForwardMeasurement(peak_bytes=peak, param_bytes=param_bytes, input_bytes=x.nbytes,
+                                   output_bytes=output_bytes, seconds=seconds, device=str(dev), meter=meter)
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
