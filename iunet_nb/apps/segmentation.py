@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -154,7 +155,11 @@ def make_context_volumes(n: int, shape: Sequence[int] = (24, 32, 40), channels: 
     dark in others), ``T_c`` a smooth random texture (white noise blurred by a
     Gaussian of sigma 2, :func:`skimage.filters.gaussian`, scaled to unit
     standard deviation) and ``N_c`` standard white noise, each independent per
-    channel; then every channel of every volume is min-max rescaled to [0, 1].
+    channel; then channel ``c`` is mapped affinely to [0, 1] by fixed bounds
+    ``min(0, contrast[c]) - 3 s_c`` and ``max(0, contrast[c]) + 3 s_c``
+    (``s_c`` the standard deviation of texture plus noise) and clipped, so
+    that the intensities do not depend on the volume's size (a network trained
+    on small patches sees the same intensities in large volumes).
 
     Why it needs context: all classes share the same intensity in every
     channel, so the best voxel-by-voxel rule (:func:`fit_voxelwise_classifier`)
@@ -232,8 +237,9 @@ def _context_volumes(n: int, dims: tuple[int, int, int], channels: int, num_clas
             t = gaussian(rs.standard_normal(dims), sigma=2.0)
             t = t / max(float(t.std()), 1e-12)
             img = contrast[c] * mask + texture * t + noise * (1 + c / 2) * rs.standard_normal(dims)
-            lo, hi = float(img.min()), float(img.max())
-            images[i, c] = (img - lo) / max(hi - lo, 1e-12)
+            spread = 3 * math.hypot(texture, noise * (1 + c / 2))
+            lo, hi = min(0.0, contrast[c]) - spread, max(0.0, contrast[c]) + spread
+            images[i, c] = np.clip((img - lo) / (hi - lo), 0, 1)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
