@@ -185,19 +185,23 @@ def test_train_over_seeds(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- threads
-#: the small experiment: iUNet flows (1 block, width 8) on the digits, 2 epochs, seeds 0..2;
-#: prints the per-seed validation bits/dim as JSON
+#: the small experiment: iUNet flows (1 block, width 8) on the digits, seeds 0..2, each trained
+#: until its validation bits/dim improve by less than 2 % in an epoch (at most 4 epochs); prints
+#: the per-seed bits/dim and epochs as JSON
 _EXPERIMENT = """
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from iunet_nb.train import train
-bpd = [train("flow", epochs=2, batch_size=128, lr=1e-2, progress=False, blocks=1, hidden=8,
-             seed=s).history[-1]["bpd"] for s in range(3)]
-print(json.dumps({"threads": torch.get_num_threads(), "bpd": bpd}))
+from iunet_nb.apps.robust import Plateau
+from iunet_nb.train import train_over_seeds
+rule = Plateau("bpd", "min", patience=1, min_delta=0.02, min_epochs=2, max_epochs=4)
+out = train_over_seeds("flow", seeds=3, stop=rule, batch_size=128, lr=1e-2, progress=False, blocks=1,
+                       hidden=8)
+print(json.dumps({"threads": torch.get_num_threads(), "bpd": out["bpd"].values,
+                  "epochs": out["epoch"].values}))
 """
 #: the conclusion: the iUNet flow is below the uniform density's log2(17) = 4.09 bits/dim by
 #: at least this much, beyond the seed spread
-MARGIN = 0.4
+MARGIN = 0.8
 
 
 @pytest.mark.slow
