@@ -166,6 +166,17 @@ def test_loop_stops_at_the_plateau_and_says_why():
     assert run.options["epochs"] == 2  # the plateau's max_epochs
 
 
+def test_a_resumed_run_that_had_stopped_trains_no_further(tmp_path):
+    from iunet_nb.train import train
+
+    rule = Plateau("bpd", patience=1, min_delta=0.9, max_epochs=6)
+    first = train("flow", stop=rule, out=str(tmp_path), **FLOW_TINY)
+    again = train("flow", stop=rule, out=str(tmp_path), resume="auto", **FLOW_TINY)
+    assert len(first.history) == len(again.history) == 2
+    assert again.stopped == first.stopped
+    assert again.history == first.history  # restored from the checkpoint, not retrained
+
+
 def test_train_over_seeds(monkeypatch):
     T = importlib.import_module("iunet_nb.train")
 
