@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,10 +55,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from iunet_nb.apps import TASK_MODULES, get_task
+from iunet_nb.apps.robust import Plateau, Spread, Stopped, seed_spread
 from iunet_nb.apps.task import ENGINES, Task, non_negative_int, positive_int
 from iunet_nb.notebook.helpers import in_jupyter_kernel, progress, seed_everything
 
-__all__ = ["train", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
+__all__ = ["train", "train_over_seeds", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
            "CHECKPOINT_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -81,6 +82,8 @@ class Run:
         history: one dict per epoch: ``epoch``, ``step``, ``train_loss``, the task's metrics, ``seconds``.
         options: the options of the run (a plain dict).
         out: the output folder (``checkpoint.pt``, ``metrics.csv``), or ``None`` if nothing was written.
+        stopped: why a run with a ``stop`` rule ended (:class:`~iunet_nb.apps.robust.Stopped`);
+            ``None`` without one, or when ``--epochs`` ended it first.
     """
 
     task: str
@@ -88,6 +91,7 @@ class Run:
     history: list[dict[str, float]]
     options: dict[str, Any]
     out: Path | None
+    stopped: Stopped | None = None
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -449,8 +453,9 @@ def _seed_streams(opts: argparse.Namespace, procs: _Processes, device: torch.dev
         seed_everything(_derived_seed(opts.seed, ckpt["epoch"], procs.rank))
 
 
-def run_training(task: Task, opts: argparse.Namespace) -> Run:
-    """Train ``task`` with parsed options ``opts`` (see :func:`train`)."""
+def run_training(task: Task, opts: argparse.Namespace,
+                 stop: Callable[[list[dict[str, float]]], Stopped | None] | None = None) -> Run:
+    """Train ``task`` with parsed options ``opts`` (see :func:`train`); ``stop(history)`` after every epoch."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
     wanted = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -477,7 +482,8 @@ def run_training(task: Task, opts: argparse.Namespace) -> Run:
         # a text bar on a terminal; in a notebook one line that keeps its final state when saved
         bar = progress(total=(opts.epochs - epoch) * len(train_loader), desc=task.name, enable=show)
         log_epochs = show and not in_jupyter_kernel()  # notebooks plot the history instead
-        while epoch < opts.epochs:
+        stopped = stop(history) if stop is not None and history else None  # a resumed run may be done
+        while epoch < opts.epochs and stopped is None:
             start = time.perf_counter()
             sampler.set_epoch(epoch)
             wrapped.train()
@@ -492,8 +498,11 @@ def run_training(task: Task, opts: argparse.Namespace) -> Run:
                 bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in row.items()))
             _save(out, task, model, optimizer, epoch, step, opts, history, procs, device)
+            stopped = stop(history) if stop is not None else None
+            if stopped is not None and log_epochs:
+                bar.write(f"stopped after epoch {epoch}: {stopped.message}")
         bar.close()
-        return Run(task.name, model, history, _options_dict(opts), out)
+        return Run(task.name, model, history, _options_dict(opts), out, stopped)
     finally:
         if procs.owns_group:
             dist.destroy_process_group()
@@ -522,12 +531,17 @@ def _save(out: Path | None, task: Task, model: nn.Module, optimizer: torch.optim
         dist.barrier()
 
 
-def train(task: str | Task, argv: Sequence[str] = (), **options: Any) -> Run:
+def train(task: str | Task, argv: Sequence[str] = (),
+          stop: Callable[[list[dict[str, float]]], Stopped | None] | None = None, **options: Any) -> Run:
     """Train a task in this process (or in each process of a ``torchrun`` job); return a :class:`Run`.
 
     Args:
         task: a task name (one of ``iunet_nb.apps.TASK_MODULES``) or a :class:`~iunet_nb.apps.task.Task`.
         argv: command-line style options, parsed first (e.g. ``["--epochs", "3"]``).
+        stop: called with the history after every epoch; training ends when it returns a
+            :class:`~iunet_nb.apps.robust.Stopped` (e.g. a :class:`~iunet_nb.apps.robust.Plateau`),
+            or after ``epochs`` epochs. With a ``Plateau`` and no ``epochs`` given, ``epochs`` is
+            its ``max_epochs``.
         **options: options by attribute name, e.g. ``epochs=3, batch_size=8, lr=1e-3, seed=0,
             device='auto', engine='fused', out='runs/ct', resume='auto', progress=False`` and the
             task's own. Unlike the command line, nothing is written unless ``out`` is given.
@@ -538,10 +552,37 @@ def train(task: str | Task, argv: Sequence[str] = (), **options: Any) -> Run:
     task = get_task(task) if isinstance(task, str) else task
     if not isinstance(task, Task):
         raise TypeError(f"task must be a task name {sorted(TASK_MODULES)} or a Task, got {task!r}")
+    if stop is not None and not callable(stop):
+        raise TypeError(f"stop must be a callable of the history (e.g. a Plateau), got stop={stop!r}")
+    given_epochs = "epochs" in options or any(a == "--epochs" or a.startswith("--epochs=") for a in argv)
+    if isinstance(stop, Plateau) and not given_epochs:
+        options = {**options, "epochs": stop.max_epochs}
     opts = parse_options(task, argv, **options)
     if "out" not in options and not any(a == "--out" or a.startswith("--out=") for a in argv):
         opts.out = None  # the function writes files only when asked to
-    return run_training(task, opts)
+    return run_training(task, opts, stop)
+
+
+def train_over_seeds(task: str | Task, seeds: int | Sequence[int] = 3,
+                     stop: Callable[[list[dict[str, float]]], Stopped | None] | None = None,
+                     **options: Any) -> dict[str, Spread]:
+    """:func:`train` once per seed (``int k``: seeds ``0..k-1``); the spread of the final epoch's numbers.
+
+    Returns a :class:`~iunet_nb.apps.robust.Spread` (mean, sample std, per-seed values) for
+    ``epoch`` (epochs trained, which a ``stop`` rule may vary), ``train_loss`` and every metric
+    of the task, all of the *last* epoch (the model a run returns). With ``out``, seed ``s``
+    writes into ``OUT/seed{s}``.
+    """
+    if "seed" in options:
+        raise TypeError("train_over_seeds sets seed itself; pass seeds=... instead of seed=...")
+    out = options.pop("out", None)
+
+    def one(seed: int) -> dict[str, float]:
+        where = {} if out is None else {"out": str(Path(out) / f"seed{seed}")}
+        run = train(task, stop=stop, seed=seed, **where, **options)
+        return {k: float(v) for k, v in run.history[-1].items() if k not in ("step", "seconds")}
+
+    return seed_spread(one, seeds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -148,3 +148,44 @@ def test_task_trains_through_the_loop():
     assert run.history[-1]["bpd"] < math.log2(17)
     run = train("flow", epochs=1, batch_size=256, progress=False, arch="realnvp", blocks=2, hidden=8)
     assert math.isfinite(run.history[-1]["bpd"])
+
+
+# ----------------------------------------------------------------------------- memorisation
+def test_nearest_neighbours_finds_a_planted_duplicate_at_distance_zero():
+    train, test = FL.split_digits(0)
+    g = torch.Generator().manual_seed(0)
+    samples = torch.rand(5, 1, 8, 8, generator=g)  # noise: far from every digit
+    planted = 123
+    samples[2] = (train[planted] + 0.5) / FL.LEVELS  # a sample that copies training digit 123
+    nb = FL.memorisation_check(samples, train, test)
+    assert nb.sample_distance.shape == (5,) and nb.sample_index.shape == (5,)
+    assert nb.nearest.shape == (5, 1, 8, 8) and nb.test_distance.shape == (test.shape[0],)
+    assert int(nb.sample_index[2]) == planted or torch.equal(train[nb.sample_index[2]], train[planted])
+    assert float(nb.sample_distance[2]) < 1e-5
+    assert torch.equal(nb.nearest[2], train[planted])
+    # the others are the noise's distances, well above the held-out digits' typical one
+    others = torch.cat([nb.sample_distance[:2], nb.sample_distance[3:]])
+    assert float(others.min()) > float(nb.test_distance.median()) > 0
+    s = nb.summary()
+    assert s["sample_min"] < 1e-5 and s["closer_than_any_test"] == pytest.approx(0.2)
+
+
+def test_nearest_neighbours_exact_and_brute_force():
+    g = torch.Generator().manual_seed(1)
+    refs = torch.randint(0, 17, (50, 1, 8, 8), generator=g).float()
+    queries = torch.cat([refs[[7, 31]], torch.randint(0, 17, (3, 1, 8, 8), generator=g).float()])
+    d, i = FL.nearest_neighbours(queries, refs, chunk=2)
+    assert d.dtype == torch.float64 and d[:2].tolist() == [0.0, 0.0] and i[:2].tolist() == [7, 31]
+    brute = torch.cdist(queries.flatten(1).double(), refs.flatten(1).double(),
+                        compute_mode="donot_use_mm_for_euclid_dist")
+    assert torch.allclose(d, brute.min(1).values) and torch.equal(i, brute.argmin(1))
+
+
+def test_memorisation_check_errors_name_the_argument():
+    train, test = FL.split_digits(0)
+    with pytest.raises(ValueError, match="samples must lie in"):
+        FL.memorisation_check(train[:3], train, test)  # levels, not flow outputs
+    with pytest.raises(ValueError, match="test must be"):
+        FL.memorisation_check(torch.rand(2, 1, 8, 8), train, test[:, :, :4])
+    with pytest.raises(ValueError, match="same image shape"):
+        FL.nearest_neighbours(torch.rand(2, 64), torch.rand(3, 63))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -50,6 +51,10 @@ __all__ = [
     "split_digits",
     "flow_loss",
     "evaluate",
+    "to_levels",
+    "nearest_neighbours",
+    "Neighbours",
+    "memorisation_check",
     "TASK",
 ]
 
@@ -354,6 +359,92 @@ def split_digits(seed: int = 0, val_fraction: float = 1 / 6) -> tuple[Tensor, Te
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     n_val = int(round(val_fraction * x.shape[0]))
     return x[perm[n_val:]], x[perm[:n_val]]
+
+
+# ----------------------------------------------------------------------------- memorisation
+def to_levels(x: Tensor) -> Tensor:
+    """Flow outputs ``x`` in ``(0, 1)`` on the scale of the digits' levels: ``17 x - 1/2``.
+
+    Inverts :func:`dequantize` on average (``E[(v + u) / 17] = (v + 1/2) / 17``), so a sample
+    that reproduces a training digit ``v`` exactly lies at distance 0 from it.
+    """
+    return x * LEVELS - 0.5
+
+
+def nearest_neighbours(queries: Tensor, references: Tensor, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """For each query, the nearest reference in L2 over all pixels: ``(distances (Q,), indices (Q,))``.
+
+    ``queries (Q, *)`` and ``references (R, *)`` with the same trailing shape; exact differences
+    (no ``|a|^2 - 2ab + |b|^2`` expansion, so an identical image is at distance exactly 0),
+    ``chunk`` queries at a time.
+    """
+    if queries.dim() < 2 or references.dim() < 2 or queries.shape[1:] != references.shape[1:]:
+        raise ValueError(f"queries and references must be (N, *) with the same image shape, got "
+                         f"queries {tuple(queries.shape)} and references {tuple(references.shape)}")
+    if references.shape[0] == 0:
+        raise ValueError("references is empty")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got chunk={chunk}")
+    q = queries.reshape(queries.shape[0], -1).double()
+    r = references.reshape(references.shape[0], -1).double()
+    dists, idx = [], []
+    for part in q.split(chunk):
+        d2 = ((part[:, None, :] - r[None, :, :]) ** 2).sum(-1)
+        best = d2.min(1)
+        dists.append(best.values.sqrt())
+        idx.append(best.indices)
+    if not dists:
+        return q.new_zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(dists), torch.cat(idx)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """What :func:`memorisation_check` returns (distances in grey levels, L2 over the 64 pixels).
+
+    Attributes:
+        sample_distance: ``(S,)`` each sample's distance to its nearest training digit.
+        sample_index: ``(S,)`` that digit's index in ``train``.
+        nearest: ``(S, 1, 8, 8)`` those training digits (levels), to show next to the samples.
+        test_distance: ``(T,)`` each held-out digit's distance to its nearest training digit:
+            the scale of "a new digit of the same kind"; samples much closer than that are copies.
+    """
+
+    sample_distance: Tensor
+    sample_index: Tensor
+    nearest: Tensor
+    test_distance: Tensor
+
+    def summary(self) -> dict[str, float]:
+        """Medians and minima of both distance sets, and the fraction of samples closer to a
+        training digit than the closest held-out digit is."""
+        return {
+            "sample_median": float(self.sample_distance.median()),
+            "sample_min": float(self.sample_distance.min()),
+            "test_median": float(self.test_distance.median()),
+            "test_min": float(self.test_distance.min()),
+            "closer_than_any_test": float((self.sample_distance < self.test_distance.min()).double().mean()),
+        }
+
+
+def memorisation_check(samples: Tensor, train: Tensor, test: Tensor, chunk: int = 64) -> Neighbours:
+    """Nearest training digits of generated ``samples`` and, as the reference scale, of held-out ``test``.
+
+    Args:
+        samples: flow samples ``(S, 1, 8, 8)`` in ``(0, 1)`` (:meth:`IUNetFlow.sample`); compared
+            on the level scale via :func:`to_levels`.
+        train, test: digits' levels ``(N, 1, 8, 8)`` in ``0..16`` (:func:`split_digits`).
+    """
+    for name, t in (("samples", samples), ("train", train), ("test", test)):
+        if t.dim() != 4 or t.shape[1:] != train.shape[1:] or t.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty (N, 1, 8, 8) batch like train "
+                             f"{tuple(train.shape)}, got {tuple(t.shape)}")
+    if float(samples.min()) < 0 or float(samples.max()) > 1:
+        raise ValueError("samples must lie in [0, 1] (flow outputs, not levels); got values in "
+                         f"[{float(samples.min()):.3g}, {float(samples.max()):.3g}]")
+    d_s, i_s = nearest_neighbours(to_levels(samples), train, chunk)
+    d_t, _ = nearest_neighbours(test, train, chunk)
+    return Neighbours(d_s, i_s, train[i_s], d_t)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
