@@ -11,6 +11,9 @@
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 from torch import Tensor
@@ -20,6 +23,11 @@ from iunet_nb import iUNet
 torch.set_num_threads(1)
 
 ENGINES = {"fused": dict(me_backend="fused"), "memcnn": dict(me_backend="memcnn")}
+
+#: torch.compile's default backend (inductor) generates C++ on CPU and needs a compiler.
+needs_cxx = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None,
+    reason="torch.compile's inductor backend needs a C++ compiler on CPU (none on PATH; set CXX)")
 
 
 def _model(engine: str, dtype: torch.dtype, **extra) -> iUNet:
@@ -58,6 +66,7 @@ def _close(a: list[Tensor], b: list[Tensor], dtype: torch.dtype) -> None:
 
 
 @pytest.mark.slow
+@needs_cxx
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_torch_compile_trains_with_plain_autograds_gradients(engine: str, dtype: torch.dtype) -> None:
@@ -70,6 +79,7 @@ def test_torch_compile_trains_with_plain_autograds_gradients(engine: str, dtype:
 
 
 @pytest.mark.slow
+@needs_cxx
 def test_compiled_autograd_runs_the_engines_backward() -> None:
     torch._dynamo.reset()
     model, x = _model("fused", torch.float64), _input(torch.float64)
