@@ -101,7 +101,8 @@ class SweepSpec:
     reduced: Mapping[str, Any]
     unet_widths: tuple[int, ...]
     reduced_unet_widths: tuple[int, ...]
-    plateau: Mapping[str, Any] = field(default_factory=lambda: {"patience": 5, "max_epochs": 60})
+    plateau: Mapping[str, Any] = field(default_factory=lambda: {"patience": 5, "min_epochs": 10,
+                                                                         "max_epochs": 60})
     reduced_plateau: Mapping[str, Any] = field(default_factory=lambda: {"patience": 3, "max_epochs": 10})
     seeds: int = 3
     reduced_seeds: int = 2
@@ -111,18 +112,20 @@ SPECS: dict[str, SweepSpec] = {
     # the context task: classes differ in shape only, so width and receptive field matter
     "segmentation3d": SweepSpec(
         metrics=(("dice", "max"),),
-        full=dict(data="context", in_channels=2, size=32, n_train=24, n_val=8, batch_size=4,
+        full=dict(data="context", in_channels=2, size=32, n_train=24, n_val=8, batch_size=2, lr=1e-2,
                   architecture=[2, 2, 2], engine="fused", progress=False),
-        reduced=dict(data="context", in_channels=2, size=16, n_train=8, n_val=4, objects=4, batch_size=4,
+        reduced=dict(data="context", in_channels=2, size=24, n_train=16, n_val=4, objects=8, batch_size=2, lr=1e-2,
                      architecture=[1, 1, 1], depth=1, engine="fused", progress=False),
-        unet_widths=(4, 8, 16), reduced_unet_widths=(2, 4, 8)),
+        unet_widths=(4, 8, 16), reduced_unet_widths=(2, 4, 8),
+        reduced_plateau={"patience": 4, "min_epochs": 8, "max_epochs": 16}),
     "ct": SweepSpec(
         metrics=(("psnr", "max"), ("ssim", "max")),
         full=dict(dim=2, size=64, n_train=128, n_val=16, batch_size=8, architecture=[2, 2, 2, 2],
                   engine="fused", progress=False),
-        reduced=dict(dim=2, size=32, n_train=16, n_val=4, angles=16, batch_size=4, architecture=[1, 1, 1],
+        reduced=dict(dim=2, size=32, n_train=32, n_val=8, angles=16, batch_size=4, architecture=[1, 1, 1],
                      engine="fused", progress=False),
-        unet_widths=(4, 8, 16), reduced_unet_widths=(2, 4, 8)),
+        unet_widths=(4, 8, 16), reduced_unet_widths=(2, 4, 8),
+        reduced_plateau={"patience": 3, "min_epochs": 5, "max_epochs": 12}),
 }
 
 #: iUNet widths the planner may choose from (even: the couplings split the channels in halves)
