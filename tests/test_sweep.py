@@ -179,7 +179,7 @@ def test_cli_bad_arguments(capsys):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-@pytest.mark.slow  # about 40 s at one thread: plan and 12 one-epoch trainings of the reduced ct sweep
+# about 5 s at one thread: plan and 12 one-epoch trainings of the reduced ct sweep
 def test_cli_tiny_sweep_writes_json_csv_and_figures(tmp_path, capsys):
     from iunet_nb.train import main
 

@@ -687,6 +687,7 @@ def sweep_cli(argv: Sequence[str], trainer: Callable[..., Mapping[str, Spread]])
     plateau = dict(spec.reduced_plateau if args.reduced else spec.plateau)
     if args.max_epochs is not None:
         plateau["max_epochs"] = args.max_epochs
+        plateau["min_epochs"] = min(plateau.get("min_epochs", 1), args.max_epochs)
     stop = Plateau(spec.metrics[0][0], spec.metrics[0][1], **plateau)
     start = time.perf_counter()
     plan = plan_sweep(args.task, args.sizes, reduced=args.reduced)
