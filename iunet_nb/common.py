@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "SPATIAL_DIMS", "check_dim", "CONV", "CONV_FN", "CONV_TRANSPOSE_FN",
-    "KiB", "MiB", "GiB", "format_bytes", "dense_strides", "per_sample_view", "same_strides", "follows",
+    "KiB", "MiB", "GiB", "format_bytes", "write_bytes_atomically", "dense_strides", "per_sample_view", "same_strides", "follows",
 ]
 
 SPATIAL_DIMS: tuple[int, ...] = (1, 2, 3)
@@ -42,6 +42,25 @@ def check_dim(dim: Any, allowed: tuple[int, ...] = SPATIAL_DIMS, name: str = "di
         choices = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}" if len(allowed) > 1 else str(allowed[0])
         raise ValueError(f"{name} must be {choices} (the number of spatial dimensions), got {name}={dim!r}")
     return dim
+
+
+def write_bytes_atomically(path: Any, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file next to it (flushed to disk), then
+    ``os.replace``: readers see the old file or the whole new one, never a part."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def format_bytes(n: float, gib_digits: int = 2) -> str:

@@ -29,6 +29,10 @@ Command line::
     python -m iunet_nb.train ct --epochs 3 --out runs/ct
     torchrun --nproc_per_node=2 -m iunet_nb.train ct --epochs 3 --out runs/ct
     python -m iunet_nb.train ct --epochs 5 --out runs/ct --resume    # two more epochs
+    python -m iunet_nb.train sweep segmentation3d --reduced          # quality against memory
+
+``sweep TASK`` (:mod:`iunet_nb.apps.sweep`): both networks at several widths spanning the same
+measured training memory, each trained over seeds to a plateau; :func:`run_sweep` is its API.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ from iunet_nb.apps.robust import Plateau, Spread, Stopped, seed_spread
 from iunet_nb.apps.task import ENGINES, Task, non_negative_int, positive_int
 from iunet_nb.notebook.helpers import in_jupyter_kernel, progress, seed_everything
 
-__all__ = ["train", "train_over_seeds", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
+__all__ = ["train", "train_over_seeds", "run_sweep", "Run", "build_parser", "parse_options", "load_checkpoint", "main",
            "CHECKPOINT_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -585,15 +589,39 @@ def train_over_seeds(task: str | Task, seeds: int | Sequence[int] = 3,
     return seed_spread(one, seeds)
 
 
+def run_sweep(task: str, configs: Sequence[Any], seeds: int | Sequence[int] = 3,
+              stop: Callable[[list[dict[str, float]]], Stopped | None] | None = None, **kwargs: Any
+              ) -> list[dict[str, Any]]:
+    """:func:`iunet_nb.apps.sweep.run_sweep` with :func:`train_over_seeds` as its trainer: every
+    configuration of :func:`iunet_nb.apps.sweep.plan_sweep` trained over seeds, one row per metric
+    ``{"network", "config", "peak_mib", "metric", "mean", "std"}``."""
+    from iunet_nb.apps.sweep import run_sweep as _run_sweep
+
+    return _run_sweep(task, configs, seeds, stop, trainer=train_over_seeds, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m iunet_nb.train TASK [--options]``; ``--help`` after TASK lists its options."""
+    """``python -m iunet_nb.train TASK [--options]``; ``--help`` after TASK lists its options.
+
+    ``python -m iunet_nb.train sweep TASK [--reduced] [--seeds N] [--out DIR]``: the sweep of
+    :mod:`iunet_nb.apps.sweep`.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = (f"usage: python -m iunet_nb.train TASK [--options]   (TASK: {', '.join(TASK_MODULES)}; "
-             "python -m iunet_nb.train TASK --help lists the options)")
+             "python -m iunet_nb.train TASK --help lists the options)\n"
+             "       python -m iunet_nb.train sweep TASK [--reduced] [--seeds N] [--out DIR]")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
     name = argv[0]
+    if name == "sweep":
+        from iunet_nb.apps.sweep import sweep_cli
+
+        try:
+            return sweep_cli(argv[1:], trainer=train_over_seeds)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"python -m iunet_nb.train sweep: error: {err}", file=sys.stderr)
+            return 2
     if name not in TASK_MODULES:
         print(f"{usage}\nerror: unknown task {name!r}", file=sys.stderr)
         return 2
