@@ -34,6 +34,7 @@ SHOWS = {
     "ownership-side-by-side": "memory before/after the sound-ownership change, side by side",
     "speed-by-loss": "fused/conventional step time with two losses, interleaved",
     "restructure": "memory before/after the package restructuring (folder of runs)",
+    "sweep-reduced": "quality against measured training memory, iUNet and U-Net, reduced sweep (folder)",
 }
 
 
@@ -75,6 +76,12 @@ def _command(path: Path, kind: str) -> str:
     return "unknown"
 
 
+def _folder_command(path: Path, kind: str) -> str:
+    if kind == "sweep-reduced":
+        return f"python -m iunet_nb.train sweep {path.name.removeprefix('sweep-reduced-')} --reduced"
+    return "unknown"
+
+
 def _machine(path: Path) -> str:
     if path.suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(path.read_text())))
@@ -104,7 +111,7 @@ def build() -> list[dict[str, str]]:
     for path in entries():
         kind = _kind(path.name)
         rows.append(dict(file=path.name + ("/" if path.is_dir() else ""), kind=kind,
-                         command=_command(path, kind) if path.is_file() else "unknown",
+                         command=_command(path, kind) if path.is_file() else _folder_command(path, kind),
                          commit=_first_commit(path), machine=_machine(path) if path.is_file() else "cpu (2-core VM)",
                          date=_date(path.name), shows=SHOWS.get(kind, "unknown"),
                          status="current" if _cited(path.name) else "superseded"))

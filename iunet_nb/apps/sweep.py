@@ -612,6 +612,12 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], metric: str | None = None, mod
         ax.step([r["peak_mib"] for r in f] + [right], [r["mean"] for r in f] + [f[-1]["mean"]], where="post",
                 color=colours[network], alpha=0.7, label=f"{names[network]} Pareto front")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 5, 10 instead of 2 x 10^0
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("measured training-step peak (MiB)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     if title:
