@@ -113,18 +113,20 @@ SPECS: dict[str, SweepSpec] = {
     "segmentation3d": SweepSpec(
         metrics=(("dice", "max"),),
         full=dict(data="context", in_channels=2, size=32, n_train=24, n_val=8, batch_size=2, lr=1e-2,
-                  architecture=[2, 2, 2], engine="fused", progress=False),
+                  architecture=[1, 1, 1], engine="fused", progress=False),
         reduced=dict(data="context", in_channels=2, size=24, n_train=16, n_val=4, objects=8, batch_size=2, lr=1e-2,
                      architecture=[1, 1, 1], depth=1, engine="fused", progress=False),
         unet_widths=(4, 8, 16), reduced_unet_widths=(2, 4, 8),
+        plateau={"patience": 4, "min_epochs": 8, "max_epochs": 20},
         reduced_plateau={"patience": 4, "min_epochs": 8, "max_epochs": 16}),
     "ct": SweepSpec(
         metrics=(("psnr", "max"), ("ssim", "max")),
-        full=dict(dim=2, size=64, n_train=128, n_val=16, batch_size=8, architecture=[2, 2, 2, 2],
+        full=dict(dim=2, size=64, n_train=64, n_val=16, batch_size=8, architecture=[1, 1, 1, 1],
                   engine="fused", progress=False),
         reduced=dict(dim=2, size=32, n_train=32, n_val=8, angles=16, batch_size=4, architecture=[1, 1, 1],
                      engine="fused", progress=False),
         unet_widths=(4, 8, 16), reduced_unet_widths=(2, 4, 8),
+        plateau={"patience": 3, "min_epochs": 6, "max_epochs": 20},
         reduced_plateau={"patience": 3, "min_epochs": 5, "max_epochs": 12}),
 }
 
