@@ -35,6 +35,7 @@ SHOWS = {
     "speed-by-loss": "fused/conventional step time with two losses, interleaved",
     "restructure": "memory before/after the package restructuring (folder of runs)",
     "sweep-reduced": "quality against measured training memory, iUNet and U-Net, reduced sweep (folder)",
+    "sweep": "quality against measured training memory, iUNet and U-Net, full sweep (folder)",
 }
 
 
@@ -79,6 +80,9 @@ def _command(path: Path, kind: str) -> str:
 def _folder_command(path: Path, kind: str) -> str:
     if kind == "sweep-reduced":
         return f"python -m iunet_nb.train sweep {path.name.removeprefix('sweep-reduced-')} --reduced"
+    if kind == "sweep":
+        task = {"sweep-ct": "ct", "sweep-segmentation3d": "segmentation3d"}.get(path.name, "unknown")
+        return f"python -m iunet_nb.train sweep {task}"
     return "unknown"
 
 
