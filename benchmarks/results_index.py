@@ -95,14 +95,14 @@ def _machine(path: Path) -> str:
     return "cpu (2-core VM)"
 
 
-def _cited(name: str) -> bool:
+def _citing_text() -> str:
+    """The text of every file that may cite a result (read once per index)."""
+    texts = []
     for entry in CITING:
         target = REPO / entry
         files = [target] if target.is_file() else sorted(target.rglob("*")) if target.exists() else []
-        for f in files:
-            if f.is_file() and f.suffix in (".md", ".ipynb") and name in f.read_text(errors="ignore"):
-                return True
-    return False
+        texts += [f.read_text(errors="ignore") for f in files if f.is_file() and f.suffix in (".md", ".ipynb")]
+    return "\n".join(texts)
 
 
 def entries() -> list[Path]:
@@ -111,14 +111,14 @@ def entries() -> list[Path]:
 
 
 def build() -> list[dict[str, str]]:
-    rows = []
+    citing, rows = _citing_text(), []
     for path in entries():
         kind = _kind(path.name)
         rows.append(dict(file=path.name + ("/" if path.is_dir() else ""), kind=kind,
                          command=_command(path, kind) if path.is_file() else _folder_command(path, kind),
                          commit=_first_commit(path), machine=_machine(path) if path.is_file() else "cpu (2-core VM)",
                          date=_date(path.name), shows=SHOWS.get(kind, "unknown"),
-                         status="current" if _cited(path.name) else "superseded"))
+                         status="current" if path.name in citing else "superseded"))
     return rows
 
 

@@ -93,12 +93,13 @@ def _our_name(ref_name: str) -> str:
 
 
 # The 0.1 API as the reference accepts it; stride 2 (the reference's only Haar stride).
-def configs(dims: tuple[int, ...] = (1, 2, 3)) -> st.SearchStrategy[dict]:
-    """Arguments of ``iunets.iUNet`` (0.1 API) for ``dims``, small enough for a CPU test."""
+def configs(dims: tuple[int, ...] = (1, 2, 3), max_blocks: int = 2) -> st.SearchStrategy[dict]:
+    """Arguments of ``iunets.iUNet`` (0.1 API) for ``dims``, at most ``max_blocks`` couplings per
+    level and side, small enough for a CPU test."""
     return st.fixed_dictionaries({
         "dim": st.sampled_from(dims),
         "in_channels": st.integers(2, 5),
-        "architecture": st.lists(st.integers(1, 2), min_size=2, max_size=3).map(tuple),
+        "architecture": st.lists(st.integers(1, max_blocks), min_size=2, max_size=3).map(tuple),
         "slice_mode": st.sampled_from(["double", "constant"]),
         "resampling_method": st.sampled_from(["cayley", "exp"]),
         "resampling_init": st.sampled_from(["haar", "squeeze"]),

@@ -27,22 +27,11 @@ iunets = pytest.importorskip("iunets", reason="the reference package iunets 0.1 
 import iunet_nb  # noqa: E402
 from iunet_nb import networks  # noqa: E402
 from iunet_nb.compat.checkpoints import STRUCTURE_KEY  # noqa: E402
+from test_reference_gradients import configs  # noqa: E402
 
 torch.set_num_threads(1)
 
-CONFIGS = st.fixed_dictionaries({
-    "dim": st.sampled_from([1, 2, 3]),
-    "in_channels": st.integers(2, 5),
-    "architecture": st.lists(st.integers(1, 3), min_size=2, max_size=3).map(tuple),
-    "slice_mode": st.sampled_from(["double", "constant"]),
-    "resampling_method": st.sampled_from(["cayley", "exp"]),
-    "resampling_init": st.sampled_from(["haar", "squeeze"]),
-    "learnable_resampling": st.booleans(),
-    "channel_mixing_freq": st.sampled_from([-1, 0, 1, 2]),
-    "channel_mixing_method": st.sampled_from(["cayley", "exp"]),
-    "learnable_channel_mixing": st.booleans(),
-    "module_kwargs": st.fixed_dictionaries({"block_depth": st.integers(1, 2)}),
-})
+CONFIGS = configs(max_blocks=3)  # the strategy of the gradient tests, with up to 3 blocks
 
 
 def _reference_state(cfg: dict, seed: int) -> dict:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import datetime as _dt
 import json
 import os
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from iunet_nb.common import GiB
+from iunet_nb.common import GiB, write_bytes_atomically
 
 __all__ = [
     "ALL_MODES",
@@ -875,20 +876,13 @@ class Table1Run:
 
 
 def _write_csv_atomic(path: Path, rows: Sequence[dict], columns: Sequence[str] = CSV_COLUMNS) -> None:
-    """Write ``rows`` to ``path`` through a temporary file and ``os.replace``: the file is
-    either absent or a complete CSV, at every moment (an interrupted run keeps what it measured)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``rows`` to ``path`` atomically (:func:`iunet_nb.common.write_bytes_atomically`): the
+    file is either absent or a complete CSV, at every moment (an interrupted run keeps what it measured)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomically(path, text.getvalue().encode())
 
 
 def _check_positive_ints(name: str, values: Iterable[Any], minimum: int = 1) -> list[int]:
