@@ -269,8 +269,10 @@ def reference_baselines() -> ReferenceBaselines | None:
     until then None.  Call it outside a backward (the engine calls it in its forward).
     """
     global _baselines
-    if _baselines is not None or not available():
-        return _baselines if available() else None
+    if not available():
+        return None
+    if _baselines is not None:
+        return _baselines
     if saved_tensor_hooks_active():
         return None
     with _lock:
